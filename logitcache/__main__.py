@@ -1,0 +1,3 @@
+from logitcache.cli import app
+
+app(prog_name="logitcache")

@@ -1,0 +1,335 @@
+"""``logitcache build``: corpus → teacher → sparse targets → Parquet shards → manifest.
+
+Crash safety: every file is written under a temporary name and renamed into place, and
+``manifest.json`` comes last. ``build.json`` marks a folder as holding one particular build
+(its fingerprint) while it is in progress. Re-running the same build skips every shard already
+on disk and writes the rest; the result is byte-identical to an uninterrupted run.
+
+Several workers (``num_workers``/``worker_index``) split the shards round-robin: worker ``w``
+writes shards ``i`` with ``i % W == w`` and a partial manifest; whoever finishes last assembles
+``manifest.json`` (or run ``logitcache merge``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from logitcache import __version__
+from logitcache.atomic import TMP_SUFFIX, sha256_file, write_json_atomic
+from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
+from logitcache.errors import LogitcacheError
+from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_name, write_manifest
+from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, shard_metadata, write_shard
+from logitcache.teacher import TargetSpec, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+BUILD_MARKER = "build.json"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Everything ``logitcache build`` takes, one field per CLI option."""
+
+    teacher: Path
+    corpus: Path
+    out: Path
+    method: str = "topk"
+    k: int = 32
+    samples: int = 50
+    seed: int = 0
+    proposal_temperature: float = 1.0
+    seq_len: int = 512
+    batch_size: int = 8
+    shard_size: int = 1024
+    text_field: str = "text"
+    overwrite: bool = False
+    backend: str = "hf"
+    device: str | None = None
+    dtype: str | None = None
+    chunk_mib: int | None = None
+    num_workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def spec(self) -> TargetSpec:
+        return TargetSpec(self.method, self.k, self.samples, self.seed, self.proposal_temperature)
+
+    def check(self) -> None:
+        """Reject settings that can never work, before anything is loaded or written."""
+        if self.method not in METHODS:
+            raise LogitcacheError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        rules = [
+            (self.seq_len >= 2, f"--seq-len {self.seq_len}: need at least 2 tokens per window"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
+            (self.shard_size >= 1, f"--shard-size {self.shard_size}: must be at least 1"),
+            (self.k >= 1, f"--k {self.k}: must be at least 1"),
+            (self.samples >= 1, f"--samples {self.samples}: N must be at least 1"),
+            (self.k <= MAX_IDS_PER_POSITION and self.samples <= MAX_IDS_PER_POSITION,
+             f"--k/--samples: at most {MAX_IDS_PER_POSITION} ids per position"),
+            (self.proposal_temperature > 0, "--proposal-temperature must be positive"),
+            (self.num_workers >= 1 and 0 <= self.worker_index < self.num_workers,
+             f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})"),
+            (not (self.overwrite and self.num_workers > 1),
+             "--overwrite with several workers would delete each other's shards; empty the folder first"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise LogitcacheError(message)
+
+
+def load_teacher(settings: BuildSettings):
+    teacher_dir = Path(settings.teacher)
+    if not teacher_dir.is_dir():
+        raise LogitcacheError(f"teacher {teacher_dir} is not a directory")
+    if settings.backend == "hf":
+        from logitcache.teacher import HFTeacher
+
+        return HFTeacher(teacher_dir, settings.device, settings.dtype, settings.chunk_mib)
+    if settings.backend == "vllm":
+        from logitcache.backends.vllm import VLLMTeacher
+
+        return VLLMTeacher(teacher_dir, settings)
+    raise LogitcacheError(f"--backend {settings.backend!r}: choose hf or vllm")
+
+
+def _check_teacher(settings: BuildSettings, teacher) -> None:
+    if teacher.max_positions is not None and settings.seq_len > teacher.max_positions:
+        raise LogitcacheError(
+            f"--seq-len {settings.seq_len} is beyond the teacher's context of {teacher.max_positions} tokens"
+        )
+    if settings.method == "topk" and settings.k > teacher.vocab_size:
+        raise LogitcacheError(f"--k {settings.k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    if teacher.tokenizer.eos_token_id is None:
+        raise LogitcacheError(f"the tokenizer in {settings.teacher} has no EOS token to separate documents")
+
+
+@dataclass
+class _Plan:
+    """What one build is: its identity, the metadata its shards carry and its windows."""
+
+    identity: dict
+    fingerprint: str
+    teacher: dict
+    tokenizer: dict
+    corpus: Corpus
+    stats: PackingStats
+
+
+def _plan(settings: BuildSettings, teacher) -> _Plan:
+    corpus = Corpus.open(settings.corpus, settings.text_field)
+    teacher_info = teacher.describe()
+    tok = teacher.tokenizer
+    tokenizer_info = {
+        "fingerprint": tokenizer_fingerprint(tok),
+        "vocab_size": len(tok),
+        "eos_token_id": int(tok.eos_token_id),
+    }
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "teacher_fingerprint": teacher_info["fingerprint"],
+        "teacher_dtype": teacher_info["dtype"],
+        "tokenizer_fingerprint": tokenizer_info["fingerprint"],
+        "corpus_fingerprint": corpus.fingerprint(),
+        "text_field": settings.text_field,
+        "method": settings.method,
+        "params": settings.spec.params,
+        "seq_len": settings.seq_len,
+        "seed": settings.seed,
+        "shard_size": settings.shard_size,
+    }
+    return _Plan(identity, fingerprint(identity), teacher_info, tokenizer_info, corpus, PackingStats())
+
+
+def _windows(plan: _Plan, teacher, seq_len: int) -> Iterator[np.ndarray]:
+    tokens = token_stream(plan.corpus.documents(), teacher.tokenizer, teacher.tokenizer.eos_token_id, plan.stats)
+    return pack_windows(tokens, seq_len, plan.stats)
+
+
+def _prepare_out(settings: BuildSettings, plan: _Plan) -> None:
+    """Claim the output folder for this build, refusing one that holds a different build."""
+    out = Path(settings.out)
+    ours = [BUILD_MARKER, MANIFEST_NAME]
+    if out.exists() and not out.is_dir():
+        raise LogitcacheError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / BUILD_MARKER
+        manifest = out / MANIFEST_NAME
+        recorded = _recorded_fingerprint(marker) or _recorded_fingerprint(manifest)
+        if recorded != plan.fingerprint:
+            if not settings.overwrite:
+                what = "a different build" if recorded else "files that are not a logitcache build in progress"
+                raise LogitcacheError(f"--out {out} holds {what}; pass --overwrite to replace it")
+            for path in itertools.chain(out.glob("shard-*.parquet*"), out.glob("manifest*.json*"), (out / p for p in ours)):
+                if path.is_file():
+                    path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    clear_temporaries(out)
+    write_json_atomic(out / BUILD_MARKER, {"format": FORMAT_NAME, "fingerprint": plan.fingerprint, "identity": plan.identity})
+
+
+def _recorded_fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _shard_record(path: Path, index: int, rows: int, seq_len: int, first_sequence_id: int) -> dict:
+    return {
+        "file": path.name,
+        "index": index,
+        "rows": rows,
+        "tokens": rows * seq_len,
+        "target_entries": shard_metadata(path)["target_entries"],
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "first_sequence_id": first_sequence_id,
+    }
+
+
+def _shard_complete(path: Path, plan: _Plan) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return shard_metadata(path).get("build_fingerprint") == plan.fingerprint
+    except LogitcacheError:
+        return False
+
+
+def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) a build and return its manifest (or this worker's partial manifest).
+
+    ``on_windows(n)`` is called as windows are finished or found already on disk.
+    """
+    settings.check()
+    teacher = load_teacher(settings)
+    _check_teacher(settings, teacher)
+    plan = _plan(settings, teacher)
+    windows = _windows(plan, teacher, settings.seq_len)
+    first = next(windows, None)
+    if first is None:
+        raise LogitcacheError(
+            f"corpus {settings.corpus} gives {plan.stats.tokens} tokens, fewer than one window of "
+            f"--seq-len {settings.seq_len}"
+        )
+    _prepare_out(settings, plan)
+    out = Path(settings.out)
+    shard_meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "logitcache_version": __version__,
+        "build_fingerprint": plan.fingerprint,
+        "method": settings.method,
+        "params": settings.spec.params,
+        "seq_len": settings.seq_len,
+        "seed": settings.seed,
+        "vocab_size": teacher.vocab_size,
+        "teacher_fingerprint": plan.teacher["fingerprint"],
+        "tokenizer_fingerprint": plan.tokenizer["fingerprint"],
+    }
+    records = []
+    all_windows = itertools.chain([first], windows)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for index, chunk in enumerate(_batched(all_windows, settings.shard_size)):
+            if index % settings.num_workers != settings.worker_index:
+                continue
+            path = out / shard_name(index)
+            first_id = index * settings.shard_size
+            if not _shard_complete(path, plan):
+                targets = _compute_shard(teacher, chunk, first_id, settings)
+                if pending is not None:
+                    pending.result()
+                meta = {**shard_meta, "shard_index": index, "first_sequence_id": first_id,
+                        "target_entries": len(targets.target_ids)}
+                pending = writer.submit(write_shard, path, targets, meta)
+            records.append((path, index, len(chunk), first_id))
+            if on_windows is not None:
+                on_windows(len(chunk))
+        if pending is not None:
+            pending.result()
+    shards = [_shard_record(p, i, rows, settings.seq_len, fid) for p, i, rows, fid in records]
+    return _finish(settings, plan, teacher, shards)
+
+
+def _batched(windows: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    while chunk := list(itertools.islice(windows, size)):
+        yield chunk
+
+
+def _compute_shard(teacher, windows: list[np.ndarray], first_id: int, settings: BuildSettings):
+    from logitcache.shards import WindowTargets
+
+    parts = []
+    for start in range(0, len(windows), settings.batch_size):
+        batch = np.stack(windows[start : start + settings.batch_size])
+        ids = np.arange(first_id + start, first_id + start + len(batch), dtype=np.int64)
+        parts.append(teacher.compute(batch, ids, settings.spec))
+    return WindowTargets.concat(parts)
+
+
+def _manifest(settings: BuildSettings, plan: _Plan, teacher, shards: list[dict]) -> dict:
+    rows = sum(s["rows"] for s in shards)
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "logitcache_version": __version__,
+        "fingerprint": plan.fingerprint,
+        "method": settings.method,
+        "params": settings.spec.params,
+        "seq_len": settings.seq_len,
+        "seed": settings.seed,
+        "shard_size": settings.shard_size,
+        "vocab_size": teacher.vocab_size,
+        "teacher": plan.teacher,
+        "tokenizer": plan.tokenizer,
+        "corpus": {
+            "description": plan.corpus.describe(),
+            "fingerprint": plan.identity["corpus_fingerprint"],
+            "text_field": settings.text_field,
+            "documents": plan.stats.documents,
+            "tokens": plan.stats.tokens,
+            "dropped_tokens": plan.stats.dropped_tokens,
+        },
+        "totals": {
+            "sequences": rows,
+            "tokens": rows * settings.seq_len,
+            "positions": rows * (settings.seq_len - 1),
+            "target_entries": sum(s["target_entries"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+        },
+        "shards": shards,
+    }
+
+
+def part_name(worker_index: int, num_workers: int) -> str:
+    return f"manifest.part-{worker_index:05d}-of-{num_workers:05d}.json"
+
+
+def _finish(settings: BuildSettings, plan: _Plan, teacher, shards: list[dict]) -> dict:
+    out = Path(settings.out)
+    manifest = _manifest(settings, plan, teacher, shards)
+    if settings.num_workers == 1:
+        write_manifest(out, manifest)
+        (out / BUILD_MARKER).unlink(missing_ok=True)
+        return manifest
+    write_json_atomic(out / part_name(settings.worker_index, settings.num_workers), manifest)
+    from logitcache.merge import merge_parts
+
+    merged = merge_parts(out, missing_ok=True)
+    return merged or manifest
+
+
+def clear_temporaries(out: Path) -> None:
+    """Remove ``*.tmp`` files a crashed run left behind (never counted as shards)."""
+    for tmp in Path(out).glob(f"*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+

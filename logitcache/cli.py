@@ -1,0 +1,161 @@
+"""The ``logitcache`` command line. Commands are thin: they map options to a settings dataclass,
+call the library, and turn a :class:`LogitcacheError` into one red line and exit code 1
+(set ``LOGITCACHE_DEBUG=1`` for the traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from logitcache import __version__
+from logitcache.errors import LogitcacheError
+
+app = typer.Typer(
+    help="Run a teacher LLM once, cache sparse targets in Parquet, distil students from the cache.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
+
+
+@contextmanager
+def user_errors():
+    """Known errors → one red line and exit 1; the traceback only with LOGITCACHE_DEBUG=1."""
+    try:
+        yield
+    except LogitcacheError as exc:
+        if os.environ.get("LOGITCACHE_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None):
+    """A rich progress bar on stderr; yields ``advance(n)``."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """logitcache: offline knowledge distillation for language models."""
+
+
+@app.command()
+def build(
+    teacher: Annotated[Path, typer.Option(help="Teacher model folder in Hugging Face format (config, weights, tokenizer).")],
+    corpus: Annotated[Path, typer.Option(help="Text corpus: .txt/.md, .jsonl, .jsonl.zst, .parquet, a folder of these, or a saved `datasets` dataset.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the shards and manifest.json.")],
+    method: Annotated[str, typer.Option(help="topk: top-k log-probs + tail mass; sample: RS-KD importance sampling (unbiased).")] = "topk",
+    k: Annotated[int, typer.Option(help="Ids kept per position with --method topk.")] = 32,
+    samples: Annotated[int, typer.Option(help="Draws N per position with --method sample (the paper uses 50).")] = 50,
+    seed: Annotated[int, typer.Option(help="Sampling seed; draws depend only on (seed, sequence_id, position).")] = 0,
+    proposal_temperature: Annotated[float, typer.Option(help="Sample from softmax(logits / T) instead of the teacher; losses reweight by t/q.")] = 1.0,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = 8,
+    shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = 1024,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")] = "text",
+    overwrite: Annotated[bool, typer.Option(help="Replace a different build found in --out.")] = False,
+    backend: Annotated[str, typer.Option(help="Teacher engine: hf (transformers; CPU or GPU) or vllm (GPU).")] = "hf",
+    device: Annotated[Optional[str], typer.Option(help="Torch device for the hf backend (default: cuda if present, else cpu).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU).")] = None,
+    chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 64 on CPU, 1024 on CUDA).")] = None,
+    num_workers: Annotated[int, typer.Option(help="Workers sharing this build (one process per GPU or node).")] = 1,
+    worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = 0,
+) -> None:
+    """Run the teacher over a corpus and write sparse targets as zstd Parquet shards (resumable)."""
+    from logitcache.build import BuildSettings, run_build
+    from logitcache.summary import summarize
+
+    settings = BuildSettings(
+        teacher=teacher, corpus=corpus, out=out, method=method, k=k, samples=samples, seed=seed,
+        proposal_temperature=proposal_temperature, seq_len=seq_len, batch_size=batch_size,
+        shard_size=shard_size, text_field=text_field, overwrite=overwrite, backend=backend,
+        device=device, dtype=dtype, chunk_mib=chunk_mib, num_workers=num_workers, worker_index=worker_index,
+    )
+    with user_errors(), progress_bar(f"build {method}") as advance:
+        manifest = run_build(settings, on_windows=advance)
+    if (out / "manifest.json").is_file():
+        with user_errors():
+            _print_summary(summarize(out))
+    else:
+        console.print(f"worker {worker_index} done: {len(manifest['shards'])} shards; waiting for the other workers' parts")
+
+
+def _print_summary(summary: dict) -> None:
+    table = Table(show_header=False, box=None)
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@app.command()
+def validate(
+    cache: CacheDir,
+    quick: Annotated[bool, typer.Option(help="Check files, sizes, checksums and schemas only, not every row.")] = False,
+) -> None:
+    """Check the manifest against the files: checksums, schema, row and token counts."""
+    from logitcache.validate import validate_cache
+
+    with user_errors():
+        problems = validate_cache(cache, deep=not quick)
+    for problem in problems:
+        console.print(f"[red]✗[/red] {problem}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    Console().print(f"[green]✓[/green] {cache}: cache is sound")
+
+
+@app.command()
+def inspect(
+    cache: CacheDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON (stable keys).")] = False,
+) -> None:
+    """Sequences, tokens, bytes per token, ids per position, covered mass and teacher perplexity."""
+    from logitcache.summary import summarize
+
+    with user_errors():
+        summary = summarize(cache)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+
+
+@app.command()
+def merge(cache: CacheDir) -> None:
+    """Assemble manifest.json from the partial manifests of a multi-worker build."""
+    from logitcache.merge import merge_parts
+
+    with user_errors():
+        manifest = merge_parts(cache)
+    Console().print(f"[green]✓[/green] merged {len(manifest['shards'])} shards into {cache / 'manifest.json'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

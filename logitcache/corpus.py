@@ -1,0 +1,216 @@
+"""Corpus → documents → tokens → fixed windows, in one deterministic order.
+
+Sources: plain text (one file = one document), JSON Lines (``.jsonl``, ``.jsonl.zst``; one line =
+one document, text in ``text_field``), Parquet (one row = one document), a folder of these (files in
+sorted path order, recursively), or a ``datasets`` dataset saved with ``save_to_disk``.
+
+Packing: documents are tokenized with the teacher's tokenizer without special tokens, each is
+followed by EOS, and the token stream is cut into consecutive windows of ``seq_len`` tokens.
+Window ``i`` gets ``sequence_id = i``. The remainder after the last full window (fewer than
+``seq_len`` tokens) is dropped and counted in the manifest as ``dropped_tokens``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from logitcache.errors import LogitcacheError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.zst")
+PARQUET_SUFFIXES = (".parquet",)
+TOKENIZE_BATCH = 256
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    for kind, suffixes in (("jsonl", JSONL_SUFFIXES), ("parquet", PARQUET_SUFFIXES), ("text", TEXT_SUFFIXES)):
+        if name.endswith(suffixes):
+            return kind
+    return None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in ("dataset_dict.json", "state.json"))
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved corpus: its files in reading order (or a saved ``datasets`` dataset)."""
+
+    path: Path
+    text_field: str
+    files: tuple[Path, ...] = ()
+    dataset: bool = False
+
+    @staticmethod
+    def open(path: str | Path, text_field: str = "text") -> Corpus:
+        path = Path(path)
+        if not path.exists():
+            raise LogitcacheError(f"corpus {path} does not exist")
+        if _is_saved_dataset(path):
+            return Corpus(path, text_field, dataset=True)
+        if path.is_dir():
+            files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and _kind(p)))
+            if not files:
+                raise LogitcacheError(
+                    f"corpus folder {path} holds no .txt, .md, .jsonl, .jsonl.zst or .parquet files"
+                )
+            return Corpus(path, text_field, files=files)
+        if _kind(path) is None:
+            raise LogitcacheError(
+                f"corpus {path}: unknown file type; use .txt/.md, .jsonl, .jsonl.zst, .parquet or a folder"
+            )
+        return Corpus(path, text_field, files=(path,))
+
+    def describe(self) -> str:
+        if self.dataset:
+            return f"datasets dataset at {self.path}"
+        return f"{len(self.files)} file(s) under {self.path}"
+
+    def fingerprint(self) -> str:
+        """sha256 over the relative names and full contents of the files (or the dataset's own fingerprint)."""
+        h = hashlib.sha256()
+        if self.dataset:
+            h.update(self._load_dataset()._fingerprint.encode())
+            return h.hexdigest()
+        root = self.path if self.path.is_dir() else self.path.parent
+        for f in self.files:
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        return h.hexdigest()
+
+    def documents(self) -> Iterator[str]:
+        """Every document's text, in the corpus order."""
+        if self.dataset:
+            yield from self._dataset_documents()
+            return
+        for f in self.files:
+            kind = _kind(f)
+            if kind == "text":
+                yield f.read_text(encoding="utf-8", errors="replace")
+            elif kind == "jsonl":
+                yield from self._jsonl_documents(f)
+            else:
+                yield from self._parquet_documents(f)
+
+    def _field(self, record: dict, where: str) -> str:
+        if self.text_field not in record:
+            fields = ", ".join(sorted(record)) or "none"
+            raise LogitcacheError(
+                f"{where}: no field {self.text_field!r} (fields: {fields}); pick one with --text-field"
+            )
+        value = record[self.text_field]
+        if not isinstance(value, str):
+            raise LogitcacheError(f"{where}: field {self.text_field!r} is {type(value).__name__}, not text")
+        return value
+
+    def _jsonl_documents(self, path: Path) -> Iterator[str]:
+        with _open_text(path) as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LogitcacheError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(record, dict):
+                    raise LogitcacheError(f"{path}:{number}: expected a JSON object per line")
+                yield self._field(record, f"{path}:{number}")
+
+    def _parquet_documents(self, path: Path) -> Iterator[str]:
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:
+            raise LogitcacheError(f"{path}: not a readable Parquet file ({exc})") from exc
+        if self.text_field not in pf.schema_arrow.names:
+            raise LogitcacheError(
+                f"{path}: no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
+                "pick one with --text-field"
+            )
+        for group in range(pf.num_row_groups):
+            yield from (t or "" for t in pf.read_row_group(group, columns=[self.text_field]).column(0).to_pylist())
+
+    def _load_dataset(self):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(self.path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" in loaded:
+                return loaded["train"]
+            if len(loaded) == 1:
+                return next(iter(loaded.values()))
+            raise LogitcacheError(
+                f"{self.path}: dataset has splits {', '.join(loaded)} and no 'train'; save the split you want"
+            )
+        return loaded
+
+    def _dataset_documents(self) -> Iterator[str]:
+        ds = self._load_dataset()
+        if self.text_field not in ds.column_names:
+            raise LogitcacheError(
+                f"{self.path}: no column {self.text_field!r} (columns: {', '.join(ds.column_names)}); "
+                "pick one with --text-field"
+            )
+        for batch in ds.select_columns([self.text_field]).iter(batch_size=1024):
+            yield from (t or "" for t in batch[self.text_field])
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.lower().endswith(".zst"):
+        import zstandard
+
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+@dataclass
+class PackingStats:
+    """What packing saw: documents read, tokens produced, tokens dropped after the last window."""
+
+    documents: int = 0
+    tokens: int = 0
+    dropped_tokens: int = 0
+
+
+def token_stream(documents: Iterator[str], tokenizer, eos_id: int, stats: PackingStats) -> Iterator[np.ndarray]:
+    """Token ids of each document followed by EOS, tokenized in batches: ``[len] int64`` arrays."""
+    batch: list[str] = []
+
+    def flush() -> Iterator[np.ndarray]:
+        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            stats.documents += 1
+            stats.tokens += len(ids) + 1
+            yield np.asarray([*ids, eos_id], dtype=np.int64)
+        batch.clear()
+
+    for text in documents:
+        batch.append(text)
+        if len(batch) == TOKENIZE_BATCH:
+            yield from flush()
+    if batch:
+        yield from flush()
+
+
+def pack_windows(pieces: Iterator[np.ndarray], seq_len: int, stats: PackingStats) -> Iterator[np.ndarray]:
+    """Cut the concatenated token stream into consecutive windows: ``[seq_len] int64`` each."""
+    buffer = np.empty(0, dtype=np.int64)
+    for piece in pieces:
+        buffer = np.concatenate([buffer, piece])
+        full = len(buffer) // seq_len
+        for w in range(full):
+            yield buffer[w * seq_len : (w + 1) * seq_len]
+        buffer = buffer[full * seq_len :]
+    stats.dropped_tokens = len(buffer)

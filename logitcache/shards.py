@@ -1,0 +1,170 @@
+"""Shard format v1: one Parquet row per window, fixed Arrow schema per method, zstd.
+
+A window of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's
+distribution over token ``t + 1``. Per-id columns are flat and position-major: the ids
+of position 0 come first, then those of position 1, and so on; ``target_lengths[t]``
+says how many ids position ``t`` has. See schemas/SHARD_FORMAT.md for every column.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from logitcache.atomic import write_atomic
+from logitcache.errors import LogitcacheError
+
+FORMAT_VERSION = 1
+METADATA_KEY = b"logitcache"
+METHODS = ("topk", "sample")
+ROW_GROUP_ROWS = 128
+ZSTD_LEVEL = 3
+
+# Largest values the fixed dtypes hold; builds beyond them are refused up front.
+MAX_IDS_PER_POSITION = np.iinfo(np.uint16).max
+MAX_VOCAB = np.iinfo(np.int32).max
+
+_COMMON_HEAD = [
+    pa.field("sequence_id", pa.int64(), nullable=False),
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("target_lengths", pa.list_(pa.uint16()), nullable=False),
+    pa.field("target_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("target_logprobs", pa.list_(pa.float16()), nullable=False),
+]
+_GOLD = pa.field("gold_logprob", pa.list_(pa.float16()), nullable=False)
+_BY_METHOD = {
+    "topk": pa.field("tail_logprob", pa.list_(pa.float16()), nullable=False),
+    "sample": pa.field("target_counts", pa.list_(pa.uint16()), nullable=False),
+}
+
+
+def shard_schema(method: str) -> pa.Schema:
+    """The Arrow schema every shard of ``method`` is written with (metadata aside)."""
+    if method not in _BY_METHOD:
+        raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return pa.schema([*_COMMON_HEAD, _BY_METHOD[method], _GOLD])
+
+
+@dataclass
+class WindowTargets:
+    """Sparse teacher targets for ``B`` windows of ``n`` tokens, as flat numpy arrays.
+
+    Per-id arrays are window-major then position-major, ``S = target_lengths.sum()``.
+    """
+
+    sequence_ids: np.ndarray  # [B] int64
+    input_ids: np.ndarray  # [B, n] int32
+    target_lengths: np.ndarray  # [B, n-1] uint16
+    target_ids: np.ndarray  # [S] int32
+    target_logprobs: np.ndarray  # [S] float16
+    gold_logprob: np.ndarray  # [B, n-1] float16
+    tail_logprob: np.ndarray | None = None  # [B, n-1] float16 (topk)
+    target_counts: np.ndarray | None = None  # [S] uint16 (sample)
+
+    @property
+    def method(self) -> str:
+        return "sample" if self.target_counts is not None else "topk"
+
+    def __len__(self) -> int:
+        return int(self.sequence_ids.shape[0])
+
+    @staticmethod
+    def concat(parts: list[WindowTargets]) -> WindowTargets:
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            return None if arrays[0] is None else np.concatenate(arrays)
+
+        return WindowTargets(**{name: cat(name) for name in WindowTargets.__dataclass_fields__})
+
+
+def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(row_lengths) + 1, dtype=np.int32)
+    np.cumsum(row_lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=arrow_type))
+
+
+def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
+    """Arrow table of ``targets`` in the v1 schema, with ``metadata`` as JSON key-value metadata."""
+    b, n = targets.input_ids.shape
+    positions = np.full(b, n - 1, dtype=np.int64)
+    ids_per_window = targets.target_lengths.reshape(b, n - 1).sum(axis=1, dtype=np.int64)
+    columns = {
+        "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
+        "input_ids": _list_column(targets.input_ids.reshape(-1), np.full(b, n), pa.int32()),
+        "target_lengths": _list_column(targets.target_lengths.reshape(-1), positions, pa.uint16()),
+        "target_ids": _list_column(targets.target_ids, ids_per_window, pa.int32()),
+        "target_logprobs": _list_column(targets.target_logprobs, ids_per_window, pa.float16()),
+    }
+    if targets.method == "topk":
+        columns["tail_logprob"] = _list_column(targets.tail_logprob.reshape(-1), positions, pa.float16())
+    else:
+        columns["target_counts"] = _list_column(targets.target_counts, ids_per_window, pa.uint16())
+    columns["gold_logprob"] = _list_column(targets.gold_logprob.reshape(-1), positions, pa.float16())
+    schema = shard_schema(targets.method).with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    return pa.table(columns, schema=schema)
+
+
+def write_shard(path: Path, targets: WindowTargets, metadata: dict, zstd_level: int = ZSTD_LEVEL) -> None:
+    """Write ``targets`` as one Parquet shard at ``path``, atomically."""
+    table = to_table(targets, metadata)
+
+    def write(tmp: Path) -> None:
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            compression_level=zstd_level,
+            row_group_size=ROW_GROUP_ROWS,
+            use_dictionary=False,
+            write_statistics=["sequence_id"],
+        )
+
+    write_atomic(path, write)
+
+
+def shard_metadata(path: Path) -> dict:
+    """The logitcache key-value metadata a shard carries (its self-description)."""
+    try:
+        raw = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise LogitcacheError(f"{path}: not a readable Parquet file ({exc})") from exc
+    if METADATA_KEY not in raw:
+        raise LogitcacheError(f"{path}: Parquet file without logitcache metadata")
+    return json.loads(raw[METADATA_KEY])
+
+
+def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, zero-copy where Arrow allows."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False)
+    return values[offsets[0] : offsets[-1]], offsets - offsets[0]
+
+
+def from_table(table: pa.Table) -> WindowTargets:
+    """Decode rows of a shard (a table or one row group) back into :class:`WindowTargets`."""
+    b = table.num_rows
+    input_ids, _ = _flat(table.column("input_ids"))
+    lengths, _ = _flat(table.column("target_lengths"))
+    gold, _ = _flat(table.column("gold_logprob"))
+    names = table.column_names
+    return WindowTargets(
+        sequence_ids=table.column("sequence_id").to_numpy(),
+        input_ids=input_ids.reshape(b, -1),
+        target_lengths=lengths.reshape(b, -1),
+        target_ids=_flat(table.column("target_ids"))[0],
+        target_logprobs=_flat(table.column("target_logprobs"))[0],
+        gold_logprob=gold.reshape(b, -1),
+        tail_logprob=_flat(table.column("tail_logprob"))[0].reshape(b, -1) if "tail_logprob" in names else None,
+        target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,
+    )
+
+
+def read_shard(path: Path) -> WindowTargets:
+    return from_table(pq.read_table(path))

@@ -1,0 +1,231 @@
+"""The teacher stage: hidden states → output head in row chunks → sparse targets.
+
+Full ``[batch, seq, vocab]`` float32 logits are never held. The ``hf`` backend runs the model's
+decoder to get final hidden states ``[B, T, H]`` (small: H ≪ V), then applies the output head,
+log-softmax and target extraction to ``chunk_rows`` positions at a time. Peak memory beyond the
+model and its activations is about ``chunk_rows × V × 4 bytes × 3`` (logits, log-probabilities and
+the sampler's probabilities), which ``chunk_mib`` bounds: 64 MiB on CPU by default, 1 GiB on CUDA,
+whatever the batch, sequence length or vocabulary (a 128k vocabulary gives 43 rows per chunk on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logitcache.errors import LogitcacheError
+from logitcache.shards import WindowTargets
+from logitcache.targets import RowTargets, row_keys, sample_targets, topk_targets
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+FULL_HASH_LIMIT = 256 << 20
+EDGE_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws."""
+
+    method: str
+    k: int = 32
+    samples: int = 50
+    seed: int = 0
+    proposal_temperature: float = 1.0
+
+    @property
+    def params(self) -> dict:
+        if self.method == "topk":
+            return {"k": self.k}
+        return {"samples": self.samples, "proposal_temperature": self.proposal_temperature}
+
+    def rows(self, logprobs: torch.Tensor, keys: torch.Tensor) -> RowTargets:
+        if self.method == "topk":
+            return topk_targets(logprobs, self.k)
+        return sample_targets(logprobs, keys, self.samples, self.proposal_temperature)
+
+
+def weights_fingerprint(path: Path) -> str:
+    """sha256 over config and weight files: full contents up to 256 MiB a file, else size + first and last 16 MiB.
+
+    The shortcut keeps fingerprinting a 140 GB teacher to seconds; it still changes with any
+    retrained or re-quantised checkpoint in practice.
+    """
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.name == "config.json" or p.suffix in WEIGHT_SUFFIXES)
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= FULL_HASH_LIMIT:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(EDGE_BYTES))
+                fh.seek(size - EDGE_BYTES)
+                h.update(fh.read(EDGE_BYTES))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation (vocabulary, merges, normalisation, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:
+        raise LogitcacheError(f"cannot load a tokenizer from {path}: {exc}") from exc
+
+
+class HFTeacher:
+    """A causal LM in Hugging Face format, loaded from a local directory (no hub access)."""
+
+    backend = "hf"
+
+    def __init__(self, path: str | Path, device: str | None = None, dtype: str | None = None, chunk_mib: int | None = None):
+        from transformers import AutoModelForCausalLM
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise LogitcacheError(f"teacher {self.path}: no config.json; give a Hugging Face model directory")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = load_tokenizer(self.path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.torch_dtype, local_files_only=True)
+        except Exception as exc:
+            raise LogitcacheError(f"cannot load teacher from {self.path}: {exc}") from exc
+        self.model = model.to(self.device).eval()
+        self.config = model.config
+        self.head_weight = model.get_output_embeddings().weight
+        self.vocab_size = int(self.head_weight.shape[0])
+        self.max_positions = getattr(self.config, "max_position_embeddings", None)
+        self.chunk_mib = chunk_mib or (1024 if self.device.type == "cuda" else 64)
+        self.name = getattr(self.config, "_name_or_path", "") or self.path.name
+        self._verified = False
+
+    @property
+    def dtype(self) -> str:
+        return str(self.torch_dtype).removeprefix("torch.")
+
+    def describe(self) -> dict:
+        return {
+            "backend": self.backend,
+            "path": str(self.path),
+            "name": self.path.name,
+            "architecture": (self.config.architectures or [type(self.model).__name__])[0],
+            "dtype": self.dtype,
+            "fingerprint": weights_fingerprint(self.path),
+            "vocab_size": self.vocab_size,
+        }
+
+    @property
+    def chunk_rows(self) -> int:
+        return max(1, (self.chunk_mib << 20) // (self.vocab_size * 4 * 3))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Output head on ``[R, H]`` hidden states → ``[R, V] float32`` logits, with the model's logit scaling."""
+        logits = torch.nn.functional.linear(hidden, self.head_weight).float()
+        scale = getattr(self.config, "logit_scale", None)
+        if scale is not None:
+            logits = logits * scale
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @torch.inference_mode()
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, T, H]`` (after the last norm) of ``input_ids [B, T]``."""
+        return self.model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    @torch.inference_mode()
+    def verify_head(self, input_ids: torch.Tensor) -> None:
+        """Check the chunked head against the model's own logits on one window; refuse a mismatch.
+
+        Catches a logit scaling or soft-capping the head does not know, instead of caching wrong targets.
+        """
+        ids = input_ids[:1]
+        reference = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+        ours = torch.log_softmax(self.head(self.hidden_states(ids)[0]), -1)
+        tolerance = 1e-3 if self.torch_dtype == torch.float32 else 5e-2
+        gap = float((reference - ours).abs().max())
+        if gap > tolerance:
+            raise LogitcacheError(
+                f"teacher {self.path}: chunked output head differs from the model's logits by {gap:.3g} "
+                f"(tolerance {tolerance}); this architecture post-processes logits in a way logitcache does not know"
+            )
+        self._verified = True
+
+    @torch.inference_mode()
+    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
+        """Sparse targets for windows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``."""
+        ids = torch.from_numpy(input_ids).to(self.device)
+        if not self._verified:
+            self.verify_head(ids)
+        hidden = self.hidden_states(ids)[:, :-1]
+        return targets_from_hidden(hidden, ids, torch.from_numpy(sequence_ids), self.head, spec, self.chunk_rows)
+
+
+def targets_from_hidden(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    sequence_ids: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    spec: TargetSpec,
+    chunk_rows: int,
+) -> WindowTargets:
+    """Apply ``head`` to ``hidden [B, n-1, H]`` in chunks of rows and extract sparse targets.
+
+    Shared by every backend that can give final hidden states (``hf``, and vLLM's sampling path).
+    """
+    b, positions, _ = hidden.shape
+    rows = hidden.reshape(b * positions, -1)
+    labels = input_ids[:, 1:].reshape(-1)
+    seq = sequence_ids.to(torch.int64).repeat_interleave(positions).to(hidden.device)
+    pos = torch.arange(positions, device=hidden.device).repeat(b)
+    keys = row_keys(spec.seed, seq, pos)
+    parts = []
+    for start in range(0, rows.shape[0], chunk_rows):
+        end = start + chunk_rows
+        logprobs = torch.log_softmax(head(rows[start:end]), dim=-1)
+        gold = logprobs.gather(1, labels[start:end, None])[:, 0]
+        parts.append(_to_numpy(spec.rows(logprobs, keys[start:end]), gold))
+    flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return WindowTargets(
+        sequence_ids=sequence_ids.numpy().astype(np.int64),
+        input_ids=input_ids.cpu().numpy().astype(np.int32),
+        target_lengths=flat["lengths"].reshape(b, positions),
+        target_ids=flat["ids"],
+        target_logprobs=flat["logprobs"],
+        gold_logprob=flat["gold"].reshape(b, positions),
+        tail_logprob=flat["tail"].reshape(b, positions) if "tail" in flat else None,
+        target_counts=flat.get("counts"),
+    )
+
+
+def _to_numpy(rows: RowTargets, gold: torch.Tensor) -> dict[str, np.ndarray]:
+    """Ragged rows → flat numpy arrays in the shard dtypes (padding dropped)."""
+    width = rows.ids.shape[1]
+    real = torch.arange(width, device=rows.ids.device)[None, :] < rows.lengths[:, None]
+    out = {
+        "ids": rows.ids[real].to(torch.int32).cpu().numpy(),
+        "logprobs": rows.logprobs[real].to(torch.float16).cpu().numpy(),
+        "lengths": rows.lengths.to(torch.int32).cpu().numpy().astype(np.uint16),
+        "gold": gold.to(torch.float16).cpu().numpy(),
+    }
+    if rows.counts is not None:
+        out["counts"] = rows.counts[real].to(torch.int32).cpu().numpy().astype(np.uint16)
+    if rows.tail_logprob is not None:
+        out["tail"] = rows.tail_logprob.to(torch.float16).cpu().numpy()
+    return out

@@ -1,0 +1,195 @@
+"""The reader examples (pyarrow, datasets, polars, duckdb) agree with logitcache.shards.read_shard.
+
+Each example recovers the first window's targets from a cache with one tool only; on synthetic
+caches of both methods they must match the writer's own reader exactly (float16 values) and
+imply the same target distribution.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import logitcache
+from logitcache.atomic import sha256_file
+from logitcache.manifest import FORMAT_NAME, fingerprint, shard_name, write_manifest
+from logitcache.shards import FORMAT_VERSION, WindowTargets, read_shard, write_shard
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = ["read_pyarrow", "read_datasets", "read_polars", "read_duckdb"]
+VOCAB = 64
+
+
+def _teacher_logprobs(rng: np.random.Generator, rows: int) -> np.ndarray:
+    """Peaked random teacher distributions over VOCAB ids: ``[rows, VOCAB] float64`` log-probs."""
+    probs = rng.dirichlet(np.full(VOCAB, 0.2), size=rows)
+    return np.log(np.maximum(probs, 1e-30))
+
+
+def _sparse_targets(rng: np.random.Generator, logprobs: np.ndarray, method: str, params: dict):
+    """(lengths [R], ids [S], logprobs [S], tail [R] | None, counts [S] | None), descending per position."""
+    if method == "topk":
+        k = params["k"]
+        ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(logprobs, ids, axis=1)
+        rest = np.exp(logprobs).sum(axis=1) - np.exp(top).sum(axis=1)
+        lengths = np.full(len(logprobs), k)
+        return lengths, ids.reshape(-1), top.reshape(-1), np.log(np.maximum(rest, 1e-30)), None
+    proposal = np.exp(logprobs / params["proposal_temperature"])
+    proposal /= proposal.sum(axis=1, keepdims=True)
+    counts = np.stack([rng.multinomial(params["samples"], q) for q in proposal])
+    lengths, all_ids, all_lp, all_counts = [], [], [], []
+    for row_counts, row_lp in zip(counts, logprobs):
+        ids = np.flatnonzero(row_counts)
+        ids = ids[np.argsort(-row_lp[ids], kind="stable")]
+        lengths.append(len(ids))
+        all_ids.append(ids)
+        all_lp.append(row_lp[ids])
+        all_counts.append(row_counts[ids])
+    cat = np.concatenate
+    return np.array(lengths), cat(all_ids), cat(all_lp), None, cat(all_counts)
+
+
+def random_window_targets(rng: np.random.Generator, first_id: int, windows: int, seq_len: int,
+                          method: str, params: dict) -> WindowTargets:
+    """Valid random targets for ``windows`` windows of ``seq_len`` tokens (sequence ids from ``first_id``)."""
+    positions = windows * (seq_len - 1)
+    logprobs = _teacher_logprobs(rng, positions)
+    input_ids = rng.integers(0, VOCAB, size=(windows, seq_len))
+    gold = np.take_along_axis(logprobs, input_ids[:, 1:].reshape(-1, 1), axis=1)
+    lengths, ids, lp, tail, counts = _sparse_targets(rng, logprobs, method, params)
+    return WindowTargets(
+        sequence_ids=np.arange(first_id, first_id + windows, dtype=np.int64),
+        input_ids=input_ids.astype(np.int32),
+        target_lengths=lengths.reshape(windows, seq_len - 1).astype(np.uint16),
+        target_ids=ids.astype(np.int32),
+        target_logprobs=lp.astype(np.float16),
+        gold_logprob=gold.reshape(windows, seq_len - 1).astype(np.float16),
+        tail_logprob=None if tail is None else tail.reshape(windows, seq_len - 1).astype(np.float16),
+        target_counts=None if counts is None else counts.astype(np.uint16),
+    )
+
+
+def write_synthetic_cache(cache_dir: Path, method: str, params: dict, *, windows: int = 5,
+                          seq_len: int = 7, shard_size: int = 3, seed: int = 0) -> dict:
+    """A complete cache (shards, then manifest.json) of random valid targets; returns the manifest."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    identity = {"method": method, "params": params, "seq_len": seq_len, "seed": seed, "synthetic": True}
+    build = fingerprint(identity)
+    shards, entries = [], 0
+    for index, first in enumerate(range(0, windows, shard_size)):
+        rows = min(shard_size, windows - first)
+        targets = random_window_targets(rng, first, rows, seq_len, method, params)
+        path = cache_dir / shard_name(index)
+        write_shard(path, targets, {"format_version": FORMAT_VERSION, "method": method, "fingerprint": build})
+        entries += int(targets.target_lengths.sum())
+        shards.append({"file": path.name, "rows": rows, "tokens": rows * seq_len, "bytes": path.stat().st_size,
+                       "sha256": sha256_file(path), "first_sequence_id": first})
+    manifest = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "logitcache_version": logitcache.__version__,
+        "fingerprint": build, "method": method, "params": params, "seq_len": seq_len, "seed": seed,
+        "shard_size": shard_size, "vocab_size": VOCAB,
+        "teacher": {"backend": "synthetic", "path": "", "name": "dirichlet", "dtype": "float64",
+                    "fingerprint": fingerprint({"teacher": "dirichlet"}), "vocab_size": VOCAB},
+        "tokenizer": {"fingerprint": fingerprint({"tokenizer": "ids"}), "vocab_size": VOCAB, "eos_token_id": None},
+        "corpus": {"description": "random ids", "fingerprint": fingerprint({"seed": seed}), "text_field": None,
+                   "documents": windows, "tokens": windows * seq_len, "dropped_tokens": 0},
+        "totals": {"sequences": windows, "tokens": windows * seq_len, "positions": windows * (seq_len - 1),
+                   "target_entries": entries, "bytes": sum(s["bytes"] for s in shards)},
+        "shards": shards,
+    }
+    write_manifest(cache_dir, manifest)
+    return manifest
+
+
+CACHES = {
+    "topk": ("topk", {"k": 5}),
+    "sample": ("sample", {"samples": 16, "proposal_temperature": 1.0}),
+    "sample-tempered": ("sample", {"samples": 16, "proposal_temperature": 2.0}),
+}
+
+
+@pytest.fixture(scope="module", params=list(CACHES))
+def cache(request, tmp_path_factory) -> Path:
+    method, params = CACHES[request.param]
+    cache_dir = tmp_path_factory.mktemp(request.param)
+    write_synthetic_cache(cache_dir, method, params)
+    return cache_dir
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", REPO / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _expected_first_window(cache_dir: Path) -> list[dict]:
+    """The first window's targets per position, from the writer's own reader."""
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    targets = read_shard(cache_dir / manifest["shards"][0]["file"])
+    lengths = targets.target_lengths[0].astype(np.int64)
+    ends = np.cumsum(lengths)
+    tau = manifest["params"].get("proposal_temperature", 1.0)
+    rows = []
+    for t, (start, end) in enumerate(zip(ends - lengths, ends)):
+        logprobs = targets.target_logprobs[start:end]
+        row = {"gold_id": int(targets.input_ids[0, t + 1]), "gold_logprob": targets.gold_logprob[0, t],
+               "ids": targets.target_ids[start:end], "logprobs": logprobs}
+        if targets.method == "topk":
+            row["tail_logprob"] = targets.tail_logprob[0, t]
+            row["probs"] = np.exp(logprobs.astype(np.float64))
+        else:
+            counts = targets.target_counts[start:end].astype(np.float64)
+            weights = counts * np.exp(logprobs.astype(np.float64) * (1 - 1 / tau))
+            row["counts"] = targets.target_counts[start:end]
+            row["probs"] = counts / manifest["params"]["samples"] if tau == 1 else weights / weights.sum()
+        rows.append(row)
+    return rows
+
+
+def _same_f16(got, expected) -> bool:
+    return np.array_equal(np.asarray(got, dtype=np.float32).astype(np.float16), np.asarray(expected))
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_recovers_the_writers_targets(example, cache):
+    got = _load_example(example).first_window_targets(cache)
+    expected = _expected_first_window(cache)
+    assert [row["position"] for row in got] == list(range(len(expected)))
+    for row, want in zip(got, expected):
+        assert row["gold_id"] == want["gold_id"]
+        assert _same_f16(row["gold_logprob"], want["gold_logprob"])
+        np.testing.assert_array_equal(row["ids"], want["ids"])
+        assert _same_f16(row["logprobs"], want["logprobs"])
+        np.testing.assert_allclose(row["probs"], want["probs"], rtol=1e-12, atol=0)
+        if "tail_logprob" in want:
+            assert _same_f16(row["tail_logprob"], want["tail_logprob"])
+            assert "counts" not in row
+        else:
+            np.testing.assert_array_equal(row["counts"], want["counts"])
+            assert row["probs"].sum() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_script_runs(example, cache, tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, f"examples/{example}.py", str(cache)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "gold_id" in result.stdout
+
+
+def test_synthetic_manifest_follows_the_published_schema(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "schemas" / "manifest.schema.json").read_text())
+    for name, (method, params) in CACHES.items():
+        jsonschema.validate(write_synthetic_cache(tmp_path / name, method, params), schema)
