@@ -57,6 +57,10 @@ class BuildSettings:
     chunk_mib: int | None = None
     num_workers: int = 1
     worker_index: int = 0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int | None = None
+    ray: bool = False
 
     @property
     def spec(self) -> TargetSpec:

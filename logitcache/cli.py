@@ -44,11 +44,20 @@ def user_errors():
 
 @contextmanager
 def progress_bar(description: str, total: int | None = None):
-    """A rich progress bar on stderr; yields ``advance(n)``."""
+    """A rich progress bar on stderr, shown from the first ``advance(n)`` on (so early errors stay one line)."""
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
+    progress = Progress(*columns, console=console, transient=False)
+    task = progress.add_task(description, total=total)
+
+    def advance(n: int) -> None:
+        if not progress.live.is_started:
+            progress.start()
+        progress.advance(task, n)
+
+    try:
+        yield advance
+    finally:
+        progress.stop()
 
 
 def _version(value: bool) -> None:
@@ -85,6 +94,10 @@ def build(
     chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 64 on CPU, 1024 on CUDA).")] = None,
     num_workers: Annotated[int, typer.Option(help="Workers sharing this build (one process per GPU or node).")] = 1,
     worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = 0,
+    tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs per teacher replica (tensor parallelism).")] = 1,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="vllm: fraction of GPU memory the engine may take.")] = 0.85,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="vllm: most windows scheduled at once (default: vLLM's).")] = None,
+    ray: Annotated[bool, typer.Option(help="Run the --num-workers workers as Ray tasks on the current Ray cluster.")] = False,
 ) -> None:
     """Run the teacher over a corpus and write sparse targets as zstd Parquet shards (resumable)."""
     from logitcache.build import BuildSettings, run_build
@@ -95,6 +108,8 @@ def build(
         proposal_temperature=proposal_temperature, seq_len=seq_len, batch_size=batch_size,
         shard_size=shard_size, text_field=text_field, overwrite=overwrite, backend=backend,
         device=device, dtype=dtype, chunk_mib=chunk_mib, num_workers=num_workers, worker_index=worker_index,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        max_num_seqs=max_num_seqs, ray=ray,
     )
     with user_errors(), progress_bar(f"build {method}") as advance:
         manifest = run_build(settings, on_windows=advance)

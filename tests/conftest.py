@@ -1,0 +1,58 @@
+"""Shared fixtures: a real tiny teacher (BPE tokenizer + Llama) and real caches built from it."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitcache.build import BuildSettings, run_build
+from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
+
+torch.set_num_threads(1)
+
+TEACHER_VOCAB = 512
+SEQ_LEN = 32
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[str]:
+    return list(itertools.islice(stdlib_docstrings(), 300))
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, documents) -> Path:
+    """A random-initialised 'nano' Llama with a 512-token BPE tokenizer, saved in HF format."""
+    root = tmp_path_factory.mktemp("teacher")
+    train_tokenizer(documents, TEACHER_VOCAB, root / "tokenizer")
+    make_model(root / "tokenizer", root / "model", preset="nano", max_positions=128)
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory, documents) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    write_corpus(path, iter(documents[:60]))
+    return path
+
+
+def build_cache(teacher_dir: Path, corpus: Path, out: Path, **overrides) -> dict:
+    settings = dict(teacher=teacher_dir, corpus=corpus, out=out, seq_len=SEQ_LEN, batch_size=4, shard_size=16)
+    settings.update(overrides)
+    return run_build(BuildSettings(**settings))
+
+
+@pytest.fixture(scope="session")
+def topk_cache(tmp_path_factory, teacher_dir, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "topk"
+    build_cache(teacher_dir, corpus_file, out, method="topk", k=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_cache(tmp_path_factory, teacher_dir, corpus_file) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "sample"
+    build_cache(teacher_dir, corpus_file, out, method="sample", samples=20)
+    return out

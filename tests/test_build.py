@@ -1,0 +1,274 @@
+"""logitcache build end to end on a real tiny teacher: targets, packing, corpora, errors, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zstandard
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import SEQ_LEN, build_cache
+from logitcache.build import BuildSettings, run_build
+from logitcache.errors import LogitcacheError
+from logitcache.manifest import read_manifest
+from logitcache.shards import read_shard
+from logitcache.summary import summarize
+from logitcache.validate import validate_cache
+
+
+def all_targets(cache: Path):
+    from logitcache.shards import WindowTargets
+
+    manifest = read_manifest(cache)
+    return WindowTargets.concat([read_shard(cache / s["file"]) for s in manifest["shards"]])
+
+
+def teacher_logprobs(teacher_dir: Path, input_ids: np.ndarray) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.from_numpy(input_ids.astype(np.int64))).logits.float(), -1)
+
+
+def test_topk_targets_match_the_teacher(teacher_dir, topk_cache):
+    t = all_targets(topk_cache)
+    assert validate_cache(topk_cache) == []
+    ref = teacher_logprobs(teacher_dir, t.input_ids[:3])[:, :-1]  # [3, n-1, V]
+    top_lp, top_ids = torch.topk(ref, 8, dim=-1)
+    ids = torch.from_numpy(t.target_ids.astype(np.int64)).view(-1, SEQ_LEN - 1, 8)[:3]
+    lps = torch.from_numpy(t.target_logprobs.astype(np.float32)).view(-1, SEQ_LEN - 1, 8)[:3]
+    torch.testing.assert_close(lps, top_lp, atol=2e-2, rtol=2e-3)
+    agree = (ids == top_ids).float().mean()
+    assert agree > 0.98  # ties within float16 may reorder a few ids
+    gold = ref.gather(-1, torch.from_numpy(t.input_ids[:3, 1:].astype(np.int64))[..., None])[..., 0]
+    torch.testing.assert_close(torch.from_numpy(t.gold_logprob[:3].astype(np.float32)), gold, atol=2e-2, rtol=2e-3)
+    tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-7))
+    torch.testing.assert_close(torch.from_numpy(t.tail_logprob[:3].astype(np.float32)), tail, atol=2e-2, rtol=2e-3)
+    assert np.all(t.target_lengths == 8)
+
+
+def test_sample_targets_are_consistent(teacher_dir, sample_cache):
+    t = all_targets(sample_cache)
+    assert validate_cache(sample_cache) == []
+    offsets = np.concatenate([[0], np.cumsum(t.target_lengths.reshape(-1), dtype=np.int64)])
+    sums = np.add.reduceat(t.target_counts.astype(np.int64), offsets[:-1])
+    assert np.all(sums == 20)
+    ref = teacher_logprobs(teacher_dir, t.input_ids[:1])[0, :-1]
+    for p in range(0, SEQ_LEN - 1, 5):
+        ids = t.target_ids[offsets[p] : offsets[p + 1]].astype(np.int64)
+        stored = torch.from_numpy(t.target_logprobs[offsets[p] : offsets[p + 1]].astype(np.float32))
+        torch.testing.assert_close(stored, ref[p, ids], atol=2e-2, rtol=2e-3)
+        assert np.all(np.diff(stored.numpy()) <= 1e-3)
+
+
+def test_windows_are_the_packed_corpus(teacher_dir, corpus_file, topk_cache):
+    """Documents + EOS, concatenated, cut into consecutive windows; sequence ids 0..N-1; remainder dropped."""
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    stream = []
+    for line in corpus_file.read_text().splitlines():
+        stream += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    t = all_targets(topk_cache)
+    manifest = read_manifest(topk_cache)
+    n = len(stream) // SEQ_LEN
+    assert np.array_equal(t.input_ids.reshape(-1), np.asarray(stream[: n * SEQ_LEN]))
+    assert np.array_equal(t.sequence_ids, np.arange(n))
+    assert manifest["corpus"]["dropped_tokens"] == len(stream) - n * SEQ_LEN
+    assert manifest["corpus"]["tokens"] == len(stream)
+
+
+def test_sampling_does_not_depend_on_batch_size(teacher_dir, corpus_file, sample_cache, tmp_path):
+    build_cache(teacher_dir, corpus_file, tmp_path / "b1", method="sample", samples=20, batch_size=1, shard_size=16)
+    a, b = all_targets(sample_cache), all_targets(tmp_path / "b1")
+    assert np.array_equal(a.target_ids, b.target_ids)
+    assert np.array_equal(a.target_counts, b.target_counts)
+
+
+def _corpus_variants(tmp_path: Path, docs: list[str]) -> dict[str, Path]:
+    import datasets
+
+    lines = "".join(json.dumps({"body": d}) + "\n" for d in docs)
+    (tmp_path / "c.jsonl").write_text(lines)
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    pq.write_table(pa.table({"body": docs}), tmp_path / "c.parquet", row_group_size=7)
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "ds"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[:10]))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[10:]))
+    return {"jsonl": tmp_path / "c.jsonl", "zst": tmp_path / "c.jsonl.zst", "parquet": tmp_path / "c.parquet",
+            "datasets": tmp_path / "ds", "folder": folder}
+
+
+def test_every_corpus_format_gives_the_same_windows(teacher_dir, documents, tmp_path):
+    variants = _corpus_variants(tmp_path, documents[:25])
+    results = {}
+    for name, path in variants.items():
+        out = tmp_path / f"out-{name}"
+        build_cache(teacher_dir, path, out, method="topk", k=4, text_field="body")
+        results[name] = all_targets(out).input_ids
+    first = results.pop("jsonl")
+    for name, ids in results.items():
+        assert np.array_equal(first, ids), name
+
+
+def test_text_files_are_one_document_each(teacher_dir, documents, tmp_path):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, doc in enumerate(documents[:20]):
+        (folder / f"{i:03d}.txt").write_text(doc)
+    manifest = build_cache(teacher_dir, folder, tmp_path / "out", method="topk", k=4)
+    assert manifest["corpus"]["documents"] == 20
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "logitcache", *args], capture_output=True, text=True, env=env, **kw)
+
+
+def cli_build(teacher: Path, corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("build", "--teacher", str(teacher), "--corpus", str(corpus), "--out", str(out),
+                   "--seq-len", str(SEQ_LEN), *extra)
+
+
+@pytest.fixture
+def bad_inputs(teacher_dir, corpus_file, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    return {
+        "missing teacher": (["--teacher", str(tmp_path / "nope")], "not a directory"),
+        "teacher without config": (["--teacher", str(tmp_path)], "no config.json"),
+        "empty corpus": (["--corpus", str(empty)], "fewer than one window"),
+        "missing text field": (["--text-field", "content"], "no field 'content'"),
+        "seq-len beyond context": (["--seq-len", "4096"], "beyond the teacher's context"),
+        "k beyond vocab": (["--k", "1000"], "larger than the teacher's vocabulary"),
+        "N < 1": (["--method", "sample", "--samples", "0"], "at least 1"),
+        "unknown method": (["--method", "dense"], "choose one of"),
+    }
+
+
+def test_bad_input_is_one_clear_line(teacher_dir, corpus_file, tmp_path, bad_inputs):
+    for name, (override, message) in bad_inputs.items():
+        args = {"--teacher": str(teacher_dir), "--corpus": str(corpus_file), "--out": str(tmp_path / name)}
+        extra = []
+        for i in range(0, len(override), 2):
+            if override[i] in args:
+                args[override[i]] = override[i + 1]
+            else:
+                extra += override[i : i + 2]
+        result = run_cli("build", *[x for kv in args.items() for x in kv], "--seq-len", str(SEQ_LEN), *extra)
+        assert result.returncode == 1, (name, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in result.stderr.replace("\n", " "), (name, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / name / "manifest.json").exists()
+
+
+def test_out_holding_a_different_build_is_refused(teacher_dir, corpus_file, topk_cache, tmp_path):
+    out = tmp_path / "copy"
+    build_cache(teacher_dir, corpus_file, out, method="topk", k=8)
+    result = cli_build(teacher_dir, corpus_file, out, "--method", "topk", "--k", "4", "--shard-size", "16")
+    assert result.returncode == 1 and "different build" in result.stderr
+    assert read_manifest(out)["params"] == {"k": 8}
+    result = cli_build(teacher_dir, corpus_file, out, "--method", "topk", "--k", "4", "--shard-size", "16", "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(out)["params"] == {"k": 4}
+    assert validate_cache(out) == []
+
+
+def test_rerunning_a_finished_build_changes_nothing(teacher_dir, corpus_file, tmp_path):
+    out = tmp_path / "again"
+    build_cache(teacher_dir, corpus_file, out, method="sample", samples=8)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    build_cache(teacher_dir, corpus_file, out, method="sample", samples=8)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_killed_build_resumes_byte_identical(teacher_dir, documents, tmp_path):
+    """A real `logitcache build` process killed mid-build, then re-run, equals an uninterrupted build."""
+    corpus = tmp_path / "big.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents * 2))
+    extra = ("--method", "sample", "--samples", "16", "--shard-size", "4", "--batch-size", "2")
+    reference = tmp_path / "reference"
+    assert cli_build(teacher_dir, corpus, reference, *extra).returncode == 0
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "logitcache", "build", "--teacher", str(teacher_dir), "--corpus", str(corpus),
+           "--out", str(out), "--seq-len", str(SEQ_LEN), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "shard-00003.parquet").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "build ended before it could be killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    done_before = {p.name for p in out.glob("shard-*.parquet")}
+    assert 0 < len(done_before) < len(list(reference.glob("shard-*.parquet")))
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in done_before}
+    assert cli_build(teacher_dir, corpus, out, *extra).returncode == 0
+    assert all((out / name).stat().st_mtime_ns == mtimes[name] for name in done_before), "finished shards were redone"
+    ref_files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files
+    for name in ref_files:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_validate_names_what_is_wrong(teacher_dir, corpus_file, tmp_path):
+    out = tmp_path / "v"
+    build_cache(teacher_dir, corpus_file, out, method="topk", k=4)
+    ok = run_cli("validate", str(out))
+    assert ok.returncode == 0 and "sound" in ok.stdout
+    shard = out / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "shard-00002.parquet").unlink()
+    bad = run_cli("validate", str(out))
+    assert bad.returncode == 1
+    assert "shard-00001.parquet: sha256 differs" in bad.stderr
+    assert "shard-00002.parquet: missing" in bad.stderr
+
+
+def test_inspect_json_keys(topk_cache, sample_cache):
+    for cache, method in ((topk_cache, "topk"), (sample_cache, "sample")):
+        result = run_cli("inspect", str(cache), "--json")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        for key in ("sequences", "tokens", "bytes", "bytes_per_token", "mean_ids_per_position", "method",
+                    "teacher_perplexity", "mean_covered_mass", "shards"):
+            assert key in summary
+        assert summary["method"] == method
+        manifest = read_manifest(cache)
+        assert summary["sequences"] == manifest["totals"]["sequences"]
+        assert summary["bytes"] == sum(p.stat().st_size for p in cache.glob("shard-*.parquet"))
+    assert summarize(topk_cache)["mean_ids_per_position"] == 8
+    assert 0 < summarize(topk_cache)["mean_covered_mass"] < 1
+    # Same teacher and corpus: the perplexity from gold log-probs agrees between methods.
+    assert summarize(topk_cache)["teacher_perplexity"] == pytest.approx(summarize(sample_cache)["teacher_perplexity"])
+
+
+def test_workers_split_shards_and_merge_to_the_single_worker_build(teacher_dir, corpus_file, topk_cache, tmp_path):
+    out = tmp_path / "workers"
+    for index in (1, 0):
+        part = build_cache(teacher_dir, corpus_file, out, method="topk", k=8, num_workers=2, worker_index=index)
+    single = read_manifest(topk_cache)
+    merged = read_manifest(out)
+    assert merged == part
+    assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
+    assert merged["totals"] == single["totals"]
+    assert validate_cache(out) == []
+
+
+def test_run_build_rejects_bad_settings(teacher_dir, corpus_file, tmp_path):
+    with pytest.raises(LogitcacheError, match="worker-index"):
+        run_build(BuildSettings(teacher=teacher_dir, corpus=corpus_file, out=tmp_path, num_workers=2, worker_index=2))

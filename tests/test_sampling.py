@@ -1,0 +1,116 @@
+"""The RS-KD sampler: exact (chi-square against the softmax), unbiased, and a pure function of
+(seed, sequence_id, position)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from logitcache.targets import draw, row_keys, sample_targets, topk_targets, uniforms
+
+
+def chi2_sf(stat: float, dof: int) -> float:
+    """Survival function of the chi-square distribution (Wilson–Hilferty normal approximation)."""
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def logits(v: int, seed: int, scale: float = 2.0) -> torch.Tensor:
+    return torch.randn(v, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("vocab,temperature", [(12, 1.0), (300, 1.0), (1000, 0.7)])
+def test_draws_follow_the_softmax(vocab, temperature):
+    """Pooled draws over 40k rows pass a chi-square goodness-of-fit test against softmax(z/T)."""
+    z = logits(vocab, seed=vocab)
+    lp = torch.log_softmax(z, -1).expand(40_000, -1).contiguous()
+    keys = row_keys(7, torch.arange(40_000), torch.zeros(40_000, dtype=torch.long))
+    ids = draw(lp, keys, 10, temperature)
+    observed = torch.bincount(ids.flatten(), minlength=vocab).double()
+    expected = torch.softmax(z.double() / temperature, -1) * ids.numel()
+    # Pool categories with small expectations so the chi-square approximation holds.
+    big = expected >= 5
+    stat = float((((observed - expected) ** 2 / expected)[big]).sum())
+    rest_o, rest_e = observed[~big].sum(), expected[~big].sum()
+    if rest_e > 0:
+        stat += float((rest_o - rest_e) ** 2 / rest_e)
+    dof = int(big.sum()) - (0 if rest_e > 0 else 1)
+    assert chi2_sf(stat, dof) > 1e-4, (stat, dof)
+
+
+def test_a_wrong_distribution_is_detected():
+    """The chi-square check has power: draws from a slightly different softmax fail it."""
+    z = logits(12, seed=3)
+    lp = torch.log_softmax(z * 1.1, -1).expand(40_000, -1).contiguous()
+    keys = row_keys(7, torch.arange(40_000), torch.zeros(40_000, dtype=torch.long))
+    observed = torch.bincount(draw(lp, keys, 10).flatten(), minlength=12).double()
+    expected = torch.softmax(z.double(), -1) * observed.sum()
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2_sf(stat, 11) < 1e-6
+
+
+def test_counts_estimate_is_unbiased():
+    """Mean of count/N over many positions equals the teacher probabilities."""
+    z = logits(50, seed=1)
+    rows = 20_000
+    lp = torch.log_softmax(z, -1).expand(rows, -1).contiguous()
+    t = sample_targets(lp, row_keys(0, torch.arange(rows), torch.zeros(rows, dtype=torch.long)), 50)
+    estimate = torch.zeros(rows, 50, dtype=torch.float64).scatter_add_(1, t.ids, t.counts.double() / 50).mean(0)
+    truth = torch.softmax(z.double(), -1)
+    stderr = torch.sqrt(truth * (1 - truth) / (50 * rows))
+    assert torch.all((estimate - truth).abs() < 5 * stderr + 1e-9)
+
+
+def test_sample_targets_structure():
+    lp = torch.log_softmax(torch.randn(64, 200, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    t = sample_targets(lp, row_keys(1, torch.arange(64), torch.arange(64)), 50)
+    assert torch.all(t.counts.sum(1) == 50)
+    width = t.ids.shape[1]
+    real = torch.arange(width)[None] < t.lengths[:, None]
+    assert torch.all((t.counts > 0) == real)
+    for r in range(64):
+        ids = t.ids[r, : t.lengths[r]]
+        assert len(set(ids.tolist())) == len(ids)
+        assert torch.equal(t.logprobs[r, : t.lengths[r]], lp[r, ids])
+        assert torch.all(t.logprobs[r, : t.lengths[r]].diff() <= 0)
+
+
+def test_draws_depend_only_on_seed_sequence_and_position():
+    """The same (seed, sequence_id, position) gives the same draws whatever the chunking or row order."""
+    gen = torch.Generator().manual_seed(5)
+    lp = torch.log_softmax(torch.randn(96, 400, generator=gen) * 2, -1)
+    seq = torch.randint(0, 10_000, (96,), generator=gen)
+    pos = torch.randint(0, 512, (96,), generator=gen)
+    whole = draw(lp, row_keys(3, seq, pos), 50)
+    chunked = torch.cat([draw(lp[i : i + 7], row_keys(3, seq[i : i + 7], pos[i : i + 7]), 50) for i in range(0, 96, 7)])
+    perm = torch.randperm(96, generator=gen)
+    shuffled = draw(lp[perm], row_keys(3, seq[perm], pos[perm]), 50)
+    assert torch.equal(whole, chunked)
+    assert torch.equal(whole[perm], shuffled)
+    assert not torch.equal(whole, draw(lp, row_keys(4, seq, pos), 50))
+
+
+def test_uniforms_are_uniform_and_distinct_per_draw():
+    u = uniforms(row_keys(0, torch.arange(20_000), torch.zeros(20_000, dtype=torch.long)), 5)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u.float(), bins=20, min=0, max=1).double()
+    expected = u.numel() / 20
+    assert chi2_sf(float(((counts - expected) ** 2 / expected).sum()), 19) > 1e-4
+    assert float(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1]).__abs__() < 0.05
+
+
+def test_zero_probability_ids_are_never_drawn():
+    lp = torch.full((1000, 64), float("-inf"))
+    lp[:, [3, 40]] = math.log(0.5)
+    ids = draw(lp, row_keys(0, torch.arange(1000), torch.zeros(1000, dtype=torch.long)), 50)
+    assert set(ids.unique().tolist()) == {3, 40}
+
+
+def test_topk_tail_is_the_mass_outside():
+    lp = torch.log_softmax(torch.randn(8, 100, generator=torch.Generator().manual_seed(2)) * 4, -1)
+    t = topk_targets(lp, 5)
+    covered = t.logprobs.exp().sum(1)
+    torch.testing.assert_close(t.tail_logprob.exp() + covered, torch.ones(8), rtol=0, atol=1e-5)
+    assert torch.all(t.logprobs.diff(dim=1) <= 0)
