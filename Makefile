@@ -28,7 +28,8 @@ test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
 
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/bench_build.py
+	$(BIN)/python benchmarks/bench_loader.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

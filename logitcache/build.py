@@ -208,13 +208,14 @@ def _shard_complete(path: Path, plan: _Plan) -> bool:
         return False
 
 
-def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None = None) -> dict:
+def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None = None, teacher=None) -> dict:
     """Run (or resume) a build and return its manifest (or this worker's partial manifest).
 
-    ``on_windows(n)`` is called as windows are finished or found already on disk.
+    ``on_windows(n)`` is called as windows are finished or found already on disk. ``teacher``: an
+    already loaded teacher to reuse (benchmarks, long-lived workers); loaded from settings if None.
     """
     settings.check()
-    teacher = load_teacher(settings)
+    teacher = teacher or load_teacher(settings)
     _check_teacher(settings, teacher)
     plan = _plan(settings, teacher)
     windows = _windows(plan, teacher, settings.seq_len)

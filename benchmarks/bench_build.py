@@ -1,0 +1,133 @@
+"""Build-side benchmark: build throughput vs the bare teacher forward, sampler speed, bytes per token.
+
+    python benchmarks/bench_build.py --teacher demo-out/teacher-run/student --corpus demo-out/corpus.jsonl
+
+Prints three tables (markdown); results with the command are kept in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from logitcache.build import BuildSettings, load_teacher, run_build
+from logitcache.shards import read_shard
+from logitcache.summary import summarize
+from logitcache.targets import row_keys, sample_targets, topk_targets
+
+
+def small_corpus(corpus: Path, out: Path, approx_bytes: int) -> Path:
+    """The first documents of a JSON Lines corpus, about ``approx_bytes`` of it."""
+    lines, size = [], 0
+    for line in corpus.open():
+        lines.append(line)
+        size += len(line)
+        if size >= approx_bytes:
+            break
+    out.write_text("".join(lines))
+    return out
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Best wall time of ``repeat`` runs (after one warm-up)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def forward_seconds(teacher, windows: np.ndarray, batch: int) -> float:
+    """The bare teacher: ``model(input_ids).logits`` on the same batches, nothing else."""
+
+    def run():
+        with torch.inference_mode():
+            for i in range(0, len(windows), batch):
+                teacher.model(input_ids=torch.from_numpy(windows[i : i + batch]).to(teacher.device)).logits
+        if teacher.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return timed(run)
+
+
+def build_table(args, work: Path) -> list[str]:
+    corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
+    base = dict(teacher=args.teacher, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
+    teacher = load_teacher(BuildSettings(out=work / "x", **base))
+    rows = ["| stage | tokens/s | ratio to bare forward |", "|---|---:|---:|"]
+    windows = None
+    results = {}
+    for method, extra in (("topk", {"k": 32}), ("sample", {"samples": 50})):
+        settings = BuildSettings(out=work / f"build-{method}", method=method, **base, **extra)
+        seconds = timed(lambda: run_build(settings, teacher=teacher), repeat=2)
+        manifest = json.loads((settings.out / "manifest.json").read_text())
+        results[method] = (manifest["totals"]["tokens"], seconds)
+        windows = np.concatenate([read_shard(settings.out / s["file"]).input_ids for s in manifest["shards"]]).astype(np.int64)
+    fwd = forward_seconds(teacher, windows, args.batch_size)
+    tokens = windows.size
+    rows.append(f"| bare forward (`model(ids).logits`) | {tokens / fwd:,.0f} | 1.00 |")
+    for method, (n, seconds) in results.items():
+        label = "build topk k=32" if method == "topk" else "build sample N=50"
+        rows.append(f"| {label} (whole `run_build`) | {n / seconds:,.0f} | {fwd / seconds:.2f} |")
+    return rows
+
+
+def sampler_table(vocabs: list[int], rows_per_call: int) -> list[str]:
+    out = ["| vocab | rows/s `sample_targets` N=50 | rows/s `torch.multinomial` N=50 | speed-up | rows/s `topk_targets` k=32 |",
+           "|---:|---:|---:|---:|---:|"]
+    for vocab in vocabs:
+        lp = torch.log_softmax(torch.randn(rows_per_call, vocab, generator=torch.Generator().manual_seed(0)) * 3, -1)
+        keys = row_keys(0, torch.zeros(rows_per_call, dtype=torch.long), torch.arange(rows_per_call))
+        ours = timed(lambda: sample_targets(lp, keys, 50))
+        # What users write: multinomial on the probabilities (counting ids afterwards is extra and not timed).
+        theirs = timed(lambda: torch.multinomial(lp.exp(), 50, replacement=True))
+        topk = timed(lambda: topk_targets(lp, 32))
+        out.append(f"| {vocab} | {rows_per_call / ours:,.0f} | {rows_per_call / theirs:,.0f} | {theirs / ours:.2f} | {rows_per_call / topk:,.0f} |")
+    return out
+
+
+def storage_table(args, work: Path) -> list[str]:
+    corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
+    out = ["| method | bytes/token | stored entries/position | bytes/entry (all columns) |", "|---|---:|---:|---:|"]
+    teacher = None
+    for method, extra in (("topk", {"k": 8}), ("topk", {"k": 32}), ("sample", {"samples": 50})):
+        settings = BuildSettings(teacher=args.teacher, corpus=corpus, out=work / f"store-{method}-{extra}", method=method,
+                                 seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, **extra)
+        teacher = teacher or load_teacher(settings)
+        run_build(settings, teacher=teacher)
+        s = summarize(settings.out)
+        label = f"topk k={extra['k']}" if method == "topk" else "sample N=50"
+        out.append(f"| {label} | {s['bytes_per_token']:.2f} | {s['mean_ids_per_position']:.2f} | {s['bytes_per_entry']:.2f} |")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
+    parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
+    parser.add_argument("--corpus-bytes", type=int, default=400_000, help="how much of the corpus to build over")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sampler-rows", type=int, default=2048)
+    args = parser.parse_args()
+    if not (args.teacher / "config.json").is_file():
+        raise SystemExit(f"no teacher at {args.teacher}: run `make demo` first or pass --teacher")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("\n## Build throughput\n\n" + "\n".join(build_table(args, work)))
+        vocab = json.loads((args.teacher / "config.json").read_text())["vocab_size"]
+        print("\n## Sampler\n\n" + "\n".join(sampler_table(sorted({vocab, 8192, 32768}), args.sampler_rows)))
+        print("\n## Storage (demo teacher)\n\n" + "\n".join(storage_table(args, work)))
+
+
+if __name__ == "__main__":
+    main()
