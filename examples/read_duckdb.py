@@ -31,7 +31,8 @@ METHOD_SQL = {
     "sample": {
         "position_column": "",
         "entry_column": "unnest(target_counts) AS count,",
-        "prob": "count * exp(logprob * (1 - 1 / $tau)) / sum(count * exp(logprob * (1 - 1 / $tau))) OVER (PARTITION BY position)",
+        "prob": "count * exp(logprob * (1 - 1 / $tau))"
+        " / sum(count * exp(logprob * (1 - 1 / $tau))) OVER (PARTITION BY position)",
     },
 }
 

@@ -4,11 +4,11 @@ Layout (JSON Schema in schemas/manifest.schema.json)::
 
     format, format_version, logitcache_version, fingerprint,
     method, params, seq_len, seed, shard_size, vocab_size,
-    teacher {backend, path, name, dtype, fingerprint, vocab_size},
+    teacher {backend, path, name, architecture, dtype, fingerprint, vocab_size},
     tokenizer {fingerprint, vocab_size, eos_token_id},
     corpus {description, fingerprint, text_field, documents, tokens, dropped_tokens},
     totals {sequences, tokens, positions, target_entries, bytes},
-    shards [{file, rows, tokens, bytes, sha256, first_sequence_id}]
+    shards [{file, index, rows, tokens, target_entries, bytes, sha256, first_sequence_id}]
 
 No timestamps: re-running a build yields a byte-identical manifest.
 """

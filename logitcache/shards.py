@@ -82,10 +82,20 @@ class WindowTargets:
         return WindowTargets(**{name: cat(name) for name in WindowTargets.__dataclass_fields__})
 
 
+MAX_VALUES_PER_COLUMN = np.iinfo(np.int32).max  # Arrow list offsets are int32
+
+
 def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    offsets = np.zeros(len(row_lengths) + 1, dtype=np.int32)
+    offsets = np.zeros(len(row_lengths) + 1, dtype=np.int64)
     np.cumsum(row_lengths, out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=arrow_type))
+    if offsets[-1] != len(values):
+        raise ValueError(f"row lengths add up to {offsets[-1]} but {len(values)} values were given")
+    if offsets[-1] > MAX_VALUES_PER_COLUMN:
+        raise LogitcacheError(
+            f"a shard would hold {offsets[-1]} values in one column, more than Arrow lists address; "
+            "lower --shard-size"
+        )
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=arrow_type))
 
 
 def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
@@ -150,6 +160,8 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 def from_table(table: pa.Table) -> WindowTargets:
     """Decode rows of a shard (a table or one row group) back into :class:`WindowTargets`."""
     b = table.num_rows
+    if b == 0:
+        raise LogitcacheError("no rows to decode")
     input_ids, _ = _flat(table.column("input_ids"))
     lengths, _ = _flat(table.column("target_lengths"))
     gold, _ = _flat(table.column("gold_logprob"))

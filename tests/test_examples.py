@@ -1,8 +1,8 @@
 """The reader examples (pyarrow, datasets, polars, duckdb) agree with logitcache.shards.read_shard.
 
 Each example recovers the first window's targets from a cache with one tool only; on synthetic
-caches of both methods they must match the writer's own reader exactly (float16 values) and
-imply the same target distribution.
+caches of both methods (one with a tempered proposal) and on real builds they must match the
+writer's own reader exactly (float16 values) and imply the same target distribution.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def write_synthetic_cache(cache_dir: Path, method: str, params: dict, *, windows
         rows = min(shard_size, windows - first)
         targets = random_window_targets(rng, first, rows, seq_len, method, params)
         path = cache_dir / shard_name(index)
-        write_shard(path, targets, {"format_version": FORMAT_VERSION, "method": method, "fingerprint": build})
+        write_shard(path, targets, {"format_version": FORMAT_VERSION, "method": method, "build_fingerprint": build})
         entries += int(targets.target_lengths.sum())
         shards.append({"file": path.name, "rows": rows, "tokens": rows * seq_len, "bytes": path.stat().st_size,
                        "sha256": sha256_file(path), "first_sequence_id": first})
@@ -117,11 +117,13 @@ CACHES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CACHES))
-def cache(request, tmp_path_factory) -> Path:
-    method, params = CACHES[request.param]
+@pytest.fixture(scope="module", params=[*CACHES, "topk_cache", "sample_cache"])
+def example_cache(request, tmp_path_factory) -> Path:
+    """A synthetic cache, or a real build from a tiny teacher (the conftest fixtures)."""
+    if request.param not in CACHES:
+        return request.getfixturevalue(request.param)
     cache_dir = tmp_path_factory.mktemp(request.param)
-    write_synthetic_cache(cache_dir, method, params)
+    write_synthetic_cache(cache_dir, *CACHES[request.param])
     return cache_dir
 
 
@@ -161,9 +163,10 @@ def _same_f16(got, expected) -> bool:
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_example_recovers_the_writers_targets(example, cache):
-    got = _load_example(example).first_window_targets(cache)
-    expected = _expected_first_window(cache)
+def test_example_recovers_the_writers_targets(example, example_cache, capsys):
+    module = _load_example(example)
+    got = module.first_window_targets(example_cache)
+    expected = _expected_first_window(example_cache)
     assert [row["position"] for row in got] == list(range(len(expected)))
     for row, want in zip(got, expected):
         assert row["gold_id"] == want["gold_id"]
@@ -177,12 +180,16 @@ def test_example_recovers_the_writers_targets(example, cache):
         else:
             np.testing.assert_array_equal(row["counts"], want["counts"])
             assert row["probs"].sum() == pytest.approx(1.0)
+    module.print_table(got)
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(expected)
 
 
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_example_script_runs(example, cache, tmp_path):
+def test_example_script_runs(example, tmp_path):
+    cache_dir = tmp_path / "cache"
+    write_synthetic_cache(cache_dir, *CACHES["sample-tempered"])
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, f"examples/{example}.py", str(cache)], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, f"examples/{example}.py", str(cache_dir)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "gold_id" in result.stdout
@@ -193,3 +200,11 @@ def test_synthetic_manifest_follows_the_published_schema(tmp_path):
     schema = json.loads((REPO / "schemas" / "manifest.schema.json").read_text())
     for name, (method, params) in CACHES.items():
         jsonschema.validate(write_synthetic_cache(tmp_path / name, method, params), schema)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_refuses_an_unknown_format_version(example, tmp_path):
+    manifest = write_synthetic_cache(tmp_path, *CACHES["topk"], windows=1)
+    write_manifest(tmp_path, {**manifest, "format_version": FORMAT_VERSION + 1})
+    with pytest.raises(ValueError, match="format v1"):
+        _load_example(example).first_window_targets(tmp_path)
