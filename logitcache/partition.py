@@ -105,12 +105,11 @@ def resume_step(sample_in_epoch: int, *, global_batch_size: int, steps: int) -> 
 
 
 def check_world(rank: int, world_size: int, global_batch_size: int) -> None:
+    """Refuse a rank outside the world, or a world that cannot split the global batch evenly."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise LogitcacheError(f"rank {rank} is not in a world of size {world_size}")
     if global_batch_size % world_size:
-        raise LogitcacheError(
-            f"global_batch_size={global_batch_size} is not divisible by world_size={world_size}"
-        )
+        raise LogitcacheError(f"global_batch_size={global_batch_size} is not divisible by world_size={world_size}")
 
 
 def worker_samples(
@@ -130,7 +129,9 @@ def worker_samples(
     batches ``k + worker, k + worker + num_workers, ...`` where ``k`` is :func:`resume_step`.
     """
     check_world(rank, world_size, settings.global_batch_size)
-    order = epoch_order(unit_sizes, seed=settings.seed, epoch=epoch, block_size=settings.block_size, shuffle=settings.shuffle)
+    order = epoch_order(
+        unit_sizes, seed=settings.seed, epoch=epoch, block_size=settings.block_size, shuffle=settings.shuffle
+    )
     batches = global_batches(order, global_batch_size=settings.global_batch_size, lanes=settings.lanes)
     start = resume_step(sample_in_epoch, global_batch_size=settings.global_batch_size, steps=len(batches))
     per_rank = settings.global_batch_size // world_size

@@ -1,0 +1,162 @@
+"""Loader throughput against a plain pyarrow read, and peak RSS of streaming 1 vs 10 shards.
+
+    python3 benchmarks/bench_loader.py [--shards 10] [--rows 1024]
+
+Writes a synthetic sample-method cache (seq_len 256, ~32 ids per position, vocab 8192) into a
+temporary directory. Throughput runs in this process (shards on disk, batches collated, no
+DataLoader workers); each peak-RSS case runs in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from logitcache.loader import CacheDataset  # noqa: E402
+from logitcache.manifest import fingerprint, shard_name, write_manifest  # noqa: E402
+from logitcache.shards import FORMAT_VERSION, WindowTargets, write_shard  # noqa: E402
+
+SEQ_LEN = 256
+VOCAB = 8192
+SAMPLES = 64
+GLOBAL_BATCH = 32
+
+
+def synthetic_shard(rng: np.random.Generator, first_id: int, rows: int) -> WindowTargets:
+    """``rows`` windows with 24..40 ids per position (mean 32)."""
+    per_position = (rows, SEQ_LEN - 1)
+    lengths = rng.integers(24, 41, size=per_position).astype(np.uint16)
+    entries = int(lengths.sum())
+    return WindowTargets(
+        sequence_ids=np.arange(first_id, first_id + rows, dtype=np.int64),
+        input_ids=rng.integers(0, VOCAB, size=(rows, SEQ_LEN), dtype=np.int32),
+        target_lengths=lengths,
+        target_ids=rng.integers(0, VOCAB, size=entries, dtype=np.int32),
+        target_logprobs=(-rng.exponential(3.0, size=entries)).astype(np.float16),
+        gold_logprob=(-rng.exponential(2.0, size=per_position)).astype(np.float16),
+        target_counts=rng.integers(1, 4, size=entries).astype(np.uint16),
+    )
+
+
+def write_manifest_for(root: Path, shard_rows: list[int]) -> None:
+    params = {"samples": SAMPLES, "proposal_temperature": 1.0}
+    write_manifest(root, {
+        "format": "logitcache", "format_version": FORMAT_VERSION, "logitcache_version": "bench",
+        "fingerprint": fingerprint({"bench": shard_rows}), "method": "sample", "params": params,
+        "seq_len": SEQ_LEN, "seed": 0, "shard_size": shard_rows[0], "vocab_size": VOCAB,
+        "tokenizer": {"fingerprint": "bench", "vocab_size": VOCAB, "eos_token_id": 0},
+        "shards": [{"file": shard_name(i), "rows": rows} for i, rows in enumerate(shard_rows)],
+    })  # fmt: skip
+
+
+def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path]:
+    """A ``shards``-shard cache and a 1-shard cache that links to its first shard."""
+    full, single = root / f"{shards}-shards", root / "1-shard"
+    full.mkdir()
+    single.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(shards):
+        write_shard(full / shard_name(i), synthetic_shard(rng, i * rows, rows), {"bench": True})
+    write_manifest_for(full, [rows] * shards)
+    (single / shard_name(0)).symlink_to(full / shard_name(0))
+    write_manifest_for(single, [rows])
+    return full, single
+
+
+def stream_tokens(cache: Path) -> int:
+    """Stream one epoch through ``CacheDataset`` with collated batches; return the tokens seen."""
+    dataset = CacheDataset(cache, seed=0, global_batch_size=GLOBAL_BATCH)
+    return sum(batch["input_ids"].numel() for batch in dataset.dataloader(num_workers=0))
+
+
+def read_table_tokens(cache: Path) -> int:
+    """Read every shard with a plain ``pq.read_table``, one at a time; return the tokens read."""
+    return sum(pq.read_table(path).num_rows * SEQ_LEN for path in sorted(cache.glob("shard-*.parquet")))
+
+
+def whole_cache_tokens(cache: Path) -> int:
+    """Hold every shard in memory at once: what a loader that does not stream would need."""
+    tables = [pq.read_table(path) for path in sorted(cache.glob("shard-*.parquet"))]
+    return sum(table.num_rows for table in tables) * SEQ_LEN
+
+
+def tokens_per_second(read: Callable[[Path], int], cache: Path, repeats: int = 2) -> float:
+    """Best of ``repeats`` runs: the machine is shared, the fastest run is the least disturbed."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = read(cache)
+        rates.append(tokens / (time.perf_counter() - start))
+    return max(rates)
+
+
+RSS_CASES: dict[str, Callable[[Path], int]] = {
+    "import": lambda _: 0,
+    "stream": stream_tokens,
+    "whole": whole_cache_tokens,
+}
+
+
+def peak_rss_mb(case: str, cache: Path) -> float:
+    """Peak RSS of a fresh interpreter running ``case`` (one of :data:`RSS_CASES`)."""
+    command = [sys.executable, __file__, "--rss-case", case, "--cache", str(cache)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip())
+
+
+def rss_case(case: str, cache: Path) -> None:
+    """Run ``case`` and print this process's peak RSS in MiB.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+    fork + exec, so a child of the (large) benchmark process would report the parent's peak.
+    """
+    RSS_CASES[case](cache)
+    status = Path("/proc/self/status").read_text()
+    print(int(status.split("VmHWM:")[1].split()[0]) / 1024)
+
+
+def report(shards: int, rows: int) -> None:
+    """Print the throughput and peak-RSS tables for a fresh synthetic cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        full, single = make_caches(Path(tmp), shards, rows)
+        megabytes = sum(p.stat().st_size for p in full.glob("*.parquet")) / 2**20
+        print(f"cache: {shards} shards x {rows} windows x {SEQ_LEN} tokens, {megabytes:.0f} MiB on disk\n")
+        loader, plain = tokens_per_second(stream_tokens, full), tokens_per_second(read_table_tokens, full)
+        print("| read | tokens/s | ratio |\n|---|---|---|")
+        print(f"| pq.read_table | {plain:,.0f} | 1.00 |")
+        print(f"| CacheDataset + collate | {loader:,.0f} | {loader / plain:.2f} |\n")
+        print("| peak RSS (fresh process) | MiB |\n|---|---|")
+        for label, case, cache in [
+            ("import only", "import", single),
+            ("stream 1 shard", "stream", single),
+            (f"stream {shards} shards", "stream", full),
+            (f"whole cache in memory, {shards} shards (contrast)", "whole", full),
+        ]:
+            print(f"| {label} | {peak_rss_mb(case, cache):,.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=1024, help="windows per shard")
+    parser.add_argument("--rss-case", choices=sorted(RSS_CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_case:
+        rss_case(args.rss_case, args.cache)
+    else:
+        report(args.shards, args.rows)
+
+
+if __name__ == "__main__":
+    main()
