@@ -72,14 +72,14 @@ class RowTargets:
     tail_logprob: torch.Tensor | None = None
 
 
-def topk_targets(logprobs: torch.Tensor, k: int) -> RowTargets:
+def topk_targets(logprobs: torch.Tensor, k: int, inplace: bool = False) -> RowTargets:
     """Top-``k`` ids and log-probabilities (descending) and the log of the mass outside them.
 
     The tail is ``logsumexp`` over the other ids, not ``log(1 - sum)``, so it stays accurate when
-    the top-k cover almost everything.
+    the top-k cover almost everything. ``inplace`` lets it overwrite ``logprobs`` (no copy).
     """
     top_lp, top_ids = torch.topk(logprobs, k, dim=-1, sorted=True)
-    rest = logprobs.scatter(-1, top_ids, float("-inf"))
+    rest = logprobs.scatter_(-1, top_ids, float("-inf")) if inplace else logprobs.scatter(-1, top_ids, float("-inf"))
     tail = torch.logsumexp(rest, dim=-1)
     lengths = torch.full((logprobs.shape[0],), k, dtype=torch.int64, device=logprobs.device)
     return RowTargets(ids=top_ids, logprobs=top_lp, lengths=lengths, tail_logprob=tail)
@@ -115,7 +115,8 @@ def draw(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float 
     frac = ((u - before) / mass.gather(1, block)).clamp_(0.0, 1.0 - 2.0**-53)
     inner = probs[torch.arange(rows, device=probs.device)[:, None], block]  # [R, n, B]
     inner_cdf = torch.cumsum(inner, dim=-1, dtype=torch.float64)
-    pos = torch.searchsorted(inner_cdf, (frac * inner_cdf[..., -1])[..., None], right=True)[..., 0]
+    # B is small: counting prefix sums <= target beats a batched binary search.
+    pos = (inner_cdf <= (frac * inner_cdf[..., -1])[..., None]).sum(-1)
     return (block * b + pos.clamp_(max=b - 1)).clamp_(max=vocab - 1)
 
 
@@ -144,3 +145,32 @@ def sample_targets(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperatu
         counts=run_counts.gather(1, order),
         lengths=lengths,
     )
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws."""
+
+    method: str
+    k: int = 32
+    samples: int = 50
+    seed: int = 0
+    proposal_temperature: float = 1.0
+
+    @property
+    def params(self) -> dict:
+        if self.method == "topk":
+            return {"k": self.k}
+        return {"samples": self.samples, "proposal_temperature": self.proposal_temperature}
+
+
+def row_targets(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, spec: TargetSpec) -> tuple[RowTargets, torch.Tensor]:
+    """Targets and gold log-probabilities ``[R]`` from raw teacher logits ``[R, V] float32``.
+
+    Consumes ``logits``: it is turned into log-probabilities in place (no second ``[R, V]`` buffer).
+    """
+    logprobs = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    gold = logprobs.gather(1, labels[:, None])[:, 0]
+    if spec.method == "topk":
+        return topk_targets(logprobs, spec.k, inplace=True), gold
+    return sample_targets(logprobs, keys, spec.samples, spec.proposal_temperature), gold

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,33 +20,11 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.shards import WindowTargets
-from logitcache.targets import RowTargets, row_keys, sample_targets, topk_targets
+from logitcache.targets import RowTargets, TargetSpec, row_keys, row_targets
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FULL_HASH_LIMIT = 256 << 20
 EDGE_BYTES = 16 << 20
-
-
-@dataclass(frozen=True)
-class TargetSpec:
-    """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws."""
-
-    method: str
-    k: int = 32
-    samples: int = 50
-    seed: int = 0
-    proposal_temperature: float = 1.0
-
-    @property
-    def params(self) -> dict:
-        if self.method == "topk":
-            return {"k": self.k}
-        return {"samples": self.samples, "proposal_temperature": self.proposal_temperature}
-
-    def rows(self, logprobs: torch.Tensor, keys: torch.Tensor) -> RowTargets:
-        if self.method == "topk":
-            return topk_targets(logprobs, self.k)
-        return sample_targets(logprobs, keys, self.samples, self.proposal_temperature)
 
 
 def weights_fingerprint(path: Path) -> str:
@@ -198,9 +175,8 @@ def targets_from_hidden(
     parts = []
     for start in range(0, rows.shape[0], chunk_rows):
         end = start + chunk_rows
-        logprobs = torch.log_softmax(head(rows[start:end]), dim=-1)
-        gold = logprobs.gather(1, labels[start:end, None])[:, 0]
-        parts.append(_to_numpy(spec.rows(logprobs, keys[start:end]), gold))
+        targets, gold = row_targets(head(rows[start:end]), labels[start:end], keys[start:end], spec)
+        parts.append(_to_numpy(targets, gold))
     flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     return WindowTargets(
         sequence_ids=sequence_ids.numpy().astype(np.int64),
