@@ -109,6 +109,18 @@ def storage_table(args, work: Path) -> list[str]:
     return out
 
 
+def make_teacher(preset: str, vocab: int, seq_len: int) -> tuple[Path, Path]:
+    """A random-initialised Llama teacher (tokenizer from stdlib docstrings) and a corpus, under a temp folder."""
+    from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
+
+    root = Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
+    docs = list(stdlib_docstrings())
+    write_corpus(root / "corpus.jsonl", iter(docs))
+    train_tokenizer(docs, 4096, root / "tokenizer")
+    make_model(root / "tokenizer", root / "teacher", preset=preset, max_positions=max(seq_len, 128), vocab_size=vocab)
+    return root / "teacher", root / "corpus.jsonl"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
@@ -117,7 +129,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sampler-rows", type=int, default=2048)
+    parser.add_argument("--make-teacher", metavar="PRESET", help="make a random-initialised teacher of this preset "
+                        "(e.g. base: 12 layers, hidden 768) with --vocab ids instead of using --teacher; for GPU runs")
+    parser.add_argument("--vocab", type=int, default=32768, help="output vocabulary of --make-teacher")
     args = parser.parse_args()
+    if args.make_teacher:
+        args.teacher, args.corpus = make_teacher(args.make_teacher, args.vocab, args.seq_len)
     if not (args.teacher / "config.json").is_file():
         raise SystemExit(f"no teacher at {args.teacher}: run `make demo` first or pass --teacher")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")

@@ -17,6 +17,8 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from queue import Queue
+from threading import Thread
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +29,12 @@ from logitcache.atomic import TMP_SUFFIX, sha256_file, write_json_atomic
 from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
 from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_name, write_manifest
-from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, shard_metadata, write_shard
+from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, WindowTargets, shard_metadata, write_shard
 from logitcache.teacher import TargetSpec, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 BUILD_MARKER = "build.json"
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -241,26 +244,25 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
         "tokenizer_fingerprint": plan.tokenizer["fingerprint"],
     }
     records = []
-    all_windows = itertools.chain([first], windows)
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: Future | None = None
-        for index, chunk in enumerate(_batched(all_windows, settings.shard_size)):
+    shards = _background(_batched(itertools.chain([first], windows), settings.shard_size))
+    with ThreadPoolExecutor(max_workers=2) as host:
+        write: Future | None = None
+        for index, chunk in enumerate(shards):
             if index % settings.num_workers != settings.worker_index:
                 continue
             path = out / shard_name(index)
             first_id = index * settings.shard_size
             if not _shard_complete(path, plan):
-                targets = _compute_shard(teacher, chunk, first_id, settings)
-                if pending is not None:
-                    pending.result()
-                meta = {**shard_meta, "shard_index": index, "first_sequence_id": first_id,
-                        "target_entries": len(targets.target_ids)}
-                pending = writer.submit(write_shard, path, targets, meta)
+                batches = _queue_shard(teacher, chunk, first_id, settings, host)
+                meta = {**shard_meta, "shard_index": index, "first_sequence_id": first_id}
+                if write is not None:
+                    write.result()
+                write = host.submit(_write_shard, path, batches, meta)
             records.append((path, index, len(chunk), first_id))
             if on_windows is not None:
                 on_windows(len(chunk))
-        if pending is not None:
-            pending.result()
+        if write is not None:
+            write.result()
     shards = [_shard_record(p, i, rows, settings.seq_len, fid) for p, i, rows, fid in records]
     return _finish(settings, plan, teacher, shards)
 
@@ -270,15 +272,45 @@ def _batched(windows: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarr
         yield chunk
 
 
-def _compute_shard(teacher, windows: list[np.ndarray], first_id: int, settings: BuildSettings):
-    from logitcache.shards import WindowTargets
+def _background(items: Iterator, depth: int = 1) -> Iterator:
+    """Run ``items`` (tokenization and packing) in a thread, ``depth`` items ahead of the consumer."""
+    queue: Queue = Queue(maxsize=depth)
+    done = object()
 
-    parts = []
+    def produce() -> None:
+        try:
+            for item in items:
+                queue.put(item)
+            queue.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            queue.put(exc)
+
+    Thread(target=produce, daemon=True).start()
+    while (item := queue.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: BuildSettings, host: ThreadPoolExecutor) -> list[Future]:
+    """Queue a shard's batches on the teacher; host threads turn each into numpy as its copies land.
+
+    At most ``IN_FLIGHT`` batches wait on the host at once, which bounds pinned memory and lets the
+    device run ahead of the host by that many batches.
+    """
+    futures: list[Future] = []
     for start in range(0, len(windows), settings.batch_size):
         batch = np.stack(windows[start : start + settings.batch_size])
         ids = np.arange(first_id + start, first_id + start + len(batch), dtype=np.int64)
-        parts.append(teacher.compute(batch, ids, settings.spec))
-    return WindowTargets.concat(parts)
+        futures.append(host.submit(teacher.compute_async(batch, ids, settings.spec).result))
+        if len(futures) > IN_FLIGHT:
+            futures[-IN_FLIGHT - 1].result()
+    return futures
+
+
+def _write_shard(path: Path, batches: list[Future], metadata: dict) -> None:
+    targets = WindowTargets.concat([f.result() for f in batches])
+    write_shard(path, targets, {**metadata, "target_entries": len(targets.target_ids)})
 
 
 def _manifest(settings: BuildSettings, plan: _Plan, teacher, shards: list[dict]) -> dict:

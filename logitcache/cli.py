@@ -172,5 +172,65 @@ def merge(cache: CacheDir) -> None:
     Console().print(f"[green]✓[/green] merged {len(manifest['shards'])} shards into {cache / 'manifest.json'}")
 
 
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Output folder: metrics.jsonl, checkpoint/, student/, loss.png.")],
+    cache: Annotated[Optional[Path], typer.Option(help="Distil from this cache folder (written by `logitcache build`).")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Loss with --cache: ce, rs-kd, topk-renorm, topk-ghost, kl, reverse-kl, skew-kl, skew-reverse-kl, bild, rlkd (--corpus: ce).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Instead of --cache: train with cross-entropy on this text corpus (held in memory; for small corpora).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder: required with --corpus; with --cache it must be the cache's and is saved beside the student.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window with --corpus (a cache has its own).")] = 512,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")] = "text",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch (one forward pass).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step; a step takes batch-size x grad-accum windows.")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 6e-4,
+    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at lr x this ratio.")] = 0.1,
+    warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup from 0 to --lr.")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices (not norms or biases).")] = 0.1,
+    clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: no clipping).")] = 1.0,
+    alpha: Annotated[float, typer.Option(help="Weight of CE on gold tokens: loss = (1 - alpha) x kd + alpha x ce.")] = 0.0,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature (kl, topk-renorm, bild, rlkd; the others need 1).")] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps and at the end (0: never).")] = 100,
+    eval_windows: Annotated[int, typer.Option(help="Windows to evaluate on; without --eval-cache they are held out of training (the last ones).")] = 64,
+    eval_cache: Annotated[Optional[Path], typer.Option(help="Evaluate on the first --eval-windows windows of this cache instead of a held-out split.")] = None,
+    save_every: Annotated[int, typer.Option(help="Write OUT/checkpoint every N steps (0: only at the end).")] = 500,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint with the same options (start fresh if there is none).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the student's initialisation and of the data order.")] = 0,
+    student: Annotated[Optional[str], typer.Option(help="Student preset: nano, micro, tiny, small or base (a Llama-style config).")] = None,
+    student_config: Annotated[Optional[Path], typer.Option(help="Student from a Hugging Face config.json (random init) instead of a preset.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Student from the weights of a Hugging Face model folder instead of a preset.")] = None,
+    compile: Annotated[bool, typer.Option(help="Compile the student's forward pass with torch.compile.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if present, else cpu); bf16 autocast on CUDA.")] = None,
+) -> None:
+    """Train a student: distil it from a cache (--cache, --loss) or pretrain it on text (--corpus, --tokenizer)."""
+    import transformers
+
+    from logitcache.train import TrainSettings, run_train
+
+    settings = TrainSettings(
+        out=out, cache=cache, loss=loss, corpus=corpus, tokenizer=tokenizer, seq_len=seq_len,
+        text_field=text_field, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, clip=clip,
+        alpha=alpha, temperature=temperature, eval_every=eval_every, eval_windows=eval_windows,
+        eval_cache=eval_cache, save_every=save_every, resume=resume, seed=seed, student=student,
+        student_config=student_config, init_from=init_from, compile=compile, device=device,
+    )
+    transformers.logging.disable_progress_bar()
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with user_errors(), Progress(*columns, console=console) as progress:
+        task = progress.add_task("train", total=steps)
+
+        def on_step(record: dict) -> None:
+            if record["kind"] == "train":
+                progress.update(task, completed=record["step"], description=f"train loss {record['loss']:.4f}")
+            else:
+                shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
+                progress.console.print(f"eval @ {record['step']}: {shown}", highlight=False)
+
+        final = run_train(settings, on_step=on_step)
+    _print_summary(final)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

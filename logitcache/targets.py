@@ -123,8 +123,9 @@ def draw(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float 
 def sample_targets(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float = 1.0) -> RowTargets:
     """RS-KD targets: distinct sampled ids with their counts (sum ``n``) and teacher log-probabilities.
 
-    Ids within a row are ordered by descending teacher log-probability; rows are padded to the
-    widest row with id 0, count 0 and log-probability -inf.
+    Ids within a row are ordered by descending teacher log-probability; every row is padded to
+    ``n`` entries with id 0, count 0 and log-probability -inf (a fixed width keeps the device from
+    synchronising with the host).
     """
     ids = torch.sort(draw(logprobs, keys, n, temperature), dim=-1).values
     first = torch.ones_like(ids, dtype=torch.bool)
@@ -136,14 +137,11 @@ def sample_targets(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperatu
     run_counts = torch.where(first, ends - col, 0)
     lp = torch.where(first, logprobs.gather(1, ids), float("-inf"))
     order = torch.argsort(lp, dim=1, descending=True, stable=True)
-    lengths = first.sum(dim=1)
-    width = int(lengths.max()) if ids.numel() else 0
-    order = order[:, :width]
     return RowTargets(
         ids=torch.where(first.gather(1, order), ids.gather(1, order), 0),
         logprobs=lp.gather(1, order),
         counts=run_counts.gather(1, order),
-        lengths=lengths,
+        lengths=first.sum(dim=1),
     )
 
 

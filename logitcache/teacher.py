@@ -145,63 +145,105 @@ class HFTeacher:
         self._verified = True
 
     @torch.inference_mode()
-    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
-        """Sparse targets for windows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``."""
+    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> PendingTargets:
+        """Queue the targets of windows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
+
+        On CUDA this returns as soon as the work is queued, so the next batch can be queued while
+        the host finishes this one; :meth:`PendingTargets.result` waits for the copies.
+        """
         ids = torch.from_numpy(input_ids).to(self.device)
         if not self._verified:
             self.verify_head(ids)
         hidden = self.hidden_states(ids)[:, :-1]
-        return targets_from_hidden(hidden, ids, torch.from_numpy(sequence_ids), self.head, spec, self.chunk_rows)
+        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec, self.chunk_rows)
+
+    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
+        return self.compute_async(input_ids, sequence_ids, spec).result()
 
 
 def targets_from_hidden(
     hidden: torch.Tensor,
     input_ids: torch.Tensor,
-    sequence_ids: torch.Tensor,
+    sequence_ids: np.ndarray,
     head: Callable[[torch.Tensor], torch.Tensor],
     spec: TargetSpec,
     chunk_rows: int,
-) -> WindowTargets:
+) -> PendingTargets:
     """Apply ``head`` to ``hidden [B, n-1, H]`` in chunks of rows and extract sparse targets.
 
     Shared by every backend that can give final hidden states (``hf``, and vLLM's sampling path).
+    Nothing here waits for the device: padded per-row results go to host memory asynchronously.
     """
     b, positions, _ = hidden.shape
     rows = hidden.reshape(b * positions, -1)
     labels = input_ids[:, 1:].reshape(-1)
-    seq = sequence_ids.to(torch.int64).repeat_interleave(positions).to(hidden.device)
+    seq = torch.from_numpy(np.asarray(sequence_ids, dtype=np.int64)).repeat_interleave(positions).to(hidden.device)
     pos = torch.arange(positions, device=hidden.device).repeat(b)
     keys = row_keys(spec.seed, seq, pos)
     parts = []
     for start in range(0, rows.shape[0], chunk_rows):
         end = start + chunk_rows
         targets, gold = row_targets(head(rows[start:end]), labels[start:end], keys[start:end], spec)
-        parts.append(_to_numpy(targets, gold))
-    flat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    return WindowTargets(
-        sequence_ids=sequence_ids.numpy().astype(np.int64),
-        input_ids=input_ids.cpu().numpy().astype(np.int32),
-        target_lengths=flat["lengths"].reshape(b, positions),
-        target_ids=flat["ids"],
-        target_logprobs=flat["logprobs"],
-        gold_logprob=flat["gold"].reshape(b, positions),
-        tail_logprob=flat["tail"].reshape(b, positions) if "tail" in flat else None,
-        target_counts=flat.get("counts"),
-    )
+        parts.append(_to_host(targets, gold))
+    return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device)
 
 
-def _to_numpy(rows: RowTargets, gold: torch.Tensor) -> dict[str, np.ndarray]:
-    """Ragged rows → flat numpy arrays in the shard dtypes (padding dropped)."""
-    width = rows.ids.shape[1]
-    real = torch.arange(width, device=rows.ids.device)[None, :] < rows.lengths[:, None]
+def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Start copying ``tensor`` (narrowed to ``dtype`` on its device) to host memory without waiting."""
+    narrowed = tensor.to(dtype)
+    if narrowed.device.type == "cpu":
+        return narrowed
+    out = torch.empty(narrowed.shape, dtype=dtype, pin_memory=True)
+    return out.copy_(narrowed, non_blocking=True)
+
+
+def _to_host(rows: RowTargets, gold: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {
-        "ids": rows.ids[real].to(torch.int32).cpu().numpy(),
-        "logprobs": rows.logprobs[real].to(torch.float16).cpu().numpy(),
-        "lengths": rows.lengths.to(torch.int32).cpu().numpy().astype(np.uint16),
-        "gold": gold.to(torch.float16).cpu().numpy(),
+        "ids": _host(rows.ids, torch.int32),
+        "logprobs": _host(rows.logprobs, torch.float16),
+        "lengths": _host(rows.lengths, torch.int32),
+        "gold": _host(gold, torch.float16),
     }
     if rows.counts is not None:
-        out["counts"] = rows.counts[real].to(torch.int32).cpu().numpy().astype(np.uint16)
+        out["counts"] = _host(rows.counts, torch.int32)
     if rows.tail_logprob is not None:
-        out["tail"] = rows.tail_logprob.to(torch.float16).cpu().numpy()
+        out["tail"] = _host(rows.tail_logprob, torch.float16)
     return out
+
+
+class PendingTargets:
+    """Targets whose device-to-host copies may still be in flight; :meth:`result` assembles them."""
+
+    def __init__(self, parts: list[dict[str, torch.Tensor]], input_ids: torch.Tensor, sequence_ids: np.ndarray, device: torch.device):
+        self.parts = parts
+        self.input_ids = input_ids
+        self.sequence_ids = sequence_ids
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self) -> WindowTargets:
+        """Wait for the copies, drop the padding, and return the windows' :class:`WindowTargets`."""
+        if self.event is not None:
+            self.event.synchronize()
+        flat: dict[str, list[np.ndarray]] = {}
+        for part in self.parts:
+            lengths = part["lengths"].numpy()
+            real = np.arange(part["ids"].shape[1])[None, :] < lengths[:, None]
+            for name, tensor in part.items():
+                array = tensor.numpy()
+                flat.setdefault(name, []).append(array[real] if array.ndim == 2 else array)
+        joined = {name: np.concatenate(arrays) for name, arrays in flat.items()}
+        input_ids = self.input_ids.numpy()
+        b, positions = input_ids.shape[0], input_ids.shape[1] - 1
+        return WindowTargets(
+            sequence_ids=self.sequence_ids,
+            input_ids=input_ids,
+            target_lengths=joined["lengths"].astype(np.uint16).reshape(b, positions),
+            target_ids=joined["ids"],
+            target_logprobs=joined["logprobs"],
+            gold_logprob=joined["gold"].reshape(b, positions),
+            tail_logprob=joined["tail"].reshape(b, positions) if "tail" in joined else None,
+            target_counts=joined["counts"].astype(np.uint16) if "counts" in joined else None,
+        )

@@ -100,13 +100,18 @@ def llama_config(vocab_size: int, preset: str = "tiny", max_positions: int = 102
     )
 
 
-def make_model(tokenizer_dir: Path, out: Path, preset: str = "tiny", max_positions: int = 1024, seed: int = 0) -> None:
-    """Create a randomly initialised Llama-style model for the tokenizer in ``tokenizer_dir``; save both under ``out``."""
+def make_model(
+    tokenizer_dir: Path, out: Path, preset: str = "tiny", max_positions: int = 1024, seed: int = 0, vocab_size: int | None = None
+) -> None:
+    """Create a randomly initialised Llama-style model for the tokenizer in ``tokenizer_dir``; save both under ``out``.
+
+    ``vocab_size`` may exceed the tokenizer's (padded output head, as many real checkpoints have).
+    """
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config(len(tokenizer), preset, max_positions, tokenizer))
+    model = LlamaForCausalLM(llama_config(max(vocab_size or 0, len(tokenizer)), preset, max_positions, tokenizer))
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))

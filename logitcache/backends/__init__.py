@@ -1,0 +1,1 @@
+"""Teacher backends beyond the built-in ``hf`` one (see :mod:`logitcache.teacher`)."""

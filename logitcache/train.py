@@ -1,0 +1,691 @@
+"""``logitcache train``: a student from a cache (distillation) or from raw text (cross-entropy).
+
+Two sources of data, one loop:
+
+- ``--cache DIR --loss NAME``: step batches stream from the cache (:mod:`logitcache.loader`) and
+  the loss (:mod:`logitcache.losses`) compares the student with the cached teacher targets.
+  Eval windows come from ``--eval-cache`` or are the last ``--eval-windows`` windows of the cache,
+  held out of training by the loader.
+- ``--corpus PATH --tokenizer DIR``: the text is packed into windows (:mod:`logitcache.corpus`),
+  the last ``--eval-windows`` are held out and the loss is cross-entropy on the next token. The
+  windows are kept in memory: this mode is meant for small corpora (the demo pretrains its
+  teacher with it).
+
+One optimizer step takes ``batch_size * grad_accum`` windows, as ``grad_accum`` micro-batches of
+``batch_size``. Losses return sums; every micro-batch is divided by the counted positions of the
+WHOLE step, so accumulation gives the gradient of one large batch.
+
+Files under ``--out``::
+
+    metrics.jsonl   one JSON object per train step {"kind": "train", ...} and per eval {"kind": "eval", ...}
+    checkpoint/     the model (save_pretrained), trainer.pt (optimizer, scheduler, data position,
+                    step, RNG state, settings) and settings.json; replaced atomically
+    student/        the final student (+ its tokenizer when known): AutoModelForCausalLM loads it
+    loss.png        train and eval losses against steps
+
+Resume: the data order is a function of (seed, epoch), so the data position is two numbers; the
+model, optimizer, scheduler and RNG state are restored exactly. On CPU a resumed run logs the same
+loss at every step, bit for bit, as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from logitcache.atomic import TMP_SUFFIX, write_atomic
+from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
+from logitcache.errors import LogitcacheError
+from logitcache.loader import CacheDataset, collate
+from logitcache.losses import LossOutput, ce_loss, get_loss
+from logitcache.partition import OrderSettings, worker_samples
+from logitcache.student import build_student, check_source, check_student, load_student
+from logitcache.teacher import load_tokenizer, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+CHECKPOINT_NAME = "checkpoint"
+STUDENT_NAME = "student"
+PLOT_NAME = "loss.png"
+TRAINER_STATE = "trainer.pt"
+ECE_BINS = 15
+# Settings a resumed run may change: none of them alters what the steps compute.
+RESUMABLE_CHANGES = ("out", "resume", "device", "compile", "save_every")
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything ``logitcache train`` takes, one field per CLI option; saved in every checkpoint."""
+
+    out: Path
+    cache: Path | None = None
+    loss: str | None = None
+    corpus: Path | None = None
+    tokenizer: Path | None = None
+    seq_len: int = 512
+    text_field: str = "text"
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    alpha: float = 0.0
+    temperature: float = 1.0
+    eval_every: int = 100
+    eval_windows: int = 64
+    eval_cache: Path | None = None
+    save_every: int = 500
+    resume: bool = False
+    seed: int = 0
+    student: str | None = None
+    student_config: Path | None = None
+    init_from: Path | None = None
+    compile: bool = False
+    device: str | None = None
+
+    def check(self) -> None:
+        """Reject settings that can never work, before anything is loaded or written."""
+        if (self.cache is None) == (self.corpus is None):
+            raise LogitcacheError(
+                "give --cache DIR (distil from a cache) or --corpus PATH --tokenizer DIR (cross-entropy on text), not both"
+            )
+        if self.cache is not None:
+            if self.loss is None:
+                raise LogitcacheError("--cache needs --loss: e.g. rs-kd for a sampled cache, topk-ghost for a top-k one")
+            get_loss(self.loss)
+        else:
+            rules = [
+                (self.tokenizer is not None, "--corpus needs --tokenizer DIR to turn the text into tokens"),
+                (self.loss in (None, "ce"), f"--loss {self.loss} needs a teacher: with --corpus only ce works"),
+                (self.eval_cache is None, "--eval-cache goes with --cache; --corpus holds out its own last windows"),
+                (self.seq_len >= 2, f"--seq-len {self.seq_len}: need at least 2 tokens per window"),
+            ]
+            _enforce(rules)
+        _enforce([
+            (self.steps >= 1, f"--steps {self.steps}: must be at least 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
+            (self.grad_accum >= 1, f"--grad-accum {self.grad_accum}: must be at least 1"),
+            (self.lr > 0, f"--lr {self.lr}: must be positive"),
+            (0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio}: must lie in [0, 1]"),
+            (self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0"),
+            (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
+            (self.clip >= 0, f"--clip {self.clip}: must be >= 0 (0 turns clipping off)"),
+            (0 <= self.alpha <= 1, f"--alpha {self.alpha}: must lie in [0, 1] ((1 - alpha) * kd + alpha * ce)"),
+            (self.temperature > 0, f"--temperature {self.temperature}: must be positive"),
+            (self.eval_every >= 0, f"--eval-every {self.eval_every}: must be >= 0 (0 turns eval off)"),
+            (self.eval_windows >= 1 or not self.eval_every, f"--eval-windows {self.eval_windows}: must be at least 1"),
+            (self.save_every >= 0, f"--save-every {self.save_every}: must be >= 0 (0: only at the end)"),
+            (self.seed >= 0, f"--seed {self.seed}: must be >= 0"),
+        ])
+        check_source(self.student, self.student_config, self.init_from)
+
+    def to_json(self) -> dict:
+        """The settings as JSON values (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def _enforce(rules: list[tuple[bool, str]]) -> None:
+    for ok, message in rules:
+        if not ok:
+            raise LogitcacheError(message)
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray) -> Batch:
+    """The collated batch of docs/CONTRACTS.md for text without a teacher: ``K = 0`` targets.
+
+    ``windows [B, T]`` token ids. Every position counts (``position_mask`` all true); the target
+    tensors are ``[B, P, 0]`` and there is no ``gold_logprob``: only ``ce`` applies.
+    """
+    input_ids = torch.from_numpy(windows.astype(np.int64))
+    b, p = input_ids.shape[0], input_ids.shape[1] - 1
+    return {
+        "input_ids": input_ids,
+        "labels": input_ids[:, 1:].contiguous(),
+        "sequence_id": torch.from_numpy(sequence_ids.astype(np.int64)),
+        "target_ids": torch.zeros(b, p, 0, dtype=torch.int64),
+        "target_mask": torch.zeros(b, p, 0, dtype=torch.bool),
+        "target_logprobs": torch.zeros(b, p, 0),
+        "target_weights": torch.zeros(b, p, 0),
+        "tail_logprob": torch.zeros(b, p),
+        "position_mask": torch.ones(b, p, dtype=torch.bool),
+    }
+
+
+class CorpusStream:
+    """Endless step batches of in-memory windows ``[N, T]``, reshuffled each epoch from (seed, epoch).
+
+    The order is :func:`logitcache.partition.worker_samples` over one unit of ``N`` windows, so the
+    position in the stream is ``(epoch, sample_in_epoch)``, as for a cache.
+    """
+
+    def __init__(self, windows: np.ndarray, *, seed: int, step_windows: int) -> None:
+        self.windows = windows
+        self.order = OrderSettings(seed=seed, global_batch_size=step_windows, block_size=len(windows))
+        self.epoch = self.sample_in_epoch = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            samples = worker_samples(
+                [len(self.windows)], self.order, epoch=self.epoch, sample_in_epoch=self.sample_in_epoch,
+                rank=0, world_size=1, worker=0, num_workers=1,
+            )
+            for ids in samples.reshape(-1, self.order.global_batch_size):
+                self.sample_in_epoch += len(ids)
+                yield corpus_batch(self.windows[ids], ids)
+            self.epoch, self.sample_in_epoch = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch, "windows": len(self.windows), **asdict(self.order)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        mine = self.state_dict()
+        for key in ("windows", "seed", "global_batch_size"):
+            if state[key] != mine[key]:
+                raise LogitcacheError(f"cannot resume: the checkpoint has {key}={state[key]} but this corpus gives {mine[key]}")
+        self.epoch, self.sample_in_epoch = state["epoch"], state["sample_in_epoch"]
+
+
+class CacheStream:
+    """Endless step batches of a :class:`CacheDataset`, epoch after epoch, with a resumable position."""
+
+    def __init__(self, dataset: CacheDataset) -> None:
+        self.dataset = dataset
+        self.taken = 0  # batches taken since the last set_epoch / load_state_dict
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            for batch in self.dataset.dataloader():
+                self.taken += 1
+                yield batch
+            self.dataset.set_epoch(self.dataset.epoch + 1)
+            self.taken = 0
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict(batches_consumed=self.taken)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.dataset.load_state_dict(state)
+        self.taken = 0
+
+
+@dataclass
+class Data:
+    """What the loop trains and evaluates on. ``manifest`` is None for raw text (no teacher)."""
+
+    train: CorpusStream | CacheStream
+    eval_batches: list[Batch]
+    manifest: dict | None
+    vocab_size: int
+    seq_len: int
+    tokenizer: object | None
+    eos_token_id: int | None
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _cache_tokenizer(settings: TrainSettings, manifest: Mapping):
+    """``--tokenizer``, else the teacher folder's if it is still there and is the cache's; else None."""
+    if settings.tokenizer is not None:
+        return load_tokenizer(settings.tokenizer)
+    teacher_path = manifest["teacher"].get("path")
+    if teacher_path and Path(teacher_path).is_dir():
+        try:
+            tokenizer = load_tokenizer(Path(teacher_path))
+        except LogitcacheError:
+            tokenizer = None
+        if tokenizer is not None and tokenizer_fingerprint(tokenizer) == manifest["tokenizer"]["fingerprint"]:
+            return tokenizer
+    log.info("no tokenizer for the student: pass --tokenizer to save one beside it")
+    return None
+
+
+def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int) -> list[Batch]:
+    """The first ``eval_windows`` windows of ``--eval-cache`` (or the cache's held-out split), in order."""
+    source = settings.eval_cache or settings.cache
+    dataset = CacheDataset(
+        source, seed=settings.seed, global_batch_size=1, shuffle=False, rank=0, world_size=1,
+        holdout=holdout, split="train" if settings.eval_cache else "eval",
+    )
+    other = dataset.manifest
+    if other["vocab_size"] != manifest["vocab_size"] or other["tokenizer"]["fingerprint"] != manifest["tokenizer"]["fingerprint"]:
+        raise LogitcacheError(
+            f"--eval-cache {source} has vocab_size {other['vocab_size']} and another tokenizer than --cache "
+            f"{settings.cache} (vocab_size {manifest['vocab_size']}); evaluate on a cache built with the same tokenizer"
+        )
+    windows = itertools.islice(dataset, settings.eval_windows)
+    return [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)]
+
+
+def open_cache(settings: TrainSettings, step_windows: int) -> Data:
+    """Train stream and eval batches from ``--cache`` (eval: ``--eval-cache`` or a held-out split)."""
+    holdout = settings.eval_windows if settings.eval_every and settings.eval_cache is None else 0
+    dataset = CacheDataset(settings.cache, seed=settings.seed, global_batch_size=step_windows, rank=0, world_size=1, holdout=holdout)
+    manifest = dataset.manifest
+    if dataset.steps_per_epoch == 0:
+        raise LogitcacheError(
+            f"--cache {settings.cache} has {manifest['totals']['sequences'] - holdout} training windows "
+            f"({holdout} held out for eval), fewer than one step's --batch-size x --grad-accum = {step_windows}"
+        )
+    eval_batches = _eval_cache_batches(settings, manifest, holdout) if settings.eval_every else []
+    return Data(
+        train=CacheStream(dataset),
+        eval_batches=eval_batches,
+        manifest=manifest,
+        vocab_size=manifest["vocab_size"],
+        seq_len=manifest["seq_len"],
+        tokenizer=_cache_tokenizer(settings, manifest),
+        eos_token_id=manifest["tokenizer"]["eos_token_id"],
+    )
+
+
+def open_corpus(settings: TrainSettings, step_windows: int) -> Data:
+    """Train stream and eval batches from raw text: windows packed in memory, the last held out."""
+    tokenizer = load_tokenizer(settings.tokenizer)
+    if tokenizer.eos_token_id is None:
+        raise LogitcacheError(f"the tokenizer in {settings.tokenizer} has no EOS token to separate documents")
+    stats = PackingStats()
+    documents = Corpus.open(settings.corpus, settings.text_field).documents()
+    pieces = token_stream(documents, tokenizer, tokenizer.eos_token_id, stats)
+    windows = list(pack_windows(pieces, settings.seq_len, stats))
+    holdout = settings.eval_windows if settings.eval_every else 0
+    if len(windows) < holdout + step_windows:
+        raise LogitcacheError(
+            f"--corpus {settings.corpus} gives {len(windows)} windows of --seq-len {settings.seq_len}; "
+            f"need {holdout} for eval plus {step_windows} for one step (lower --eval-windows or --batch-size)"
+        )
+    windows = np.stack(windows).astype(np.int32)
+    cut = len(windows) - holdout
+    held_out = np.split(np.arange(cut, len(windows)), range(settings.batch_size, holdout, settings.batch_size))
+    eval_batches = [corpus_batch(windows[ids], ids) for ids in held_out] if holdout else []
+    return Data(
+        train=CorpusStream(windows[:cut], seed=settings.seed, step_windows=step_windows),
+        eval_batches=eval_batches,
+        manifest=None,
+        vocab_size=len(tokenizer),
+        seq_len=settings.seq_len,
+        tokenizer=tokenizer,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """``parts`` equal micro-batches of a step batch, cut along the batch dimension."""
+    pieces = {name: value.chunk(parts) for name, value in batch.items()}
+    return [{name: pieces[name][i] for name in batch} for i in range(parts)]
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+
+
+# ---- optimisation ------------------------------------------------------------------------
+
+
+def lr_factor(step: int, *, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak LR for optimizer step ``step + 1`` (``step`` counts from 0).
+
+    Linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings, projections) only, not on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def make_loss(settings: TrainSettings, manifest: Mapping | None, alpha: float) -> Callable[[Tensor, Batch], LossOutput]:
+    """The named loss bound to its options; ``rs-kd`` gets the proposal temperature the cache was sampled at."""
+    name = settings.loss or "ce"
+    options = {}
+    if name == "rs-kd":
+        if manifest["method"] != "sample":
+            raise LogitcacheError(
+                f"--loss rs-kd needs a cache built with --method sample; {settings.cache} is {manifest['method']} "
+                "(use topk-ghost, topk-renorm or kl)"
+            )
+        options["proposal_temperature"] = manifest["params"]["proposal_temperature"]
+    return partial(get_loss(name), alpha=alpha, temperature=settings.temperature, **options)
+
+
+# ---- evaluation --------------------------------------------------------------------------
+
+
+def calibration_bins(confidence: Tensor, correct: Tensor, bins: int = ECE_BINS) -> Tensor:
+    """``[3, bins] float64``: count, summed confidence and summed correctness per equal-width bin.
+
+    ``confidence [N]`` float in [0, 1] (top-1 probability), ``correct [N]`` bool. Bin ``b`` holds
+    confidences in ``(b / bins, (b + 1) / bins]`` (0 goes to the first).
+    """
+    index = (confidence.double() * bins).ceil().long().clamp(1, bins) - 1
+    stats = torch.zeros(3, bins, dtype=torch.float64, device=confidence.device)
+    stats[0].index_add_(0, index, torch.ones_like(confidence, dtype=torch.float64))
+    stats[1].index_add_(0, index, confidence.double())
+    stats[2].index_add_(0, index, correct.double())
+    return stats
+
+
+def expected_calibration_error(stats: Tensor) -> float:
+    """ECE ``sum_b (n_b / N) |acc_b - conf_b|`` from :func:`calibration_bins` (0 for no positions)."""
+    count, confidence, correct = stats
+    return float((correct - confidence).abs().sum() / count.sum().clamp_min(1))
+
+
+def teacher_top_ids(batch: Batch) -> Tensor:
+    """``[B, P] int64``: the stored id with the highest teacher log-probability at each position."""
+    logprobs = batch["target_logprobs"].masked_fill(~batch["target_mask"], -math.inf)
+    return batch["target_ids"].gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Data, kd_loss: Callable | None, device: torch.device, autocast) -> dict:
+    """Mean LM loss on gold tokens, mean KD loss, ECE and top-1 agreement with the teacher.
+
+    Over the counted positions of ``data.eval_batches``; ``kd_loss`` None skips the KD loss; the
+    agreement needs a teacher (a cache).
+    """
+    model.eval()
+    lm = kd = agree = tokens = 0.0
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
+    for batch in data.eval_batches:
+        batch = to_device(batch, device)
+        with autocast:
+            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        logits = logits.float()
+        keep = batch["position_mask"]
+        confidence, prediction = logits[keep].softmax(-1).max(-1)
+        bins += calibration_bins(confidence, prediction == batch["labels"][keep])
+        lm += ce_loss(logits, batch).total.item()
+        if kd_loss is not None:
+            kd += kd_loss(logits, batch).total.item()
+        if data.manifest is not None:
+            agree += (prediction == teacher_top_ids(batch)[keep]).sum().item()
+        tokens += keep.sum().item()
+    model.train()
+    n = max(tokens, 1)
+    metrics = {"lm_loss": lm / n, "ece": expected_calibration_error(bins)}
+    if kd_loss is not None:
+        metrics["kd_loss"] = kd / n
+    if data.manifest is not None:
+        metrics["top1_agreement"] = agree / n
+    return {**metrics, "tokens": int(tokens)}
+
+
+# ---- files: metrics, checkpoints, the student, the plot ----------------------------------
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; a torn last line (a killed run) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def restart_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step`` (what a checkpoint has seen) and drop the ones after it."""
+    kept = [record for record in read_metrics(path) if record["step"] <= step]
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+
+
+def _fsync_folder(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_folder(final: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on an empty temporary folder, then swap it in for ``final``.
+
+    A crash leaves either the previous ``final`` or ``final.old`` complete (see :func:`find_checkpoint`).
+    """
+    tmp, old = final.with_name(final.name + TMP_SUFFIX), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    _fsync_folder(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_folder(final.parent)
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The complete checkpoint folder under ``out``, if any (``checkpoint.old`` after a crash mid-swap)."""
+    for name in (CHECKPOINT_NAME, CHECKPOINT_NAME + ".old"):
+        if (out / name / TRAINER_STATE).is_file():
+            return out / name
+    return None
+
+
+def save_checkpoint(out: Path, model: torch.nn.Module, state: dict) -> None:
+    """``OUT/checkpoint``: the model via ``save_pretrained``, ``trainer.pt`` and ``settings.json``."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        torch.save(state, folder / TRAINER_STATE)
+        (folder / "settings.json").write_text(json.dumps(state["settings"], indent=2) + "\n")
+
+    replace_folder(out / CHECKPOINT_NAME, write)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_resumable(saved: Mapping, settings: TrainSettings) -> None:
+    current = settings.to_json()
+    for key, value in saved.items():
+        if key not in RESUMABLE_CHANGES and current.get(key) != value:
+            raise LogitcacheError(
+                f"cannot resume: the checkpoint was trained with {key}={value!r} but this run has "
+                f"{key}={current.get(key)!r}; pass the options of the interrupted run"
+            )
+
+
+def prepare_out(settings: TrainSettings) -> tuple[Path | None, dict | None]:
+    """Claim ``--out``: the checkpoint folder and trainer state to resume from, or ``(None, None)``.
+
+    Refuses a folder holding a run unless ``--resume``; ``--resume`` without a checkpoint starts
+    from step 0. ``metrics.jsonl`` is cut back to the checkpoint's step.
+    """
+    out = Path(settings.out)
+    found = find_checkpoint(out)
+    if found is not None and not settings.resume:
+        raise LogitcacheError(f"--out {out} holds a training run ({found.name}/); pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    state = None
+    if settings.resume and found is not None:
+        state = torch.load(found / TRAINER_STATE, map_location="cpu", weights_only=True)
+        _check_resumable(state["settings"], settings)
+    elif settings.resume:
+        log.info("no checkpoint in %s: starting from step 0", out)
+    restart_metrics(out / METRICS_NAME, 0 if state is None else state["step"])
+    return found if state is not None else None, state
+
+
+def save_student(out: Path, model: torch.nn.Module, tokenizer) -> Path:
+    """``OUT/student``: the model (and the tokenizer when known), loadable with ``from_pretrained``."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    replace_folder(out / STUDENT_NAME, write)
+    return out / STUDENT_NAME
+
+
+def plot_losses(records: list[dict], path: Path, loss_name: str) -> None:
+    """Train loss per step and eval losses per eval, as a PNG (matplotlib's Agg canvas, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    train = [r for r in records if r["kind"] == "train"]
+    axes.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, label=f"train ({loss_name})")
+    evals = [r for r in records if r["kind"] == "eval"]
+    for key in ("lm_loss", "kd_loss"):
+        points = [(r["step"], r[key]) for r in evals if key in r]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=f"eval {key.replace('_', ' ')}")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per token)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+
+
+def final_metrics(records: list[dict], student: Path) -> dict:
+    """The last train record's step and loss and the last eval's metrics (``eval_*``)."""
+    last_train = next((r for r in reversed(records) if r["kind"] == "train"), {})
+    last_eval = next((r for r in reversed(records) if r["kind"] == "eval"), {})
+    metrics = {"step": last_train.get("step", 0), "loss": last_train.get("loss")}
+    metrics.update({f"eval_{k}": v for k, v in last_eval.items() if k not in ("kind", "step")})
+    return {**metrics, "student": str(student)}
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+
+def run_train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train (or with ``resume``, continue) a student; return the final metrics.
+
+    ``on_step(record)`` is called with every record written to ``metrics.jsonl``.
+    """
+    settings.check()
+    out = Path(settings.out)
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint_dir, checkpoint = prepare_out(settings)
+    step_windows = settings.batch_size * settings.grad_accum
+    data = open_cache(settings, step_windows) if settings.cache is not None else open_corpus(settings, step_windows)
+
+    # The student: fresh from the seed, or the checkpoint's weights.
+    torch.manual_seed(settings.seed)
+    if checkpoint_dir is not None:
+        model = load_student(checkpoint_dir)
+    else:
+        model = build_student(
+            preset=settings.student, config_file=settings.student_config, init_from=settings.init_from,
+            vocab_size=data.vocab_size, max_positions=max(1024, data.seq_len),
+            eos_token_id=data.eos_token_id, pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
+        )
+    check_student(model, data.manifest, data.tokenizer)
+    model.to(device)
+    optimizer = make_optimizer(model, settings, device)
+    schedule = partial(lr_factor, warmup_steps=settings.warmup_steps, steps=settings.steps, min_lr_ratio=settings.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    step = 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        data.train.load_state_dict(checkpoint["data"])
+        set_rng_state(checkpoint["rng"])
+        step = checkpoint["step"]
+
+    train_loss = make_loss(settings, data.manifest, settings.alpha)
+    kd_loss = make_loss(settings, data.manifest, 0.0) if settings.loss not in (None, "ce") else None
+    forward = torch.compile(model) if settings.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
+    batches = iter(data.train)
+
+    with open(out / METRICS_NAME, "a") as metrics_file:
+
+        def record(entry: dict) -> None:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+            if on_step is not None:
+                on_step(entry)
+
+        while step < settings.steps:
+            batch = next(batches)
+            # Losses are sums: divide every micro-batch by the positions of the whole step, so
+            # that grad_accum micro-batches give exactly the gradient of one batch.
+            step_tokens = batch["position_mask"].sum().clamp_min(1).to(device)
+            step_loss = torch.zeros((), device=device)
+            for micro in split_batch(batch, settings.grad_accum):
+                micro = to_device(micro, device)
+                with autocast:
+                    logits = forward(input_ids=micro["input_ids"]).logits[:, :-1]
+                loss = train_loss(logits, micro)
+                (loss.total / step_tokens).backward()
+                step_loss += loss.total.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip or math.inf)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            record({"kind": "train", "step": step, "loss": (step_loss / step_tokens).item(), "lr": lr,
+                    "grad_norm": grad_norm.item(), "tokens": int(step_tokens)})
+            if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
+                record({"kind": "eval", "step": step, **evaluate(model, data, kd_loss, device, autocast)})
+            if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
+                state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "data": data.train.state_dict(), "rng": rng_state(), "settings": settings.to_json()}
+                save_checkpoint(out, model, state)
+
+    student = save_student(out, model, data.tokenizer)
+    records = read_metrics(out / METRICS_NAME)
+    plot_losses(records, out / PLOT_NAME, settings.loss or "ce")
+    return final_metrics(records, student)
+
