@@ -1,0 +1,223 @@
+"""``logitcache train``: CE from text, KD from real caches, exact resume, accumulation, vocab checks.
+
+One module-wide world made in a temporary folder: stdlib docstrings, a BPE tokenizer, a nano
+teacher pretrained for a few steps with ``train --corpus`` (the demo's way), and two caches built
+from it with ``run_build`` (sampled and top-k). Every run is tiny: hidden 64, 2 layers, 32 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from logitcache.build import BuildSettings, run_build
+from logitcache.errors import LogitcacheError
+from logitcache.tiny import llama_config, stdlib_docstrings, train_tokenizer, write_corpus
+from logitcache.train import (
+    ECE_BINS,
+    TrainSettings,
+    calibration_bins,
+    expected_calibration_error,
+    lr_factor,
+    read_metrics,
+    run_train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_LEN = 32
+VOCAB = 384
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LOGITCACHE_DEBUG": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _small(out: Path, **options) -> TrainSettings:
+    """Settings of a few-step nano run on the CPU; ``options`` override."""
+    defaults = dict(student="nano", steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4,
+                    eval_windows=8, save_every=0, device="cpu")
+    return TrainSettings(out=out, **{**defaults, **options})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("train")
+    docs = list(stdlib_docstrings(max_bytes=20_000))
+    write_corpus(root / "corpus.jsonl", iter(docs))
+    train_tokenizer(docs, VOCAB, root / "tokenizer")
+    teacher_run = _small(root / "teacher-run", corpus=root / "corpus.jsonl", tokenizer=root / "tokenizer",
+                         seq_len=SEQ_LEN, steps=30, batch_size=8, warmup_steps=5, eval_every=15, eval_windows=16)
+    records = []
+    final = run_train(teacher_run, on_step=records.append)
+    teacher = Path(final["student"])
+    caches = {}
+    for method in ("sample", "topk"):
+        caches[method] = root / f"cache-{method}"
+        run_build(BuildSettings(teacher=teacher, corpus=root / "corpus.jsonl", out=caches[method], method=method,
+                                k=8, samples=16, seq_len=SEQ_LEN, batch_size=32, shard_size=64, device="cpu"))
+    return SimpleNamespace(root=root, teacher=teacher, teacher_run=teacher_run, teacher_records=records,
+                           teacher_final=final, caches=caches)
+
+
+def _train_losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_ce_from_corpus_trains_and_its_loss_falls(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = world.teacher_run.out
+    records = read_metrics(out / "metrics.jsonl")
+    assert records == world.teacher_records  # on_step saw exactly what metrics.jsonl holds
+    losses = _train_losses(out)
+    assert len(losses) == 30
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    assert evals[-1]["lm_loss"] < math.log(VOCAB)
+    assert 0.0 <= evals[-1]["ece"] <= 1.0 and "kd_loss" not in evals[-1]
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    model = AutoModelForCausalLM.from_pretrained(world.teacher, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(world.teacher, local_files_only=True)
+    assert model.get_output_embeddings().weight.shape[0] == len(tokenizer) == VOCAB
+
+
+@pytest.mark.parametrize("method, loss, eval_on", [("sample", "rs-kd", "holdout"), ("topk", "topk-ghost", "eval-cache")])
+def test_kd_from_a_cache(world, tmp_path, method, loss, eval_on):
+    from transformers import AutoModelForCausalLM
+
+    eval_cache = world.caches["sample"] if eval_on == "eval-cache" else None
+    records = []
+    final = run_train(_small(tmp_path, cache=world.caches[method], loss=loss, eval_cache=eval_cache), on_step=records.append)
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    last = [r for r in records if r["kind"] == "eval"][-1]
+    assert last["step"] == 8 and last["tokens"] == 8 * (SEQ_LEN - 1)
+    assert math.isfinite(last["kd_loss"]) and math.isfinite(last["lm_loss"])
+    assert 0.0 <= last["ece"] <= 1.0 and 0.0 <= last["top1_agreement"] <= 1.0
+    assert final["eval_kd_loss"] == last["kd_loss"]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", local_files_only=True)
+    assert student.get_output_embeddings().weight.shape[0] == VOCAB
+    assert (tmp_path / "student" / "tokenizer.json").is_file()  # found through the manifest's teacher path
+
+
+def test_grad_accumulation_equals_one_large_batch(world, tmp_path):
+    common = dict(cache=world.caches["sample"], loss="rs-kd", steps=2, eval_every=0)
+    run_train(_small(tmp_path / "one", batch_size=4, grad_accum=1, **common))
+    run_train(_small(tmp_path / "two", batch_size=2, grad_accum=2, **common))
+    one, two = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("one", "two"))
+    assert two[0]["loss"] == pytest.approx(one[0]["loss"], rel=1e-6, abs=0)
+    # Adam hides a uniform gradient scale in the next loss; the (pre-clipping) norm shows it.
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5, abs=0)
+    assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-5, abs=0)
+
+
+def _cli(out: Path, cache: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "logitcache", "train", "--cache", str(cache), "--loss", "rs-kd", "--out", str(out),
+            "--student", "nano", "--steps", "40", "--batch-size", "8", "--grad-accum", "2", "--lr", "3e-3",
+            "--warmup-steps", "4", "--eval-every", "10", "--eval-windows", "8", "--save-every", "5", "--seed", "3",
+            "--device", "cpu", *extra]
+
+
+def test_resume_after_sigkill_gives_the_same_losses_bit_for_bit(world, tmp_path):
+    cache = world.caches["sample"]
+    reference = subprocess.run(_cli(tmp_path / "reference", cache), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(_cli(out, cache), cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while not (out / "checkpoint" / "trainer.pt").is_file() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, stderr.decode()  # killed mid-run, not finished
+    assert len(_train_losses(out)) < 40
+
+    resumed = subprocess.run(_cli(out, cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = read_metrics(tmp_path / "reference" / "metrics.jsonl")
+    assert len([r for r in expected if r["kind"] == "train"]) == 40
+    assert read_metrics(out / "metrics.jsonl") == expected  # every train and eval record, exactly
+    weights = "student/model.safetensors"
+    assert (out / weights).read_bytes() == (tmp_path / "reference" / weights).read_bytes()
+
+
+def _student_with_vocab(tmp_path: Path, source: str, vocab_size: int) -> dict:
+    config = llama_config(vocab_size, "nano", 64)
+    if source == "student_config":
+        path = tmp_path / "config.json"
+        path.write_text(config.to_json_string())
+        return {"student": None, "student_config": path}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    return {"student": None, "init_from": tmp_path / "model"}
+
+
+@pytest.mark.parametrize("source", ["student_config", "init_from"])
+def test_a_student_with_another_vocabulary_is_refused(world, tmp_path, source):
+    settings = _small(tmp_path / "out", cache=world.caches["topk"], loss="kl", **_student_with_vocab(tmp_path, source, 500))
+    with pytest.raises(LogitcacheError, match=f"student vocab_size 500 .* vocab_size {VOCAB}"):
+        run_train(settings)
+
+
+def test_a_folder_holding_a_run_needs_resume(world):
+    with pytest.raises(LogitcacheError, match="--resume"):
+        run_train(replace(world.teacher_run, steps=31))
+    with pytest.raises(LogitcacheError, match="steps=30"):
+        run_train(replace(world.teacher_run, steps=31, resume=True))
+
+
+def test_settings_are_checked_before_any_work(tmp_path):
+    cases = [
+        (dict(), "--cache"),
+        (dict(cache=tmp_path, corpus=tmp_path), "not both"),
+        (dict(cache=tmp_path), "--loss"),
+        (dict(corpus=tmp_path, tokenizer=tmp_path, loss="kl"), "needs a teacher"),
+        (dict(cache=tmp_path, loss="nope"), "unknown loss"),
+        (dict(cache=tmp_path, loss="kl", student=None), "exactly one"),
+        (dict(cache=tmp_path, loss="kl", student="huge"), "choose one of"),
+    ]
+    for options, message in cases:
+        with pytest.raises(LogitcacheError, match=message):
+            _small(tmp_path / "out", **options).check()
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    factors = [lr_factor(s, warmup_steps=4, steps=104, min_lr_ratio=0.1) for s in range(104)]
+    assert factors[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert factors[54] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_ece_of_equal_width_bins():
+    confidence = torch.tensor([0.95, 0.95, 0.95, 0.95, 0.3, 0.3])
+    correct = torch.tensor([True, True, True, False, False, True])
+    stats = calibration_bins(confidence, correct)
+    assert stats.shape == (3, ECE_BINS) and stats[0].sum() == 6
+    # bins: 4 at 0.95 with accuracy 0.75 -> |0.75 - 0.95| * 4/6; 2 at 0.3 with accuracy 0.5 -> 0.2 * 2/6
+    assert expected_calibration_error(stats) == pytest.approx(0.2 * 4 / 6 + 0.2 * 2 / 6)
+    assert expected_calibration_error(calibration_bins(torch.tensor([1.0, 0.0]), torch.tensor([True, False]))) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kd_on_cuda_with_bf16_autocast_and_compile(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    records = []
+    run_train(_small(tmp_path, cache=world.caches["topk"], loss="kl", temperature=2.0, grad_accum=2, compile=True,
+                     device="cuda"), on_step=records.append)
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", local_files_only=True)
+    assert next(student.parameters()).dtype == torch.float32
