@@ -190,7 +190,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices (not norms or biases).")] = 0.1,
     clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: no clipping).")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of CE on gold tokens: loss = (1 - alpha) x kd + alpha x ce.")] = 0.0,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature (kl, topk-renorm, bild, rlkd; the others need 1).")] = 1.0,
+    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature (kl, topk-renorm, bild, rlkd; the others need 1). Default: the loss's own (bild 3, others 1).")] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps and at the end (0: never).")] = 100,
     eval_windows: Annotated[int, typer.Option(help="Windows to evaluate on; without --eval-cache they are held out of training (the last ones).")] = 64,
     eval_cache: Annotated[Optional[Path], typer.Option(help="Evaluate on the first --eval-windows windows of this cache instead of a held-out split.")] = None,

@@ -89,7 +89,7 @@ class TrainSettings:
     weight_decay: float = 0.1
     clip: float = 1.0
     alpha: float = 0.0
-    temperature: float = 1.0
+    temperature: float | None = None
     eval_every: int = 100
     eval_windows: int = 64
     eval_cache: Path | None = None
@@ -130,7 +130,7 @@ class TrainSettings:
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
             (self.clip >= 0, f"--clip {self.clip}: must be >= 0 (0 turns clipping off)"),
             (0 <= self.alpha <= 1, f"--alpha {self.alpha}: must lie in [0, 1] ((1 - alpha) * kd + alpha * ce)"),
-            (self.temperature > 0, f"--temperature {self.temperature}: must be positive"),
+            (self.temperature is None or self.temperature > 0, f"--temperature {self.temperature}: must be positive"),
             (self.eval_every >= 0, f"--eval-every {self.eval_every}: must be >= 0 (0 turns eval off)"),
             (self.eval_windows >= 1 or not self.eval_every, f"--eval-windows {self.eval_windows}: must be at least 1"),
             (self.save_every >= 0, f"--save-every {self.save_every}: must be >= 0 (0: only at the end)"),
@@ -379,7 +379,9 @@ def make_loss(settings: TrainSettings, manifest: Mapping | None, alpha: float) -
                 "(use topk-ghost, topk-renorm or kl)"
             )
         options["proposal_temperature"] = manifest["params"]["proposal_temperature"]
-    return partial(get_loss(name), alpha=alpha, temperature=settings.temperature, **options)
+    if settings.temperature is not None:
+        options["temperature"] = settings.temperature  # else each loss's own default (BiLD: 3)
+    return partial(get_loss(name), alpha=alpha, **options)
 
 
 # ---- evaluation --------------------------------------------------------------------------
