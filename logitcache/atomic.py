@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def _fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` then rename ``tmp`` to ``path``; a crash never leaves a partial ``path``."""
     path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    # Unique per writer: concurrent workers may write the same file (build.json, a merged manifest).
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

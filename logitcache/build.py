@@ -178,7 +178,8 @@ def _prepare_out(settings: BuildSettings, plan: _Plan) -> None:
                 if path.is_file():
                     path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    clear_temporaries(out)
+    if settings.num_workers == 1:  # other workers may be writing their own temporaries right now
+        clear_temporaries(out)
     write_json_atomic(out / BUILD_MARKER, {"format": FORMAT_NAME, "fingerprint": plan.fingerprint, "identity": plan.identity})
 
 
@@ -218,6 +219,10 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     already loaded teacher to reuse (benchmarks, long-lived workers); loaded from settings if None.
     """
     settings.check()
+    if settings.ray:
+        from logitcache.ray_build import run_ray_build
+
+        return run_ray_build(settings)  # each Ray worker runs run_build with ray=False
     teacher = teacher or load_teacher(settings)
     _check_teacher(settings, teacher)
     plan = _plan(settings, teacher)
@@ -299,8 +304,10 @@ def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: Bu
     device run ahead of the host by that many batches.
     """
     futures: list[Future] = []
-    for start in range(0, len(windows), settings.batch_size):
-        batch = np.stack(windows[start : start + settings.batch_size])
+    # vLLM schedules its own batches: hand it the whole shard (it splits into memory-bounded calls).
+    step = len(windows) if settings.backend == "vllm" else settings.batch_size
+    for start in range(0, len(windows), step):
+        batch = np.stack(windows[start : start + step])
         ids = np.arange(first_id + start, first_id + start + len(batch), dtype=np.int64)
         futures.append(host.submit(teacher.compute_async(batch, ids, settings.spec).result))
         if len(futures) > IN_FLIGHT:

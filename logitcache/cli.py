@@ -89,9 +89,9 @@ def build(
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")] = "text",
     overwrite: Annotated[bool, typer.Option(help="Replace a different build found in --out.")] = False,
     backend: Annotated[str, typer.Option(help="Teacher engine: hf (transformers; CPU or GPU) or vllm (GPU).")] = "hf",
-    device: Annotated[Optional[str], typer.Option(help="Torch device for the hf backend (default: cuda if present, else cpu).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU).")] = None,
-    chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 64 on CPU, 1024 on CUDA).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device for the hf backend (default: cuda if present, else cpu); vllm: device of the sample path's output head (default cuda).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU; vllm: bfloat16).")] = None,
+    chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 64 on CPU, 1024 on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = None,
     num_workers: Annotated[int, typer.Option(help="Workers sharing this build (one process per GPU or node).")] = 1,
     worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs per teacher replica (tensor parallelism).")] = 1,
@@ -182,8 +182,8 @@ def train(
     seq_len: Annotated[int, typer.Option(help="Tokens per window with --corpus (a cache has its own).")] = 512,
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")] = "text",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch (one forward pass).")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step; a step takes batch-size x grad-accum windows.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch of each process (one forward pass).")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step; a step takes batch-size x grad-accum x processes windows (the global batch).")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 6e-4,
     min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at lr x this ratio.")] = 0.1,
     warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup from 0 to --lr.")] = 100,
@@ -201,9 +201,14 @@ def train(
     student_config: Annotated[Optional[Path], typer.Option(help="Student from a Hugging Face config.json (random init) instead of a preset.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Student from the weights of a Hugging Face model folder instead of a preset.")] = None,
     compile: Annotated[bool, typer.Option(help="Compile the student's forward pass with torch.compile.")] = False,
-    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if present, else cpu); bf16 autocast on CUDA.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if present, else cpu); bf16 autocast on CUDA. Under torchrun: cuda or cpu, each process takes cuda:LOCAL_RANK.")] = None,
+    fsdp: Annotated[bool, typer.Option(help="Under torchrun: shard the student's weights, gradients and optimizer state over the processes (FSDP2) instead of copying it to each (DDP).")] = False,
+    lanes: Annotated[Optional[int], typer.Option(help="Contiguous runs of the data order per global batch (default: the number of processes; a resume keeps the checkpoint's). Pass N to replay an N-process run's order on another number of processes.")] = None,
 ) -> None:
-    """Train a student: distil it from a cache (--cache, --loss) or pretrain it on text (--corpus, --tokenizer)."""
+    """Train a student: distil it from a cache (--cache, --loss) or pretrain it on text (--corpus, --tokenizer).
+
+    Several processes: `torchrun --nproc-per-node N -m logitcache train ...` (DDP, or FSDP with --fsdp).
+    """
     import transformers
 
     from logitcache.train import TrainSettings, run_train
@@ -214,9 +219,13 @@ def train(
         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, clip=clip,
         alpha=alpha, temperature=temperature, eval_every=eval_every, eval_windows=eval_windows,
         eval_cache=eval_cache, save_every=save_every, resume=resume, seed=seed, student=student,
-        student_config=student_config, init_from=init_from, compile=compile, device=device,
+        student_config=student_config, init_from=init_from, compile=compile, device=device, fsdp=fsdp, lanes=lanes,
     )
     transformers.logging.disable_progress_bar()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 alone shows progress
+        with user_errors():
+            run_train(settings)
+        return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with user_errors(), Progress(*columns, console=console) as progress:
         task = progress.add_task("train", total=steps)

@@ -11,9 +11,23 @@ Two sources of data, one loop:
   windows are kept in memory: this mode is meant for small corpora (the demo pretrains its
   teacher with it).
 
-One optimizer step takes ``batch_size * grad_accum`` windows, as ``grad_accum`` micro-batches of
-``batch_size``. Losses return sums; every micro-batch is divided by the counted positions of the
-WHOLE step, so accumulation gives the gradient of one large batch.
+One optimizer step takes a *global batch* of ``batch_size * grad_accum * processes`` windows: each
+process takes ``grad_accum`` micro-batches of ``batch_size``. Losses return sums; every micro-batch
+is divided by the counted positions of the WHOLE global step (summed over processes), so
+accumulation and processes give the gradient of one large batch.
+
+Distributed (``torchrun --nproc-per-node N -m logitcache train ...``): every process joins the
+process group torchrun describes (gloo on CPU, nccl on ``cuda:LOCAL_RANK``), reads its own columns
+of each global batch (:mod:`logitcache.partition`) and trains the student wrapped in DDP, or with
+``--fsdp`` sharded by FSDP2 (``fully_shard`` per decoder layer, then the whole model). DDP and FSDP
+*average* gradients over processes; the loss is scaled by the number of processes to undo that, so
+the gradient is the sum over the global batch divided by its counted positions, as on one process.
+Only the last micro-batch of a step synchronises gradients. Eval batches are split over processes
+and the sums all-reduced. Process 0 alone writes metrics, checkpoints, the student and the plot.
+The data order is fixed by (seed, epoch, ``lanes``), where ``lanes`` defaults to the number of
+processes of the first run and is kept by every resume, so a checkpoint resumes exactly on any
+number of processes that divides its global batch (with ``--batch-size`` and ``--grad-accum`` set
+to keep the global batch).
 
 Files under ``--out``::
 
@@ -37,14 +51,16 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from logitcache.atomic import TMP_SUFFIX, write_atomic
 from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
@@ -63,8 +79,11 @@ STUDENT_NAME = "student"
 PLOT_NAME = "loss.png"
 TRAINER_STATE = "trainer.pt"
 ECE_BINS = 15
-# Settings a resumed run may change: none of them alters what the steps compute.
-RESUMABLE_CHANGES = ("out", "resume", "device", "compile", "save_every")
+# Settings a resumed run may change: none of them alters what the steps compute. batch_size and
+# grad_accum may change only with the number of processes, keeping the global batch (checked).
+RESUMABLE_CHANGES = ("out", "resume", "device", "compile", "save_every", "batch_size", "grad_accum", "lanes")
+# A folder: each process appends the sequence ids of every step it trains on to rank-R.jsonl there.
+DEBUG_SEQUENCES_ENV = "LOGITCACHE_DEBUG_SEQUENCES"
 
 Batch = dict[str, Tensor]
 
@@ -101,6 +120,8 @@ class TrainSettings:
     init_from: Path | None = None
     compile: bool = False
     device: str | None = None
+    fsdp: bool = False
+    lanes: int | None = None
 
     def check(self) -> None:
         """Reject settings that can never work, before anything is loaded or written."""
@@ -135,6 +156,7 @@ class TrainSettings:
             (self.eval_windows >= 1 or not self.eval_every, f"--eval-windows {self.eval_windows}: must be at least 1"),
             (self.save_every >= 0, f"--save-every {self.save_every}: must be >= 0 (0: only at the end)"),
             (self.seed >= 0, f"--seed {self.seed}: must be >= 0"),
+            (self.lanes is None or self.lanes >= 1, f"--lanes {self.lanes}: must be at least 1"),
         ])
         check_source(self.student, self.student_config, self.init_from)
 
@@ -147,6 +169,113 @@ def _enforce(rules: list[tuple[bool, str]]) -> None:
     for ok, message in rules:
         if not ok:
             raise LogitcacheError(message)
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes: ``rank`` in ``[0, size)``."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Process 0 writes the files; the others only train."""
+        return self.rank == 0
+
+
+@contextmanager
+def process_group(requested_device: str | None) -> Iterator[tuple[World, torch.device]]:
+    """The world and this process's device; under torchrun (``WORLD_SIZE`` > 1), inside its process group.
+
+    Joins the group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``)
+    with gloo on CPU and nccl on CUDA, where process ``LOCAL_RANK`` of a node takes
+    ``cuda:LOCAL_RANK``; leaves it on exit. A group the caller set up is used as it is.
+    """
+    device = torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    joined = dist.is_available() and dist.is_initialized()
+    if not joined and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        yield World(), device
+        return
+    if device.type == "cuda":
+        if device.index is not None:
+            raise LogitcacheError(f"--device {device} under torchrun: pass --device cuda; each process takes cuda:LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not joined:
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    try:
+        yield World(rank=dist.get_rank(), size=dist.get_world_size()), device
+    finally:
+        if not joined:
+            dist.destroy_process_group()
+
+
+def all_sum(value: Tensor, world: World) -> Tensor:
+    """``value`` summed over the processes (in place; itself on one process)."""
+    if world.size > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def distribute(student: torch.nn.Module, world: World, device: torch.device, fsdp: bool) -> torch.nn.Module:
+    """The module the loop calls, on ``device``: the student itself on one process, else DDP or FSDP2.
+
+    FSDP2 (``fsdp``) shards every block the model names in ``_no_split_modules`` (decoder layers),
+    then the rest; it moves the weights block by block, so the whole student never sits on one
+    GPU. Both change ``student`` in place or wrap it: keep using ``student`` for saving and eval.
+    """
+    if world.size == 1:
+        return student.to(device)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world.size,))
+        blocks = set(getattr(student, "_no_split_modules", None) or ())
+        for module in student.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        return fully_shard(student, mesh=mesh)
+    return DistributedDataParallel(student.to(device), device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def gradient_sync(model: torch.nn.Module, sync: bool):
+    """Context for one micro-batch's backward: with ``sync`` False, DDP/FSDP keep the gradient local."""
+    if isinstance(model, DistributedDataParallel):
+        return nullcontext() if sync else model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def check_global_batch(settings: TrainSettings, world: World, checkpoint: Mapping) -> None:
+    """Refuse a resume whose steps would take another number of windows than the checkpoint's."""
+    saved = checkpoint["data"]["global_batch_size"]
+    now = settings.batch_size * settings.grad_accum * world.size
+    if now == saved:
+        return
+    base = (
+        f"cannot resume: the checkpoint's steps take {saved} windows but --batch-size {settings.batch_size} "
+        f"x --grad-accum {settings.grad_accum} x {world.size} processes = {now}"
+    )
+    if saved % world.size:
+        raise LogitcacheError(f"{base}; {saved} windows do not split over {world.size} processes: use a number of processes dividing {saved}")
+    per_process = saved // world.size
+    accum = settings.grad_accum if per_process % settings.grad_accum == 0 else 1
+    raise LogitcacheError(
+        f"{base}; on {world.size} processes pass --batch-size x --grad-accum = {per_process}, "
+        f"e.g. --batch-size {per_process // accum} --grad-accum {accum}"
+    )
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -174,25 +303,28 @@ def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray) -> Batch:
 
 
 class CorpusStream:
-    """Endless step batches of in-memory windows ``[N, T]``, reshuffled each epoch from (seed, epoch).
+    """Endless step batches of in-memory windows ``[N, T]`` for one process, reshuffled each epoch from (seed, epoch).
 
     The order is :func:`logitcache.partition.worker_samples` over one unit of ``N`` windows, so the
-    position in the stream is ``(epoch, sample_in_epoch)``, as for a cache.
+    position in the stream is ``(epoch, sample_in_epoch)``, as for a cache; a process takes its
+    ``global_batch_size // world.size`` columns of every global batch.
     """
 
-    def __init__(self, windows: np.ndarray, *, seed: int, step_windows: int) -> None:
+    def __init__(self, windows: np.ndarray, *, seed: int, global_batch_size: int, world: World, lanes: int) -> None:
         self.windows = windows
-        self.order = OrderSettings(seed=seed, global_batch_size=step_windows, block_size=len(windows))
+        self.world = world
+        self.order = OrderSettings(seed=seed, global_batch_size=global_batch_size, lanes=lanes, block_size=len(windows))
         self.epoch = self.sample_in_epoch = 0
 
     def __iter__(self) -> Iterator[Batch]:
+        gbs = self.order.global_batch_size
         while True:
             samples = worker_samples(
                 [len(self.windows)], self.order, epoch=self.epoch, sample_in_epoch=self.sample_in_epoch,
-                rank=0, world_size=1, worker=0, num_workers=1,
+                rank=self.world.rank, world_size=self.world.size, worker=0, num_workers=1,
             )
-            for ids in samples.reshape(-1, self.order.global_batch_size):
-                self.sample_in_epoch += len(ids)
+            for ids in samples.reshape(-1, gbs // self.world.size):
+                self.sample_in_epoch += gbs
                 yield corpus_batch(self.windows[ids], ids)
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
@@ -201,7 +333,7 @@ class CorpusStream:
 
     def load_state_dict(self, state: Mapping) -> None:
         mine = self.state_dict()
-        for key in ("windows", "seed", "global_batch_size"):
+        for key in ("windows", "seed", "global_batch_size", "lanes"):
             if state[key] != mine[key]:
                 raise LogitcacheError(f"cannot resume: the checkpoint has {key}={state[key]} but this corpus gives {mine[key]}")
         self.epoch, self.sample_in_epoch = state["epoch"], state["sample_in_epoch"]
@@ -282,15 +414,19 @@ def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int
     return [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)]
 
 
-def open_cache(settings: TrainSettings, step_windows: int) -> Data:
-    """Train stream and eval batches from ``--cache`` (eval: ``--eval-cache`` or a held-out split)."""
+def open_cache(settings: TrainSettings, step_windows: int, world: World, lanes: int) -> Data:
+    """Train stream (this process's part of global batches of ``step_windows``) and eval batches from
+    ``--cache`` (eval: ``--eval-cache`` or a held-out split; every process holds all of them)."""
     holdout = settings.eval_windows if settings.eval_every and settings.eval_cache is None else 0
-    dataset = CacheDataset(settings.cache, seed=settings.seed, global_batch_size=step_windows, rank=0, world_size=1, holdout=holdout)
+    dataset = CacheDataset(
+        settings.cache, seed=settings.seed, global_batch_size=step_windows, lanes=lanes,
+        rank=world.rank, world_size=world.size, holdout=holdout,
+    )
     manifest = dataset.manifest
     if dataset.steps_per_epoch == 0:
         raise LogitcacheError(
             f"--cache {settings.cache} has {manifest['totals']['sequences'] - holdout} training windows "
-            f"({holdout} held out for eval), fewer than one step's --batch-size x --grad-accum = {step_windows}"
+            f"({holdout} held out for eval), fewer than one step's --batch-size x --grad-accum x processes = {step_windows}"
         )
     eval_batches = _eval_cache_batches(settings, manifest, holdout) if settings.eval_every else []
     return Data(
@@ -304,7 +440,7 @@ def open_cache(settings: TrainSettings, step_windows: int) -> Data:
     )
 
 
-def open_corpus(settings: TrainSettings, step_windows: int) -> Data:
+def open_corpus(settings: TrainSettings, step_windows: int, world: World, lanes: int) -> Data:
     """Train stream and eval batches from raw text: windows packed in memory, the last held out."""
     tokenizer = load_tokenizer(settings.tokenizer)
     if tokenizer.eos_token_id is None:
@@ -317,14 +453,14 @@ def open_corpus(settings: TrainSettings, step_windows: int) -> Data:
     if len(windows) < holdout + step_windows:
         raise LogitcacheError(
             f"--corpus {settings.corpus} gives {len(windows)} windows of --seq-len {settings.seq_len}; "
-            f"need {holdout} for eval plus {step_windows} for one step (lower --eval-windows or --batch-size)"
+            f"need {holdout} for eval plus {step_windows} for one step of all processes (lower --eval-windows or --batch-size)"
         )
     windows = np.stack(windows).astype(np.int32)
     cut = len(windows) - holdout
     held_out = np.split(np.arange(cut, len(windows)), range(settings.batch_size, holdout, settings.batch_size))
     eval_batches = [corpus_batch(windows[ids], ids) for ids in held_out] if holdout else []
     return Data(
-        train=CorpusStream(windows[:cut], seed=settings.seed, step_windows=step_windows),
+        train=CorpusStream(windows[:cut], seed=settings.seed, global_batch_size=step_windows, world=world, lanes=lanes),
         eval_batches=eval_batches,
         manifest=None,
         vocab_size=len(tokenizer),
@@ -413,31 +549,48 @@ def teacher_top_ids(batch: Batch) -> Tensor:
     return batch["target_ids"].gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
 
 
+def eval_share(batches: list[Batch], world: World) -> list[tuple[Batch, bool]]:
+    """This process's eval batches ``rank, rank + size, ...``, each with whether it counts.
+
+    Every process runs the same number of forward passes (FSDP gathers weights inside each): one
+    short of a batch repeats the first and does not count it.
+    """
+    mine = batches[world.rank :: world.size]
+    padding = -(-len(batches) // world.size) - len(mine)
+    return [(batch, True) for batch in mine] + [(batches[0], False)] * padding
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Data, kd_loss: Callable | None, device: torch.device, autocast) -> dict:
+def evaluate(
+    model: torch.nn.Module, data: Data, kd_loss: Callable | None, device: torch.device, autocast, world: World = World()
+) -> dict:
     """Mean LM loss on gold tokens, mean KD loss, ECE and top-1 agreement with the teacher.
 
-    Over the counted positions of ``data.eval_batches``; ``kd_loss`` None skips the KD loss; the
-    agreement needs a teacher (a cache).
+    Over the counted positions of ``data.eval_batches``, split over the processes and summed;
+    ``kd_loss`` None skips the KD loss; the agreement needs a teacher (a cache).
     """
     model.eval()
-    lm = kd = agree = tokens = 0.0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # LM loss, KD loss, agreement, positions
     bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
-    for batch in data.eval_batches:
+    for batch, counts in eval_share(data.eval_batches, world):
         batch = to_device(batch, device)
         with autocast:
             logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        if not counts:
+            continue
         logits = logits.float()
         keep = batch["position_mask"]
         confidence, prediction = logits[keep].softmax(-1).max(-1)
         bins += calibration_bins(confidence, prediction == batch["labels"][keep])
-        lm += ce_loss(logits, batch).total.item()
+        sums[0] += ce_loss(logits, batch).total.double()
         if kd_loss is not None:
-            kd += kd_loss(logits, batch).total.item()
+            sums[1] += kd_loss(logits, batch).total.double()
         if data.manifest is not None:
-            agree += (prediction == teacher_top_ids(batch)[keep]).sum().item()
-        tokens += keep.sum().item()
+            sums[2] += (prediction == teacher_top_ids(batch)[keep]).sum()
+        sums[3] += keep.sum()
     model.train()
+    lm, kd, agree, tokens = all_sum(sums, world).tolist()
+    all_sum(bins, world)
     n = max(tokens, 1)
     metrics = {"lm_loss": lm / n, "ece": expected_calibration_error(bins)}
     if kd_loss is not None:
@@ -504,15 +657,52 @@ def find_checkpoint(out: Path) -> Path | None:
     return None
 
 
-def save_checkpoint(out: Path, model: torch.nn.Module, state: dict) -> None:
-    """``OUT/checkpoint``: the model via ``save_pretrained``, ``trainer.pt`` and ``settings.json``."""
+def save_checkpoint(out: Path, model: torch.nn.Module, state: dict, weights: dict | None = None) -> None:
+    """``OUT/checkpoint``: the model via ``save_pretrained``, ``trainer.pt`` and ``settings.json``.
+
+    ``weights``: the full state dict of a sharded model (:func:`full_weights`); None saves ``model``'s own.
+    """
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
         torch.save(state, folder / TRAINER_STATE)
         (folder / "settings.json").write_text(json.dumps(state["settings"], indent=2) + "\n")
 
     replace_folder(out / CHECKPOINT_NAME, write)
+
+
+def full_weights(student: torch.nn.Module, world: World, fsdp: bool) -> dict | None:
+    """The whole state dict of an FSDP-sharded student on process 0 (every process must call this);
+    None where the student is whole (one process, or DDP)."""
+    if not fsdp or world.size == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World, fsdp: bool) -> dict:
+    """The optimizer's state to save (every process must call this).
+
+    Under ``fsdp`` the whole, unsharded state keyed by parameter names (on process 0), which loads
+    on any number of processes; else ``optimizer.state_dict()``.
+    """
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=world.size > 1)
+    return get_optimizer_state_dict(student, optimizer, options=options)
+
+
+def load_optimizer_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    """Restore what :func:`optimizer_state` saved; under ``fsdp`` every process keeps its own shard."""
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(student, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def rng_state() -> dict:
@@ -538,32 +728,37 @@ def _check_resumable(saved: Mapping, settings: TrainSettings) -> None:
             )
 
 
-def prepare_out(settings: TrainSettings) -> tuple[Path | None, dict | None]:
+def prepare_out(settings: TrainSettings, world: World = World()) -> tuple[Path | None, dict | None]:
     """Claim ``--out``: the checkpoint folder and trainer state to resume from, or ``(None, None)``.
 
     Refuses a folder holding a run unless ``--resume``; ``--resume`` without a checkpoint starts
-    from step 0. ``metrics.jsonl`` is cut back to the checkpoint's step.
+    from step 0. Every process reads the checkpoint; process 0 cuts ``metrics.jsonl`` back to its step.
     """
     out = Path(settings.out)
     found = find_checkpoint(out)
     if found is not None and not settings.resume:
         raise LogitcacheError(f"--out {out} holds a training run ({found.name}/); pass --resume to continue it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     state = None
     if settings.resume and found is not None:
         state = torch.load(found / TRAINER_STATE, map_location="cpu", weights_only=True)
         _check_resumable(state["settings"], settings)
-    elif settings.resume:
+        check_global_batch(settings, world, state)
+    elif settings.resume and world.main:
         log.info("no checkpoint in %s: starting from step 0", out)
-    restart_metrics(out / METRICS_NAME, 0 if state is None else state["step"])
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        restart_metrics(out / METRICS_NAME, 0 if state is None else state["step"])
     return found if state is not None else None, state
 
 
-def save_student(out: Path, model: torch.nn.Module, tokenizer) -> Path:
-    """``OUT/student``: the model (and the tokenizer when known), loadable with ``from_pretrained``."""
+def save_student(out: Path, model: torch.nn.Module, tokenizer, weights: dict | None = None) -> Path:
+    """``OUT/student``: the model (and the tokenizer when known), loadable with ``from_pretrained``.
+
+    ``weights`` as for :func:`save_checkpoint`.
+    """
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
 
@@ -609,33 +804,44 @@ def final_metrics(records: list[dict], student: Path) -> dict:
 def run_train(settings: TrainSettings, on_step: Callable[[dict], None] | None = None) -> dict:
     """Train (or with ``resume``, continue) a student; return the final metrics.
 
-    ``on_step(record)`` is called with every record written to ``metrics.jsonl``.
+    ``on_step(record)`` is called with every record written to ``metrics.jsonl`` (on process 0).
+    Under torchrun every process calls this; see the module docstring.
     """
     settings.check()
-    out = Path(settings.out)
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checkpoint_dir, checkpoint = prepare_out(settings)
-    step_windows = settings.batch_size * settings.grad_accum
-    data = open_cache(settings, step_windows) if settings.cache is not None else open_corpus(settings, step_windows)
+    with process_group(settings.device) as (world, device):
+        return train_student(settings, world, device, on_step)
 
-    # The student: fresh from the seed, or the checkpoint's weights.
+
+def train_student(settings: TrainSettings, world: World, device: torch.device, on_step: Callable[[dict], None] | None) -> dict:
+    """The loop of :func:`run_train` for process ``world.rank`` on ``device``."""
+    out = Path(settings.out)
+    checkpoint_dir, checkpoint = prepare_out(settings, world)
+    # The order depends on lanes, so a resume keeps the checkpoint's whatever the number of processes.
+    lanes = settings.lanes or (checkpoint["data"]["lanes"] if checkpoint is not None else world.size)
+    step_windows = settings.batch_size * settings.grad_accum * world.size
+    open_data = open_cache if settings.cache is not None else open_corpus
+    data = open_data(settings, step_windows, world, lanes)
+
+    # The student: fresh from the seed (the same on every process), or the checkpoint's weights.
     torch.manual_seed(settings.seed)
     if checkpoint_dir is not None:
-        model = load_student(checkpoint_dir)
+        student = load_student(checkpoint_dir)
     else:
-        model = build_student(
+        student = build_student(
             preset=settings.student, config_file=settings.student_config, init_from=settings.init_from,
             vocab_size=data.vocab_size, max_positions=max(1024, data.seq_len),
             eos_token_id=data.eos_token_id, pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
         )
-    check_student(model, data.manifest, data.tokenizer)
-    model.to(device)
-    optimizer = make_optimizer(model, settings, device)
+    check_student(student, data.manifest, data.tokenizer)
+    if settings.fsdp and world.size == 1:
+        log.info("--fsdp on one process: nothing to shard, the student stays whole")
+    model = distribute(student, world, device, settings.fsdp)
+    optimizer = make_optimizer(student, settings, device)
     schedule = partial(lr_factor, warmup_steps=settings.warmup_steps, steps=settings.steps, min_lr_ratio=settings.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step = 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_optimizer_state(student, optimizer, checkpoint["optimizer"], settings.fsdp)
         scheduler.load_state_dict(checkpoint["scheduler"])
         data.train.load_state_dict(checkpoint["data"])
         set_rng_state(checkpoint["rng"])
@@ -649,45 +855,64 @@ def run_train(settings: TrainSettings, on_step: Callable[[dict], None] | None = 
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
     batches = iter(data.train)
 
-    with open(out / METRICS_NAME, "a") as metrics_file:
+    with ExitStack() as files:
+        metrics_file = files.enter_context(open(out / METRICS_NAME, "a")) if world.main else None
+        trace_dir = os.environ.get(DEBUG_SEQUENCES_ENV)
+        trace = files.enter_context(open(Path(trace_dir) / f"rank-{world.rank}.jsonl", "a")) if trace_dir else None
 
         def record(entry: dict) -> None:
+            if metrics_file is None:
+                return
             metrics_file.write(json.dumps(entry) + "\n")
             metrics_file.flush()
             if on_step is not None:
                 on_step(entry)
 
         while step < settings.steps:
-            batch = next(batches)
-            # Losses are sums: divide every micro-batch by the positions of the whole step, so
-            # that grad_accum micro-batches give exactly the gradient of one batch.
-            step_tokens = batch["position_mask"].sum().clamp_min(1).to(device)
+            batch = next(batches)  # this process's batch_size * grad_accum windows of the global batch
+            if trace is not None:
+                trace.write(json.dumps({"step": step + 1, "sequence_ids": batch["sequence_id"].tolist()}) + "\n")
+            # Losses are sums: divide every micro-batch by the positions of the whole global step
+            # (all micro-batches of all processes), so that accumulation and processes give exactly
+            # the gradient of one batch. DDP and FSDP average gradients over the processes:
+            # multiplying by their number turns that average back into the sum.
+            step_tokens = all_sum(batch["position_mask"].sum().to(device), world).clamp_min(1)
             step_loss = torch.zeros((), device=device)
-            for micro in split_batch(batch, settings.grad_accum):
+            micros = split_batch(batch, settings.grad_accum)
+            for i, micro in enumerate(micros):
                 micro = to_device(micro, device)
-                with autocast:
-                    logits = forward(input_ids=micro["input_ids"]).logits[:, :-1]
-                loss = train_loss(logits, micro)
-                (loss.total / step_tokens).backward()
+                with gradient_sync(model, sync=i == len(micros) - 1):
+                    with autocast:
+                        logits = forward(input_ids=micro["input_ids"]).logits[:, :-1]
+                    loss = train_loss(logits, micro)
+                    (loss.total * world.size / step_tokens).backward()
                 step_loss += loss.total.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip or math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
+            step_loss = all_sum(step_loss, world)
             record({"kind": "train", "step": step, "loss": (step_loss / step_tokens).item(), "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens": int(step_tokens)})
             if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
-                record({"kind": "eval", "step": step, **evaluate(model, data, kd_loss, device, autocast)})
+                record({"kind": "eval", "step": step, **evaluate(student, data, kd_loss, device, autocast, world)})
             if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
-                state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "data": data.train.state_dict(), "rng": rng_state(), "settings": settings.to_json()}
-                save_checkpoint(out, model, state)
+                state = {"step": step, "optimizer": optimizer_state(student, optimizer, world, settings.fsdp),
+                         "scheduler": scheduler.state_dict(), "data": data.train.state_dict(), "rng": rng_state(),
+                         "settings": settings.to_json(), "world_size": world.size}
+                weights = full_weights(student, world, settings.fsdp)
+                if world.main:
+                    save_checkpoint(out, student, state, weights)
+                barrier(world)
 
-    student = save_student(out, model, data.tokenizer)
-    records = read_metrics(out / METRICS_NAME)
-    plot_losses(records, out / PLOT_NAME, settings.loss or "ce")
-    return final_metrics(records, student)
-
+    weights = full_weights(student, world, settings.fsdp)
+    if world.main:
+        save_student(out, student, data.tokenizer, weights)
+        plot_losses(read_metrics(out / METRICS_NAME), out / PLOT_NAME, settings.loss or "ce")
+    barrier(world)
+    return final_metrics(read_metrics(out / METRICS_NAME), out / STUDENT_NAME)
