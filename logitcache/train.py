@@ -80,7 +80,7 @@ PLOT_NAME = "loss.png"
 TRAINER_STATE = "trainer.pt"
 ECE_BINS = 15
 # Settings a resumed run may change: none of them alters what the steps compute. batch_size and
-# grad_accum may change only with the number of processes, keeping the global batch (checked).
+# grad_accum may change as long as the global batch does not (checked: see check_global_batch).
 RESUMABLE_CHANGES = ("out", "resume", "device", "compile", "save_every", "batch_size", "grad_accum", "lanes")
 # A folder: each process appends the sequence ids of every step it trains on to rank-R.jsonl there.
 DEBUG_SEQUENCES_ENV = "LOGITCACHE_DEBUG_SEQUENCES"
@@ -231,8 +231,9 @@ def distribute(student: torch.nn.Module, world: World, device: torch.device, fsd
     """The module the loop calls, on ``device``: the student itself on one process, else DDP or FSDP2.
 
     FSDP2 (``fsdp``) shards every block the model names in ``_no_split_modules`` (decoder layers),
-    then the rest; it moves the weights block by block, so the whole student never sits on one
-    GPU. Both change ``student`` in place or wrap it: keep using ``student`` for saving and eval.
+    then the rest (a model naming none is one block); it moves the weights block by block, so the
+    whole student never sits on one GPU. Both change ``student`` in place or wrap it: keep using
+    ``student`` for saving and eval.
     """
     if world.size == 1:
         return student.to(device)
@@ -258,6 +259,19 @@ def gradient_sync(model: torch.nn.Module, sync: bool):
     return nullcontext()
 
 
+def check_same_start(world: World, checkpoint: Mapping | None) -> None:
+    """Refuse processes that found different checkpoints (an ``--out`` that not every node shares)."""
+    if world.size == 1:
+        return
+    steps = [None] * world.size
+    dist.all_gather_object(steps, None if checkpoint is None else checkpoint["step"])
+    if len(set(steps)) > 1:
+        raise LogitcacheError(
+            f"the processes found different checkpoints in --out (step by rank: {steps}); "
+            "put --out on a filesystem that every node shares"
+        )
+
+
 def check_global_batch(settings: TrainSettings, world: World, checkpoint: Mapping) -> None:
     """Refuse a resume whose steps would take another number of windows than the checkpoint's."""
     saved = checkpoint["data"]["global_batch_size"]
@@ -269,7 +283,9 @@ def check_global_batch(settings: TrainSettings, world: World, checkpoint: Mappin
         f"x --grad-accum {settings.grad_accum} x {world.size} processes = {now}"
     )
     if saved % world.size:
-        raise LogitcacheError(f"{base}; {saved} windows do not split over {world.size} processes: use a number of processes dividing {saved}")
+        raise LogitcacheError(
+            f"{base}; {saved} windows do not split over {world.size} processes: use a number of processes dividing {saved}"
+        )
     per_process = saved // world.size
     accum = settings.grad_accum if per_process % settings.grad_accum == 0 else 1
     raise LogitcacheError(
@@ -303,7 +319,7 @@ def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray) -> Batch:
 
 
 class CorpusStream:
-    """Endless step batches of in-memory windows ``[N, T]`` for one process, reshuffled each epoch from (seed, epoch).
+    """Endless step batches of in-memory windows ``[N, T]``, reshuffled each epoch from (seed, epoch).
 
     The order is :func:`logitcache.partition.worker_samples` over one unit of ``N`` windows, so the
     position in the stream is ``(epoch, sample_in_epoch)``, as for a cache; a process takes its
@@ -588,6 +604,8 @@ def evaluate(
         if data.manifest is not None:
             sums[2] += (prediction == teacher_top_ids(batch)[keep]).sum()
         sums[3] += keep.sum()
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward without backward
+        model.reshard()
     model.train()
     lm, kd, agree, tokens = all_sum(sums, world).tolist()
     all_sum(bins, world)
@@ -816,6 +834,7 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
     """The loop of :func:`run_train` for process ``world.rank`` on ``device``."""
     out = Path(settings.out)
     checkpoint_dir, checkpoint = prepare_out(settings, world)
+    check_same_start(world, checkpoint)
     # The order depends on lanes, so a resume keeps the checkpoint's whatever the number of processes.
     lanes = settings.lanes or (checkpoint["data"]["lanes"] if checkpoint is not None else world.size)
     step_windows = settings.batch_size * settings.grad_accum * world.size
