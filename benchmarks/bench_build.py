@@ -62,6 +62,9 @@ def build_table(args, work: Path) -> list[str]:
     corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
     base = dict(teacher=args.teacher, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
     teacher = load_teacher(BuildSettings(out=work / "x", **base))
+    params = sum(p.numel() for p in teacher.model.parameters())
+    print(f"teacher {params / 1e6:.0f}M parameters, vocab {teacher.vocab_size}, {teacher.dtype} on {teacher.device}; "
+          f"seq_len {args.seq_len}, batch {args.batch_size}")
     rows = ["| stage | tokens/s | ratio to bare forward |", "|---|---:|---:|"]
     windows = None
     results = {}
@@ -109,13 +112,13 @@ def storage_table(args, work: Path) -> list[str]:
     return out
 
 
-def make_teacher(preset: str, vocab: int, seq_len: int) -> tuple[Path, Path]:
+def make_teacher(preset: str, vocab: int, seq_len: int, repeat: int = 1) -> tuple[Path, Path]:
     """A random-initialised Llama teacher (tokenizer from stdlib docstrings) and a corpus, under a temp folder."""
     from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
 
     root = Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
     docs = list(stdlib_docstrings())
-    write_corpus(root / "corpus.jsonl", iter(docs))
+    write_corpus(root / "corpus.jsonl", iter(docs * repeat))
     train_tokenizer(docs, 4096, root / "tokenizer")
     make_model(root / "tokenizer", root / "teacher", preset=preset, max_positions=max(seq_len, 128), vocab_size=vocab)
     return root / "teacher", root / "corpus.jsonl"
@@ -132,9 +135,10 @@ def main() -> None:
     parser.add_argument("--make-teacher", metavar="PRESET", help="make a random-initialised teacher of this preset "
                         "(e.g. base: 12 layers, hidden 768) with --vocab ids instead of using --teacher; for GPU runs")
     parser.add_argument("--vocab", type=int, default=32768, help="output vocabulary of --make-teacher")
+    parser.add_argument("--repeat", type=int, default=1, help="with --make-teacher: repeat the corpus this many times")
     args = parser.parse_args()
     if args.make_teacher:
-        args.teacher, args.corpus = make_teacher(args.make_teacher, args.vocab, args.seq_len)
+        args.teacher, args.corpus = make_teacher(args.make_teacher, args.vocab, args.seq_len, args.repeat)
     if not (args.teacher / "config.json").is_file():
         raise SystemExit(f"no teacher at {args.teacher}: run `make demo` first or pass --teacher")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     out: Path = args.out
     started = time.monotonic()
+    for run in ("teacher-run", "student-ce", "student-rs-kd"):  # a re-run of the demo starts its training afresh
+        shutil.rmtree(out / run, ignore_errors=True)
 
     console.rule("1. corpus and tokenizer from the Python standard library's docstrings")
     docs = list(stdlib_docstrings())
@@ -65,7 +68,7 @@ def main() -> None:
     logitcache(
         "train", "--corpus", corpus, "--tokenizer", out / "tokenizer", "--init-from", out / "teacher-init",
         "--out", out / "teacher-run", "--seq-len", args.seq_len, "--steps", args.teacher_steps,
-        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 30, "--eval-every", 200, "--save-every", 200, "--overwrite",
+        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 30, "--eval-every", 200, "--save-every", 200,
     )
     teacher = out / "teacher-run" / "student"
 
@@ -82,7 +85,7 @@ def main() -> None:
         logitcache(
             "train", "--cache", out / "cache-sample", "--loss", loss, "--out", out / f"student-{loss}",
             "--student", args.student_preset, "--steps", args.student_steps, "--batch-size", 16, "--lr", 3e-3,
-            "--warmup-steps", 20, "--eval-every", args.student_steps, "--save-every", args.student_steps, "--overwrite",
+            "--warmup-steps", 20, "--eval-every", args.student_steps, "--save-every", args.student_steps,
         )
 
     summary = json.loads(subprocess.run(
@@ -93,7 +96,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     for loss in ("ce", "rs-kd"):
         m = final_eval(out / f"student-{loss}")
-        table.add_row(loss, f"{m['lm_loss']:.3f}", f"{100 * m['ece']:.2f}", f"{100 * m['teacher_agreement']:.1f}")
+        table.add_row(loss, f"{m['lm_loss']:.3f}", f"{100 * m['ece']:.2f}", f"{100 * m['top1_agreement']:.1f}")
     console.print()
     console.print(table)
     console.print(
