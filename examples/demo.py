@@ -46,9 +46,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for everything the demo makes")
     parser.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary size")
     parser.add_argument("--teacher-preset", default="micro", help="teacher size (logitcache.tiny.MODEL_PRESETS)")
-    parser.add_argument("--teacher-steps", type=int, default=600, help="teacher pretraining steps")
+    parser.add_argument("--teacher-steps", type=int, default=300, help="teacher pretraining steps")
     parser.add_argument("--student-preset", default="nano", help="student size")
-    parser.add_argument("--student-steps", type=int, default=200, help="steps for each student")
+    parser.add_argument("--student-steps", type=int, default=150, help="steps for each student")
+    parser.add_argument("--distill-docs", type=int, default=2000, help="documents cached and distilled on (the first ones)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     args = parser.parse_args()
     out: Path = args.out
@@ -60,6 +61,8 @@ def main() -> None:
     docs = list(stdlib_docstrings())
     corpus = out / "corpus.jsonl"
     write_corpus(corpus, iter(docs))
+    distill = out / "distill.jsonl"
+    write_corpus(distill, iter(docs[: args.distill_docs]))
     train_tokenizer(docs, args.vocab, out / "tokenizer")
     console.print(f"{len(docs)} documents, {corpus.stat().st_size / 1e6:.1f} MB → {corpus}; tokenizer of {args.vocab} ids")
 
@@ -68,14 +71,14 @@ def main() -> None:
     logitcache(
         "train", "--corpus", corpus, "--tokenizer", out / "tokenizer", "--init-from", out / "teacher-init",
         "--out", out / "teacher-run", "--seq-len", args.seq_len, "--steps", args.teacher_steps,
-        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 30, "--eval-every", 200, "--save-every", 200,
+        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 30, "--eval-every", args.teacher_steps, "--save-every", args.teacher_steps,
     )
     teacher = out / "teacher-run" / "student"
 
     console.rule("3. the cache: top-k and RS-KD sampled targets")
     for method, extra in (("topk", ("--k", 32)), ("sample", ("--samples", 50))):
         logitcache(
-            "build", "--teacher", teacher, "--corpus", corpus, "--out", out / f"cache-{method}",
+            "build", "--teacher", teacher, "--corpus", distill, "--out", out / f"cache-{method}",
             "--method", method, *extra, "--seq-len", args.seq_len, "--batch-size", 16, "--shard-size", 512, "--overwrite",
         )
     logitcache("validate", out / "cache-sample")
