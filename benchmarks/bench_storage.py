@@ -1,0 +1,484 @@
+"""Storage benchmark: bytes per stored entry under Parquet writer options, and what users write today.
+
+    python3 benchmarks/bench_storage.py --teacher demo-out/teacher-run/student --corpus demo-out/corpus.jsonl
+
+Builds ``topk`` k=32 and ``sample`` N=50 caches with a *trained* teacher (a random-initialised one
+draws ~50 distinct ids at N=50, which changes the per-entry overhead). With no teacher at
+``--teacher`` it pretrains the demo's (micro preset, 600 steps, bit-identical to ``make demo``'s)
+under ``--work`` and reuses it next time. The demo teacher is not very sharp (~30 distinct ids per
+position at N=50), so a third cache draws at proposal temperature ``--sharp-tau`` (0.5: ~11 ids
+per position, the regime of real LLM teachers) as a stand-in for a sharper teacher.
+
+Then it re-writes the very same shards (``to_table`` of the decoded targets) with each writer
+variant, in memory, and reports bytes per stored entry (file bytes over stored ids, all columns and
+the footer counted: what ``logitcache inspect`` calls ``bytes_per_entry``) and write throughput
+(MB of Arrow data per CPU second of ``pq.write_table``, best of ``--repeat``). Only writer options
+change: the v1 column types are published. Every variant's first shard is read back with
+pyarrow, Polars, DuckDB and Hugging Face ``datasets``; "readers failing" names any that cannot.
+Column chunks are compressed independently, so a per-column table shows where the bytes go, and
+two more check the id order (ids ascending within a position instead of by log-probability: a
+convention change, reported only) and the id width (ids mapped into a 152k vocabulary).
+
+Finally the same targets in the layouts people use today: axolotl's KD dataset columns
+(``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
+``target_mask: list<list<int64>>``; ``target_counts`` too for sample) as Arrow IPC (what
+``save_to_disk`` writes) and Parquet, and JSON Lines of the same lists. Their log-probabilities are
+the teacher's float32 values, recomputed (the cache holds float16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_build import small_corpus  # noqa: E402
+
+from logitcache import shards as shards_mod  # noqa: E402
+from logitcache.build import BuildSettings, load_teacher, run_build  # noqa: E402
+from logitcache.shards import WindowTargets, read_shard, shard_metadata, to_table  # noqa: E402
+from logitcache.summary import summarize  # noqa: E402
+
+DEFAULT_WORK = Path("/tmp/logitcache-bench")
+
+# ---- a trained teacher ----------------------------------------------------------------------
+
+
+def ensure_teacher(teacher: Path, corpus: Path, work: Path, steps: int = 600) -> tuple[Path, Path]:
+    """(teacher, corpus): the given ones if they exist, else the demo's recipe under ``work``.
+
+    The recipe is examples/demo.py's: stdlib docstrings, a 2048-id BPE tokenizer, a micro Llama
+    pretrained with ``logitcache train`` for ``steps`` steps at seq_len 128.
+    """
+    if (teacher / "config.json").is_file() and corpus.is_file():
+        return teacher, corpus
+    from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
+
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, trained = work / "corpus.jsonl", work / "teacher-run" / "student"
+    if not corpus.is_file():
+        docs = list(stdlib_docstrings())
+        write_corpus(corpus, iter(docs))
+        train_tokenizer(docs, 2048, work / "tokenizer")
+    if not (trained / "config.json").is_file():
+        if not (work / "teacher-init" / "config.json").is_file():
+            make_model(work / "tokenizer", work / "teacher-init", preset="micro", max_positions=128)
+        print(f"pretraining a teacher under {work} ({steps} steps)...", file=sys.stderr)
+        subprocess.run(
+            [sys.executable, "-m", "logitcache", "train", "--corpus", str(corpus), "--tokenizer", str(work / "tokenizer"),
+             "--init-from", str(work / "teacher-init"), "--out", str(work / "teacher-run"), "--seq-len", "128",
+             "--steps", str(steps), "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "30",
+             "--eval-every", str(steps), "--save-every", str(steps)],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    return trained, corpus
+
+
+# ---- writer variants -----------------------------------------------------------------------
+
+ELEMENT = "{}.list.element"  # column_encoding / use_dictionary need the leaf path; "target_ids" alone is ignored
+INT_COLUMNS = ("input_ids", "target_lengths", "target_ids", "target_counts")
+HALF_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
+CHOSEN_DICTIONARY = getattr(shards_mod, "DICTIONARY_COLUMNS", ("target_lengths", "target_ids", "target_counts"))
+
+
+def options(names: list[str], *, level: int = 3, dictionary=(), encoding: dict | None = None,
+            row_group: int = 128, page: int | None = None) -> dict:
+    """``pq.write_table`` keyword arguments; ``dictionary``/``encoding`` name columns, dropped if absent."""
+    kwargs = {
+        "compression": "zstd",
+        "compression_level": level,
+        "row_group_size": row_group,
+        "write_statistics": ["sequence_id"],
+        "use_dictionary": [ELEMENT.format(c) for c in dictionary if c in names] or False,
+    }
+    encoding = {ELEMENT.format(c): e for c, e in (encoding or {}).items() if c in names}
+    if encoding:
+        kwargs["column_encoding"] = encoding
+    if page is not None:
+        kwargs["data_page_size"] = page
+    return kwargs
+
+
+def variants(names: list[str]) -> list[tuple[str, dict]]:
+    """(label, write_table kwargs) for each variant measured."""
+    o = lambda **kw: options(names, **kw)  # noqa: E731
+    chosen = dict(dictionary=CHOSEN_DICTIONARY)
+    half_bss = {c: "BYTE_STREAM_SPLIT" for c in HALF_COLUMNS}
+    return [
+        ("v1 as shipped: zstd-3, PLAIN, no dictionary", o()),
+        ("zstd-9", o(level=9)),
+        ("zstd-19", o(level=19)),
+        ("dictionary: all columns", o(dictionary=INT_COLUMNS + HALF_COLUMNS)),
+        ("dictionary: float16 columns", o(dictionary=HALF_COLUMNS)),
+        ("dictionary: input_ids", o(dictionary=("input_ids",))),
+        ("dictionary: target_ids", o(dictionary=("target_ids",))),
+        ("dictionary: lengths + counts", o(dictionary=("target_lengths", "target_counts"))),
+        ("DELTA_BINARY_PACKED: all int columns", o(encoding={c: "DELTA_BINARY_PACKED" for c in INT_COLUMNS})),
+        ("BYTE_STREAM_SPLIT: target_ids", o(encoding={"target_ids": "BYTE_STREAM_SPLIT"})),
+        ("BYTE_STREAM_SPLIT: float16 columns", o(encoding=half_bss)),
+        ("**chosen: dictionary on target_ids, lengths, counts; zstd-3**", o(**chosen)),
+        ("chosen + zstd-9", o(**chosen, level=9)),
+        ("chosen + zstd-19", o(**chosen, level=19)),
+        ("chosen + BYTE_STREAM_SPLIT float16", o(**chosen, encoding=half_bss)),
+        ("chosen + BYTE_STREAM_SPLIT float16 + zstd-9", o(**chosen, encoding=half_bss, level=9)),
+        ("chosen; data pages 64 KiB", o(**chosen, page=64 << 10)),
+        ("chosen; data pages 8 MiB", o(**chosen, page=8 << 20)),
+        ("chosen; row groups of 512 windows (whole shard)", o(**chosen, row_group=512)),
+    ]
+
+
+def column_grid(caches: dict[str, Cache]) -> list[str]:
+    """Each column alone under each encoding (Parquet compresses column chunks independently, so totals add up)."""
+    encodings = [("PLAIN", 3), ("PLAIN", 9), ("PLAIN", 19), ("dictionary", 3), ("DELTA_BINARY_PACKED", 3), ("BYTE_STREAM_SPLIT", 3)]
+    rows = ["| cache | column | " + " | ".join(f"{e} zstd-{lv}" for e, lv in encodings) + " |",
+            "|---|---|" + "---:|" * len(encodings)]
+    for method, cache in caches.items():
+        tables = cache.tables()
+        for column in tables[0].column_names[1:]:
+            cells = []
+            for encoding, level in encodings:
+                kwargs = {"compression": "zstd", "compression_level": level, "row_group_size": shards_mod.ROW_GROUP_ROWS,
+                          "write_statistics": False, "use_dictionary": encoding == "dictionary"}
+                if encoding not in ("PLAIN", "dictionary"):
+                    kwargs["column_encoding"] = {ELEMENT.format(column): encoding}
+                try:
+                    size = sum(len(write_bytes(t.select([column]), kwargs)) for t in tables)
+                    cells.append(f"{size / cache.entries:.3f}")
+                except (pa.ArrowException, ValueError, OSError):  # encoding not defined for the type
+                    cells.append("n/a")
+            rows.append(f"| {method} | {column} | {' | '.join(cells)} |")
+    return rows
+
+
+def write_bytes(table: pa.Table, kwargs: dict) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, **kwargs)
+    return sink.getvalue()
+
+
+def best_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Best CPU time of ``repeat`` runs (writing is single-threaded; CPU time is steadier on a shared machine)."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        fn()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def readers_fail(data: bytes, table: pa.Table, scratch: Path) -> list[str]:
+    """Names of the tools that cannot read ``data`` back to ``table``'s values (empty: all can)."""
+    path = scratch / "check.parquet"
+    path.write_bytes(data)
+    failed = []
+    ids = table.column("target_ids").combine_chunks().flatten().to_numpy()
+    lps = table.column("target_logprobs").combine_chunks().flatten().to_numpy()
+    try:
+        if not pq.read_table(path).equals(table):
+            failed.append("pyarrow (values)")
+    except Exception:  # noqa: BLE001 - any failure is what we report
+        failed.append("pyarrow")
+    try:
+        import polars as pl
+
+        frame = pl.read_parquet(path, columns=["target_ids", "target_logprobs"])
+        ok = np.array_equal(frame["target_ids"].explode().to_numpy(), ids) and np.array_equal(
+            frame["target_logprobs"].explode().cast(pl.Float32).to_numpy(), lps.astype(np.float32))
+        failed += [] if ok else ["polars (values)"]
+    except Exception:  # noqa: BLE001
+        failed.append("polars")
+    try:
+        import duckdb
+
+        got = duckdb.sql(f"select target_ids, target_logprobs from '{path}' order by sequence_id").fetchall()
+        ok = np.array_equal(np.concatenate([np.asarray(r[0]) for r in got]), ids) and np.array_equal(
+            np.concatenate([np.asarray(r[1], dtype=np.float32) for r in got]), lps.astype(np.float32))
+        failed += [] if ok else ["duckdb (values)"]
+    except Exception:  # noqa: BLE001
+        failed.append("duckdb")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train", cache_dir=str(scratch / "hf"))
+        ok = np.array_equal(np.concatenate([np.asarray(x) for x in ds["target_ids"]]), ids)
+        failed += [] if ok else ["datasets (values)"]
+    except Exception:  # noqa: BLE001
+        failed.append("datasets")
+    return failed
+
+
+def sorted_by_id(t: WindowTargets) -> WindowTargets:
+    """The same targets with ids ascending within each position (NOT the v1 convention)."""
+    position = np.repeat(np.arange(t.target_lengths.size), t.target_lengths.reshape(-1).astype(np.int64))
+    order = np.lexsort((t.target_ids, position))
+    return WindowTargets(**{**t.__dict__, "target_ids": t.target_ids[order], "target_logprobs": t.target_logprobs[order],
+                            "target_counts": None if t.target_counts is None else t.target_counts[order]})
+
+
+def remapped_ids(t: WindowTargets, vocab: int, big_vocab: int, seed: int = 0) -> WindowTargets:
+    """The same targets with ids (and input_ids) sent through a random injective map into ``big_vocab``."""
+    table = np.random.default_rng(seed).choice(big_vocab, size=vocab, replace=False).astype(np.int32)
+    return WindowTargets(**{**t.__dict__, "target_ids": table[t.target_ids], "input_ids": table[t.input_ids]})
+
+
+class Cache:
+    """A built cache's shards decoded, as Arrow tables ready to be re-written."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.manifest = json.loads((root / "manifest.json").read_text())
+        files = [root / s["file"] for s in self.manifest["shards"]]
+        self.targets = [read_shard(f) for f in files]
+        self.meta = [shard_metadata(f) for f in files]
+        self.entries = sum(len(t.target_ids) for t in self.targets)
+        self.tokens = self.manifest["totals"]["tokens"]
+        self.positions = self.manifest["totals"]["positions"]
+
+    def tables(self, transform: Callable[[WindowTargets], WindowTargets] | None = None) -> list[pa.Table]:
+        return [to_table(transform(t) if transform else t, m) for t, m in zip(self.targets, self.meta)]
+
+
+def measure(tables: list[pa.Table], kwargs: dict, repeat: int) -> tuple[int, float, list[bytes]]:
+    """(bytes written, Arrow MB/s of writing, the files) for ``tables`` written with ``kwargs``."""
+    files: list[bytes] = []
+    seconds = best_seconds(lambda: files.__setitem__(slice(None), [write_bytes(t, kwargs) for t in tables]), repeat)
+    mb = sum(t.nbytes for t in tables) / 1e6
+    return sum(len(f) for f in files), mb / seconds, files
+
+
+def variant_table(caches: dict[str, Cache], repeat: int, scratch: Path, check_readers: bool) -> list[str]:
+    rows = ["| writer variant | " + " | ".join(f"{m} B/entry | {m} MB/s" for m in caches) + " | readers failing |",
+            "|---|" + "---:|" * (2 * len(caches)) + "---|"]
+    tables = {m: c.tables() for m, c in caches.items()}
+    labels = [label for label, _ in variants(tables[next(iter(caches))][0].column_names)]
+    for i, label in enumerate(labels):
+        cells, failing = [], set()
+        for method, cache in caches.items():
+            kwargs = variants(tables[method][0].column_names)[i][1]
+            size, speed, files = measure(tables[method], kwargs, repeat)
+            cells += [f"{size / cache.entries:.3f}", f"{speed:,.0f}"]
+            if check_readers:
+                failing.update(readers_fail(files[0], tables[method][0], scratch))
+        rows.append(f"| {label} | {' | '.join(cells)} | {', '.join(sorted(failing)) or 'none'} |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def column_table(caches: dict[str, Cache], chosen: dict[str, Callable[[list[str]], dict]]) -> list[str]:
+    """Compressed bytes per stored entry, column by column (footer: file bytes minus column chunks)."""
+    rows = ["| column | " + " | ".join(f"{m} {label}" for m in caches for label in chosen) + " |",
+            "|---|" + "---:|" * (len(caches) * len(chosen))]
+    sizes: dict[str, list[str]] = {}
+    for method, cache in caches.items():
+        for label, make in chosen.items():
+            per_column: dict[str, int] = {}
+            total = 0
+            for table in cache.tables():
+                data = write_bytes(table, make(table.column_names))
+                total += len(data)
+                meta = pq.ParquetFile(io.BytesIO(data)).metadata
+                for g in range(meta.num_row_groups):
+                    group = meta.row_group(g)
+                    for c in range(group.num_columns):
+                        name = group.column(c).path_in_schema.split(".")[0]
+                        per_column[name] = per_column.get(name, 0) + group.column(c).total_compressed_size
+            per_column["(footer and metadata)"] = total - sum(per_column.values())
+            per_column["total"] = total
+            for name in ["sequence_id", "input_ids", "target_lengths", "target_ids", "target_logprobs", "tail_logprob",
+                         "target_counts", "gold_logprob", "(footer and metadata)", "total"]:
+                value = per_column.get(name)
+                sizes.setdefault(name, []).append("—" if value is None else f"{value / cache.entries:.3f}")
+    rows += [f"| {name} | {' | '.join(cells)} |" for name, cells in sizes.items()]
+    return rows
+
+
+def convention_table(caches: dict[str, Cache], chosen: Callable[[list[str]], dict], vocab: int, big_vocab: int) -> list[str]:
+    rows = ["| targets | " + " | ".join(f"{m} B/entry" for m in caches) + " |", "|---|" + "---:|" * len(caches)]
+    cases = {
+        "v1 order (descending logprob)": None,
+        "ids ascending within a position (convention change, not applied)": sorted_by_id,
+        f"ids mapped into a {big_vocab:,}-id vocabulary (descending logprob)": lambda t: remapped_ids(t, vocab, big_vocab),
+        f"ids mapped into {big_vocab:,} ids, ascending within a position": lambda t: sorted_by_id(remapped_ids(t, vocab, big_vocab)),
+    }
+    for label, transform in cases.items():
+        cells = []
+        for cache in caches.values():
+            tables = cache.tables(transform)
+            cells.append(f"{sum(len(write_bytes(t, chosen(t.column_names))) for t in tables) / cache.entries:.3f}")
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    return rows
+
+
+# ---- what users write today ----------------------------------------------------------------
+
+
+def exact_logprobs(teacher, t: WindowTargets, batch: int = 16) -> np.ndarray:
+    """float32 teacher log-probs at the stored ids (what a user's ``.tolist()`` holds; the cache rounds to float16)."""
+    import torch
+
+    out = []
+    flat_lengths = t.target_lengths.reshape(len(t), -1).astype(np.int64)
+    offset = 0
+    with torch.inference_mode():
+        for i in range(0, len(t), batch):
+            ids = torch.from_numpy(t.input_ids[i : i + batch].astype(np.int64))
+            lp = torch.log_softmax(teacher.model(input_ids=ids).logits[:, :-1].float(), -1).reshape(-1, teacher.vocab_size)
+            lengths = flat_lengths[i : i + batch].reshape(-1)
+            rows = np.repeat(np.arange(len(lengths)), lengths)
+            count = int(lengths.sum())
+            out.append(lp[torch.from_numpy(rows), torch.from_numpy(t.target_ids[offset : offset + count].astype(np.int64))].numpy())
+            offset += count
+    return np.concatenate(out).astype(np.float32)
+
+
+def nested(values: np.ndarray, lengths: np.ndarray, rows: int, arrow_type: pa.DataType) -> pa.ListArray:
+    """``list<list<T>>``: one row per window, one inner list per position of ``lengths[i]`` values."""
+    inner_offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=inner_offsets[1:])
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(values, type=arrow_type))
+    per_row = len(lengths) // rows
+    return pa.ListArray.from_arrays(pa.array(np.arange(rows + 1, dtype=np.int32) * per_row), inner)
+
+
+def axolotl_table(t: WindowTargets, logprobs: np.ndarray) -> pa.Table:
+    """axolotl's KD dataset columns for the same targets (float32 log-probs, int64 ids and mask)."""
+    b, n = t.input_ids.shape
+    lengths = t.target_lengths.reshape(-1).astype(np.int64)
+    columns = {
+        "input_ids": pa.array(list(t.input_ids.astype(np.int64)), type=pa.list_(pa.int64())),
+        "target_token_ids": nested(t.target_ids.astype(np.int64), lengths, b, pa.int64()),
+        "target_logprobs": nested(logprobs.astype(np.float32), lengths, b, pa.float32()),
+        "target_mask": nested(np.ones(len(t.target_ids), dtype=np.int64), lengths, b, pa.int64()),
+    }
+    if t.target_counts is not None:
+        columns["target_counts"] = nested(t.target_counts.astype(np.int64), lengths, b, pa.int64())
+    return pa.table(columns)
+
+
+def jsonl_bytes(table: pa.Table) -> bytes:
+    """JSON Lines, one window per line, as ``json.dumps(row)`` of ``.tolist()`` values writes them."""
+    return "".join(json.dumps(row) + "\n" for row in table.to_pylist()).encode()
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def user_formats_table(caches: dict[str, Cache], chosen: Callable[[list[str]], dict], teacher) -> list[str]:
+    import zstandard
+
+    def ours(t: WindowTargets, m: dict, _lp) -> bytes:
+        table = to_table(t, m)
+        return write_bytes(table, chosen(table.column_names))
+
+    formats: list[tuple[str, Callable]] = [
+        ("logitcache v1 shard (chosen writer options)", ours),
+        ("axolotl layout, Arrow IPC (what `save_to_disk` writes)", lambda t, m, lp: ipc_bytes(axolotl_table(t, lp))),
+        ("axolotl layout, Parquet, pyarrow defaults (snappy, dictionary)", lambda t, m, lp: write_bytes(axolotl_table(t, lp), {})),
+        ("axolotl layout, Parquet zstd-3", lambda t, m, lp: write_bytes(axolotl_table(t, lp), {"compression": "zstd"})),
+        ("axolotl layout, Parquet zstd-3, log-probs rounded to float16 first",
+         lambda t, m, lp: write_bytes(axolotl_table(t, t.target_logprobs), {"compression": "zstd"})),
+        ("JSON Lines of the same lists", lambda t, m, lp: jsonl_bytes(axolotl_table(t, lp))),
+        ("JSON Lines, zstd-3", lambda t, m, lp: zstandard.ZstdCompressor(level=3).compress(jsonl_bytes(axolotl_table(t, lp)))),
+    ]
+    exact = {name: [exact_logprobs(teacher, t) for t in cache.targets] for name, cache in caches.items()}
+    rows = ["| format | " + " | ".join(f"{m} B/token | {m} B/entry" for m in caches) + " | × logitcache |",
+            "|---|" + "---:|" * (2 * len(caches) + 1)]
+    base = {}
+    for label, fn in formats:
+        cells, ratio = [], []
+        for name, cache in caches.items():
+            size = sum(len(fn(t, m, lp)) for t, m, lp in zip(cache.targets, cache.meta, exact[name]))
+            base.setdefault(name, size)
+            cells += [f"{size / cache.tokens:,.1f}", f"{size / cache.entries:.2f}"]
+            ratio.append(f"{size / base[name]:.1f}")
+        rows.append(f"| {label} | {' | '.join(cells)} | {' / '.join(ratio)} |")
+    return rows
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+
+def chosen_options(names: list[str]) -> dict:
+    """What ``write_shard`` passes to ``pq.write_table`` (kept in step with logitcache.shards)."""
+    return options(names, level=shards_mod.ZSTD_LEVEL, row_group=shards_mod.ROW_GROUP_ROWS, dictionary=CHOSEN_DICTIONARY)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
+    parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where a missing teacher is pretrained")
+    parser.add_argument("--corpus-bytes", type=int, default=400_000, help="how much of the corpus to build over")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=2, help="writes per variant (best CPU time kept)")
+    parser.add_argument("--big-vocab", type=int, default=151_936, help="vocabulary for the id-width check")
+    parser.add_argument("--sharp-tau", type=float, default=0.5,
+                        help="also a sample cache drawn at this proposal temperature: fewer distinct ids per "
+                             "position, a stand-in for a sharper teacher (0: skip)")
+    parser.add_argument("--no-readers", action="store_true", help="skip the polars/duckdb/datasets read-back")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    teacher_dir, corpus = ensure_teacher(args.teacher, args.corpus, args.work)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
+        base = dict(teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
+        builds = {"topk": {"method": "topk", "k": 32}, "sample": {"method": "sample", "samples": 50}}
+        if args.sharp_tau:
+            builds[f"sample τ={args.sharp_tau:g}"] = {"method": "sample", "samples": 50, "proposal_temperature": args.sharp_tau}
+        teacher = None
+        roots = {}
+        for i, (name, extra) in enumerate(builds.items()):
+            settings = BuildSettings(out=work / f"cache-{i}", **base, **extra)
+            teacher = teacher or load_teacher(settings)
+            run_build(settings, teacher=teacher)
+            roots[name] = settings.out
+        caches = {m: Cache(r) for m, r in roots.items()}
+        vocab = caches["topk"].manifest["vocab_size"]
+        print(f"teacher {teacher_dir}; vocab {vocab}; seq_len {args.seq_len}; pyarrow {pa.__version__}; "
+              f"write MB/s = MB of Arrow data per CPU second of pq.write_table, best of {args.repeat}")
+        lines = ["| cache | tokens | entries/position | bytes/entry (`inspect`) | bytes/token | teacher ppl |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for name, root in roots.items():
+            s = summarize(root)
+            lines.append(f"| {name} {s['params']} | {s['tokens']:,} | {s['mean_ids_per_position']:.2f} | "
+                         f"{s['bytes_per_entry']:.3f} | {s['bytes_per_token']:.2f} | {s['teacher_perplexity']:.1f} |")
+        print("\n## Caches as built by `run_build` (the current `write_shard`)\n\n" + "\n".join(lines), flush=True)
+        print("\n## Writer variants (the same targets re-written; bytes per stored entry, all columns)\n\n" + "\n".join(
+            variant_table(caches, args.repeat, work, not args.no_readers)), flush=True)
+        print("\n## Each column alone, bytes per stored entry\n\n" + "\n".join(column_grid(caches)), flush=True)
+        per_column = {"v1": lambda names: options(names), "chosen": chosen_options}
+        print("\n## Bytes per entry by column, v1 vs chosen\n\n" + "\n".join(column_table(caches, per_column)), flush=True)
+        print("\n## Id order and id width (chosen writer options)\n\n" + "\n".join(
+            convention_table(caches, chosen_options, vocab, args.big_vocab)), flush=True)
+        print("\n## Same targets in the formats users write today (float32 log-probs recomputed from the teacher)\n\n"
+              + "\n".join(user_formats_table(caches, chosen_options, teacher)))
+
+
+if __name__ == "__main__":
+    main()
