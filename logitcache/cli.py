@@ -91,7 +91,7 @@ def build(
     backend: Annotated[str, typer.Option(help="Teacher engine: hf (transformers; CPU or GPU) or vllm (GPU).")] = "hf",
     device: Annotated[Optional[str], typer.Option(help="Torch device for the hf backend (default: cuda if present, else cpu); vllm: device of the sample path's output head (default cuda).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU; vllm: bfloat16).")] = None,
-    chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 64 on CPU, 1024 on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = None,
+    chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 16 on CPU, 1024 on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = None,
     num_workers: Annotated[int, typer.Option(help="Workers sharing this build (one process per GPU or node).")] = 1,
     worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs per teacher replica (tensor parallelism).")] = 1,
@@ -201,6 +201,7 @@ def train(
     student_config: Annotated[Optional[Path], typer.Option(help="Student from a Hugging Face config.json (random init) instead of a preset.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Student from the weights of a Hugging Face model folder instead of a preset.")] = None,
     compile: Annotated[bool, typer.Option(help="Compile the student's forward pass with torch.compile.")] = False,
+    fused_loss: Annotated[bool, typer.Option(help="Fuse the output head with the loss in chunks of rows: no [B, T, vocab] logits in memory (falls back to the plain loss when the student's logits are not its head of its hidden states; off under --fsdp).")] = True,
     device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if present, else cpu); bf16 autocast on CUDA. Under torchrun: cuda or cpu, each process takes cuda:LOCAL_RANK.")] = None,
     fsdp: Annotated[bool, typer.Option(help="Under torchrun: shard the student's weights, gradients and optimizer state over the processes (FSDP2) instead of copying it to each (DDP).")] = False,
     lanes: Annotated[Optional[int], typer.Option(help="Contiguous runs of the data order per global batch (default: the number of processes; a resume keeps the checkpoint's). Pass N to replay an N-process run's order on another number of processes.")] = None,
@@ -219,7 +220,7 @@ def train(
         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, clip=clip,
         alpha=alpha, temperature=temperature, eval_every=eval_every, eval_windows=eval_windows,
         eval_cache=eval_cache, save_every=save_every, resume=resume, seed=seed, student=student,
-        student_config=student_config, init_from=init_from, compile=compile, device=device, fsdp=fsdp, lanes=lanes,
+        student_config=student_config, init_from=init_from, compile=compile, fused_loss=fused_loss, device=device, fsdp=fsdp, lanes=lanes,
     )
     transformers.logging.disable_progress_bar()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 alone shows progress

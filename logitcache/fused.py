@@ -13,7 +13,8 @@ whatever ``B * P`` is.
 
 Why the gradient in forward rather than logits recomputed in backward: it takes the same three
 head matmuls per step as the unfused path, where recomputing takes four (a third more head
-FLOPs) and a second softmax over ``[R, V]``. The price: forward computes gradients even if
+FLOPs: what dominates on a CPU) and a second pass of logsumexp and exp over ``[R, V]`` with
+twice the kernel launches (what dominates on a GPU). The price: forward computes gradients even if
 backward never runs (so a forward without grad, e.g. evaluation, skips them), and the saved
 gradients are scaled in place by backward, so backward runs once (a second
 ``backward(retain_graph=True)`` raises instead of scaling twice).
@@ -26,8 +27,8 @@ outside bucket ``u * (lse(z) - lse_uncached(z))``, ``u`` the teacher's renormali
 gradient is ``u * p`` on the cached ids and ``u * (p - q)`` elsewhere, ``q`` the softmax over
 the uncached ids. These run in place on the chunk's logits buffer (a logsumexp, a subtract, an
 exp and scatters of ``[C, K]`` values) with no autograd graph, so a KD step costs what a CE step
-costs. The teacher weights come from the same pure pieces of :mod:`logitcache.losses`, and the
-cached ids of a row are assumed distinct, as a cache stores them.
+costs. The teacher weights come from the same pure pieces of :mod:`logitcache.losses`, once for
+all rows before the chunks; the cached ids of a row are assumed distinct, as a cache stores them.
 
 Every other loss of :data:`~logitcache.losses.LOSSES` runs its plain function on each chunk under
 autograd: the same memory bound, at the plain loss's speed.
@@ -49,9 +50,9 @@ from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_
 
 _CLOSED_FORMS = ("ce", "rs-kd", "topk-renorm", "kl", "topk-ghost")
 
-# (logits [C, V] float32, that may be overwritten; rows; whether to return the gradient)
-#   -> (loss summed over the rows [] float32, d loss / d logits [C, V] float32 or None)
-ChunkLoss = Callable[[Tensor, Rows, bool], tuple[Tensor, Tensor | None]]
+# (logits [C, V] float32 of the rows in span, may be overwritten; span; whether to return the gradient)
+#   -> (loss summed over those rows [] float32, d loss / d logits [C, V] float32 or None)
+ChunkLoss = Callable[[Tensor, slice, bool], tuple[Tensor, Tensor | None]]
 
 
 def supports(name: str) -> bool:
@@ -60,140 +61,193 @@ def supports(name: str) -> bool:
     return name in LOSSES
 
 
+def student_hidden(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
+    """``[B, T, H]``: an HF causal LM's final hidden states (after its last norm), from its own
+    forward so that wrappers (DDP, ``torch.compile``) see the call; logits only for the last position."""
+    return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+
+
+@torch.no_grad()
+def output_head(model: torch.nn.Module, input_ids: Tensor) -> torch.nn.Linear | None:
+    """The head of an HF causal LM whose logits are exactly ``head(student_hidden(model, ids))``, else None.
+
+    Checked on ``input_ids`` ``[B, T] int64`` (a row of the first batch will do) in eval mode, so
+    that a model which changes its logits after the head (soft-capping, logit scales) or reports
+    other hidden states is caught whatever its architecture: it must be trained with the plain loss.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=input_ids).logits.float()
+        ours = head(student_hidden(model, input_ids)).float()
+    except (TypeError, ValueError, IndexError):  # no logits_to_keep, or no hidden states
+        return None
+    finally:
+        model.train(training)
+    return head if ours.shape == logits.shape and torch.allclose(ours, logits, rtol=1e-4, atol=1e-4) else None
+
+
 def default_chunk_rows(vocab_size: int, hidden_size: int, device: torch.device | str) -> int:
     """Counted positions per chunk when ``fused_loss`` is given none.
 
     Every chunk reads the head ``[V, H]`` three times and rewrites its gradient once, so chunks
     must be tall enough for that to stay small beside the chunk's own logits traffic. GPU: at
-    least 512 rows (the head matmuls stay compute-bound) and 16M logits (64 MiB float32). CPU:
-    ``2 * H`` rows, with the chunk's logits kept between 128K elements (L2-sized, 512 KiB) and 4M
-    (16 MiB); measured best for H = 64 at V = 2048 and 32768.
+    least 512 rows (the head matmuls stay compute-bound) and 64M logits (256 MiB float32; few
+    chunks, so few kernel launches). CPU: ``2 * H`` rows, the chunk's logits kept between 128K
+    elements (512 KiB, cache-sized) and 4M (16 MiB); measured best for H = 64 at V = 2048 and 32768.
     """
     if torch.device(device).type == "cuda":
-        return max(512, (1 << 24) // vocab_size)
+        return max(512, (1 << 26) // vocab_size)
     return max(1, (1 << 17) // vocab_size, min(2 * hidden_size, (1 << 22) // vocab_size))
 
 
 # ---- closed forms ------------------------------------------------------------------------
 
 
-class _Part(NamedTuple):
-    """``scale * (sum_k w_k * lse(z / T) - sum_k w_k * z[ids_k] / T)`` ``[C]``: a soft cross-entropy.
+class _Group(NamedTuple):
+    """Soft cross-entropies at one temperature: ``sum_k w_k * (lse(z / T) - z[ids_k] / T)`` ``[R]``.
 
-    ids ``[C, K] int64``, weights ``[C, K] float32`` (0 at padding).
+    ids ``[R, K] int64``; weights ``[R, K] float32`` (scales folded in, 0 at padding); total ``[R]``
+    their sum.
     """
 
     temperature: float
-    scale: float
     ids: Tensor
     weights: Tensor
+    total: Tensor
 
 
 class _Outside(NamedTuple):
-    """``weight * (lse(z) - lse(z over the ids not in ids[mask]))`` ``[C]``: topk-ghost's outside bucket."""
+    """topk-ghost's outside bucket ``weight * (lse(z) - lse(z off the cached ids))`` ``[R]``.
+
+    ids ``[R, K]`` and padding ``[R, K] bool`` of the cached ids; marks ``[R, K]`` float32: ~log(0)
+    on cached ids, +inf on padding, so that an ``amin`` scatter masks exactly the cached logits
+    (padding id 0 may also be a cached id of the row).
+    """
 
     weight: Tensor
     ids: Tensor
-    mask: Tensor
+    padding: Tensor
+    marks: Tensor
 
 
 class _ClosedForm(NamedTuple):
-    """A chunk's loss ``sum(parts) + outside + constant`` ``[C]`` as a function of its logits."""
+    """The loss ``sum(groups) + outside + constant`` ``[R]`` as a function of the rows' logits.
 
-    parts: list[_Part]
+    At most two groups (KD at T, gold CE at 1); the T = 1 group, which the outside bucket joins,
+    comes last. Built once for all rows; chunks ``take`` their rows.
+    """
+
+    groups: list[_Group]
     outside: _Outside | None
     constant: Tensor
 
+    def take(self, span: slice) -> _ClosedForm:
+        groups = [_Group(g.temperature, g.ids[span], g.weights[span], g.total[span]) for g in self.groups]
+        outside = None if self.outside is None else _Outside(*(t[span] for t in self.outside))
+        return _ClosedForm(groups, outside, self.constant[span])
+
 
 def _normalised(log_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``log softmax`` over the masked entries and its ``exp`` with 0 at padding, both ``[C, K]``."""
+    """``log softmax`` over the masked entries and its ``exp`` with 0 at padding, both ``[R, K]``."""
     log_t = _masked_log_softmax(log_values, mask)
     return log_t, log_t.exp().masked_fill(~mask, 0.0)
 
 
-def _kd_form(name: str, rows: Rows, vocab_size: int, scale: float, temperature: float, options: Mapping) -> _ClosedForm:
-    """``scale`` times the KD term of ``name`` (the ``*_rows`` function of losses.py, in closed form)."""
+def _kd_terms(
+    name: str, rows: Rows, vocab_size: int, temperature: float, options: Mapping
+) -> tuple[float, Tensor, Tensor | None, Tensor]:
+    """The KD term of ``name`` (its ``*_rows`` function of losses.py, in closed form) as
+    ``(T, weights [R, K], outside weight [R] or None, constant [R])``, soft targets on ``rows.ids``."""
     zero = rows.tail_logprob.new_zeros(rows.tail_logprob.shape)
     if name == "rs-kd":
         tau = options.get("proposal_temperature", 1.0)
         _, w = _normalised(rows.weights.log() + (1.0 - 1.0 / tau) * rows.logprobs, rows.mask)
-        return _ClosedForm([_Part(1.0, scale, rows.ids, w)], None, zero)
+        return 1.0, w, None, zero
     if name in ("topk-renorm", "kl"):
         log_t, t = _normalised(rows.logprobs / temperature, rows.mask)
-        scale *= temperature**2
-        constant = scale * _kl(log_t, torch.zeros_like(log_t), rows.mask) if name == "kl" else zero
-        return _ClosedForm([_Part(temperature, scale, rows.ids, t)], None, constant)
+        negative_entropy = _kl(log_t, torch.zeros_like(log_t), rows.mask) if name == "kl" else zero
+        return temperature, temperature**2 * t, None, temperature**2 * negative_entropy
     assert name == "topk-ghost", name
     # Buckets: the cached ids + [outside]; no outside bucket when the ids cover the vocabulary.
     buckets = torch.cat([rows.mask, rows.mask.sum(-1, keepdim=True) < vocab_size], -1)
     log_t, t = _normalised(torch.cat([rows.logprobs, rows.tail_logprob[:, None]], -1), buckets)
-    negative_entropy = _kl(log_t, torch.zeros_like(log_t), buckets)
-    return _ClosedForm([_Part(1.0, scale, rows.ids, t[:, :-1])], _Outside(scale * t[:, -1], rows.ids, rows.mask), scale * negative_entropy)
+    return 1.0, t[:, :-1], t[:, -1], _kl(log_t, torch.zeros_like(log_t), buckets)
 
 
-def _closed_form(name: str, rows: Rows, vocab_size: int, alpha: float, temperature: float, options: Mapping) -> _ClosedForm:
-    """``(1 - alpha) * kd + alpha * ce``; a term weighted 0 is left out, as in ``mixed_rows``."""
+def _closed_form(
+    name: str, rows: Rows, vocab_size: int, alpha: float, temperature: float, options: Mapping
+) -> _ClosedForm:
+    """``(1 - alpha) * kd + alpha * ce`` for all rows; a term weighted 0 is left out, as in ``mixed_rows``."""
     kd_weight, ce_weight = (0.0, 1.0) if name == "ce" else (1.0 - alpha, alpha)
-    form = _ClosedForm([], None, rows.tail_logprob.new_zeros(rows.tail_logprob.shape))
+    terms: list[tuple[float, Tensor, Tensor]] = []  # (T, ids, weights)
+    outside, constant = None, rows.tail_logprob.new_zeros(rows.tail_logprob.shape)
     if kd_weight:
-        form = _kd_form(name, rows, vocab_size, kd_weight, temperature, options)
+        t, weights, outside_weight, constant = _kd_terms(name, rows, vocab_size, temperature, options)
+        terms.append((t, rows.ids, kd_weight * weights))
+        constant = kd_weight * constant
+        if outside_weight is not None:
+            marks = torch.full_like(rows.logprobs, math.inf).masked_fill_(rows.mask, _LOG_ZERO)
+            outside = _Outside(kd_weight * outside_weight, rows.ids, ~rows.mask, marks)
     if ce_weight:
-        gold = _Part(1.0, ce_weight, rows.labels[:, None], torch.ones_like(rows.labels[:, None], dtype=torch.float32))
-        form = form._replace(parts=[*form.parts, gold])
-    return form
+        gold = rows.labels[:, None]
+        terms.append((1.0, gold, torch.full(gold.shape, ce_weight, device=gold.device)))
+    groups = []
+    for t in sorted({t for t, _, _ in terms}, key=lambda t: t == 1.0):
+        ids = torch.cat([i for u, i, _ in terms if u == t], -1)
+        weights = torch.cat([w for u, _, w in terms if u == t], -1)
+        groups.append(_Group(t, ids, weights, weights.sum(-1)))
+    return _ClosedForm(groups, outside, constant)
 
 
 def _soft_cross_entropy(
-    scaled: Tensor, parts: list[_Part], outside: _Outside | None, temperature: float, need_grad: bool
+    scaled: Tensor, group: _Group, outside: _Outside | None, need_grad: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """The ``parts`` (all at ``temperature``) and ``outside`` on ``scaled = z / temperature`` ``[C, V]``.
+    """``group`` (and ``outside``) on ``scaled = z / T`` ``[C, V]``: the loss summed over rows and
+    its gradient with respect to ``z``, computed in ``scaled``'s buffer.
 
-    Returns the loss summed over rows and its gradient with respect to ``z``, computed in
-    ``scaled``'s buffer. With an outside bucket the cached logits are first set to ~log(0) in
-    place, which gives ``lse_uncached`` with one logsumexp; the full ``lse`` adds the cached ones back.
+    With an outside bucket the cached logits are first set to ~log(0) in place, which gives
+    ``lse_uncached`` with one logsumexp; the full ``lse`` adds the cached ones back.
     """
-    ids = torch.cat([p.ids for p in parts], -1)
-    weights = torch.cat([p.scale * p.weights for p in parts], -1)
-    coef = weights.sum(-1)
-    value = -(weights * scaled.gather(-1, ids)).sum()
+    t = group.temperature
+    value = -(group.weights * scaled.gather(-1, group.ids)).sum()
     if outside is None:
         lse = scaled.logsumexp(-1)
-        value = value + (coef * lse).sum()
+        value = value + (group.total * lse).sum()
     else:
-        cached = scaled.gather(-1, outside.ids).masked_fill(~outside.mask, _LOG_ZERO)
-        marks = torch.full_like(cached, math.inf).masked_fill_(outside.mask, _LOG_ZERO)
-        scaled.scatter_reduce_(-1, outside.ids, marks, "amin")
+        cached = scaled.gather(-1, outside.ids).masked_fill_(outside.padding, _LOG_ZERO)
+        scaled.scatter_reduce_(-1, outside.ids, outside.marks, "amin")
         lse_out = scaled.logsumexp(-1)
         lse = torch.logaddexp(lse_out, cached.logsumexp(-1))
-        value = value + (coef * lse + outside.weight * (lse - lse_out)).sum()
+        value = value + (group.total * lse + outside.weight * (lse - lse_out)).sum()
     if not need_grad:
         return value, None
     if outside is None:
-        # coef * softmax(z / T) / T: exp(z / T - lse + log(coef / T)); coef 0 gives exp(-inf) = 0.
-        grad = scaled.sub_((lse - (coef / temperature).log())[:, None]).exp_()
-        return value, grad.scatter_add_(-1, ids, weights / -temperature)
+        # total * softmax(z / T) / T = exp(z / T - lse + log(total / T)); a total of 0 gives exp(-inf) = 0.
+        grad = scaled.sub_((lse - (group.total / t).log())[:, None]).exp_()
+        return value, grad.scatter_add_(-1, group.ids, group.weights / -t)
     # Uncached j: coef * p_j - u * q_j = q_j * (coef * p_out - u), q = softmax over the uncached
     # (stable when p_out underflows). Cached entries are exp(log 0) = 0 here; they get coef * p_i.
-    coef = coef + outside.weight
+    coef = group.total + outside.weight
     grad = scaled.sub_(lse_out[:, None]).exp_().mul_((coef * (lse_out - lse).exp() - outside.weight)[:, None])
-    cached_p = coef[:, None] * (cached - lse[:, None]).exp()
-    return value, grad.scatter_add_(-1, torch.cat([outside.ids, ids], -1), torch.cat([cached_p, -weights], -1))
+    grad.scatter_add_(-1, outside.ids, coef[:, None] * (cached - lse[:, None]).exp())
+    return value, grad.scatter_add_(-1, group.ids, -group.weights)
 
 
-def _closed_form_chunk(
-    z: Tensor, rows: Rows, need_grad: bool, *, name: str, alpha: float, temperature: float, options: Mapping
-) -> tuple[Tensor, Tensor | None]:
+def _closed_form_chunk(z: Tensor, span: slice, need_grad: bool, *, form: _ClosedForm) -> tuple[Tensor, Tensor | None]:
     """A :data:`ChunkLoss` for the closed-form losses; ``z`` is overwritten."""
-    form = _closed_form(name, rows, z.shape[-1], alpha, temperature, options)
-    # At most two temperatures (KD at T, gold CE at 1); T = 1 goes last and works in z's buffer.
-    temperatures = sorted({p.temperature for p in form.parts}, key=lambda t: t == 1.0)
+    form = form.take(span)
     total, grad = form.constant.sum(), None
-    for i, t in enumerate(temperatures):
-        scaled = z.div_(t) if i == len(temperatures) - 1 else z / t
-        parts = [p for p in form.parts if p.temperature == t]
-        value, part_grad = _soft_cross_entropy(scaled, parts, form.outside if t == 1.0 else None, t, need_grad)
+    for i, group in enumerate(form.groups):
+        t = group.temperature
+        last = i == len(form.groups) - 1
+        scaled = (z if t == 1.0 else z.div_(t)) if last else z / t
+        value, group_grad = _soft_cross_entropy(scaled, group, form.outside if t == 1.0 else None, need_grad)
         total = total + value
-        grad = part_grad if grad is None else grad.add_(part_grad)
+        grad = group_grad if grad is None else grad.add_(group_grad)
     return total, grad
 
 
@@ -213,9 +267,11 @@ def _rows_batch(rows: Rows) -> dict[str, Tensor]:
     }
 
 
-def _plain_chunk(z: Tensor, rows: Rows, need_grad: bool, *, loss: Callable[..., LossOutput]) -> tuple[Tensor, Tensor | None]:
+def _plain_chunk(
+    z: Tensor, span: slice, need_grad: bool, *, rows: Rows, loss: Callable[..., LossOutput]
+) -> tuple[Tensor, Tensor | None]:
     """A :data:`ChunkLoss` that runs the plain loss (bound to its options) under autograd."""
-    batch = _rows_batch(rows)
+    batch = _rows_batch(Rows(*(t[span] for t in rows)))
     if not need_grad:
         return loss(z[:, None], batch).total, None
     z.requires_grad_(True)
@@ -232,7 +288,6 @@ def _chunked(
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    rows: Rows,
     chunk_loss: ChunkLoss,
     chunk_rows: int,
     dtype: torch.dtype,
@@ -254,7 +309,7 @@ def _chunked(
         for start in range(0, hidden.shape[0], chunk_rows):
             h = hidden[start : start + chunk_rows].to(dtype)
             z = (h @ w.T if b is None else torch.addmm(b, h, w.T)).float()
-            value, grad_z = chunk_loss(z, Rows(*(t[start : start + chunk_rows] for t in rows)), need_grad)
+            value, grad_z = chunk_loss(z, slice(start, start + chunk_rows), need_grad)
             total += value
             if not need_grad:
                 continue
@@ -267,16 +322,19 @@ def _chunked(
                 grad_w += grad_z_mm.T @ h
             if grad_b is not None:
                 grad_b += grad_z.sum(0)
-    cast = lambda grad, like: None if grad is None else grad.to(like.dtype)  # noqa: E731
-    return total, grad_h, cast(grad_w, weight), cast(grad_b, bias)
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return total, grad_h, grad_w, grad_b
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     """``_chunked`` as an autograd node: gradients made in forward, scaled by backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, rows, chunk_loss, chunk_rows, dtype):  # noqa: ANN001, ANN205
-        total, *grads = _chunked(hidden, weight, bias, rows, chunk_loss, chunk_rows, dtype, ctx.needs_input_grad[:3])
+    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_rows, dtype):  # noqa: ANN001, ANN205
+        total, *grads = _chunked(hidden, weight, bias, chunk_loss, chunk_rows, dtype, ctx.needs_input_grad[:3])
         ctx.save_for_backward(*grads)
         return total
 
@@ -284,7 +342,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_total):  # noqa: ANN001, ANN205
         # In place: the saved gradients are used once. A second backward finds them modified and raises.
         grads = [None if g is None else g.mul_(grad_total) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _check_options(name: str, alpha: float, temperature: float, options: Mapping) -> None:
@@ -316,9 +374,9 @@ def fused_loss(
     """``get_loss(name)(hidden @ head_weight.T + head_bias, batch, ...)`` without the ``[B, P, V]`` logits.
 
     ``hidden``: ``[B, P, H]`` the student's final hidden states (after its last norm), position
-    ``p`` predicting token ``p + 1`` (``model.model(...).last_hidden_state[:, :-1]`` for an HF
-    causal LM). ``head_weight``: ``[V, H]`` (``lm_head.weight``); ``head_bias``: ``[V]`` or None.
-    Only for students whose logits are exactly ``hidden @ W.T + b`` (no logit scale or soft-cap).
+    ``p`` predicting token ``p + 1`` (``student_hidden(model, input_ids)[:, :-1]``).
+    ``head_weight``: ``[V, H]`` (``lm_head.weight``); ``head_bias``: ``[V]`` or None. Only for
+    students whose logits are exactly ``hidden @ W.T + b`` (see :func:`output_head`).
     ``alpha``, ``temperature`` (None: the plain loss's default, 3 for bild, else 1) and
     ``options`` (``proposal_temperature``, ``skew``, ``k``, ...) are the plain loss's and are
     checked by it. ``chunk_rows``: counted positions per chunk (default
@@ -337,20 +395,22 @@ def fused_loss(
         chunk_rows = default_chunk_rows(head_weight.shape[0], head_weight.shape[1], hidden.device)
     if chunk_rows < 1:
         raise LogitcacheError(f"chunk_rows={chunk_rows} must be at least 1")
+    hidden_rows, rows = select_rows(hidden, batch)
     if name in _CLOSED_FORMS:
-        chunk_loss = partial(_closed_form_chunk, name=name, alpha=alpha, temperature=temperature, options=options)
+        form = _closed_form(name, rows, head_weight.shape[0], alpha, temperature, options)
+        chunk_loss = partial(_closed_form_chunk, form=form)
     else:
-        chunk_loss = partial(_plain_chunk, loss=partial(get_loss(name), alpha=alpha, temperature=temperature, **options))
+        loss = partial(get_loss(name), alpha=alpha, temperature=temperature, **options)
+        chunk_loss = partial(_plain_chunk, rows=rows, loss=loss)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(hidden.dtype, head_weight.dtype)
-    hidden_rows, rows = select_rows(hidden, batch)
     tokens = batch["position_mask"].sum()
     tensors = (hidden_rows, head_weight, head_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        total = _FusedHeadLoss.apply(*tensors, rows, chunk_loss, chunk_rows, dtype)
+        total = _FusedHeadLoss.apply(*tensors, chunk_loss, chunk_rows, dtype)
     else:
-        total = _chunked(*tensors, rows, chunk_loss, chunk_rows, dtype, (False, False, False))[0]
+        total = _chunked(*tensors, chunk_loss, chunk_rows, dtype, (False, False, False))[0]
     return LossOutput(total=total, tokens=tokens)

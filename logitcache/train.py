@@ -65,6 +65,7 @@ from torch.nn.parallel import DistributedDataParallel
 from logitcache.atomic import TMP_SUFFIX, write_atomic
 from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
+from logitcache.fused import fused_loss, output_head, student_hidden, supports
 from logitcache.loader import CacheDataset, collate
 from logitcache.losses import LossOutput, ce_loss, get_loss
 from logitcache.partition import OrderSettings, worker_samples
@@ -119,6 +120,7 @@ class TrainSettings:
     student_config: Path | None = None
     init_from: Path | None = None
     compile: bool = False
+    fused_loss: bool = True
     device: str | None = None
     fsdp: bool = False
     lanes: int | None = None
@@ -520,8 +522,14 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torc
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def make_loss(settings: TrainSettings, manifest: Mapping | None, alpha: float) -> Callable[[Tensor, Batch], LossOutput]:
-    """The named loss bound to its options; ``rs-kd`` gets the proposal temperature the cache was sampled at."""
+def make_loss(
+    settings: TrainSettings, manifest: Mapping | None, alpha: float, head: torch.nn.Linear | None = None
+) -> Callable[[Tensor, Batch], LossOutput]:
+    """The named loss bound to its options; ``rs-kd`` gets the proposal temperature the cache was sampled at.
+
+    With ``head`` the loss is fused with the output head (chunked, never holding ``[B, T, V]`` logits)
+    and takes final hidden states ``[B, P, H]`` instead of logits.
+    """
     name = settings.loss or "ce"
     options = {}
     if name == "rs-kd":
@@ -533,6 +541,8 @@ def make_loss(settings: TrainSettings, manifest: Mapping | None, alpha: float) -
         options["proposal_temperature"] = manifest["params"]["proposal_temperature"]
     if settings.temperature is not None:
         options["temperature"] = settings.temperature  # else each loss's own default (BiLD: 3)
+    if head is not None:
+        return lambda hidden, batch: fused_loss(name, hidden, head.weight, batch, head_bias=head.bias, alpha=alpha, **options)
     return partial(get_loss(name), alpha=alpha, **options)
 
 
@@ -866,7 +876,12 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
         set_rng_state(checkpoint["rng"])
         step = checkpoint["step"]
 
-    train_loss = make_loss(settings, data.manifest, settings.alpha)
+    head = None
+    if settings.fused_loss and supports(settings.loss or "ce") and not settings.fsdp:
+        head = output_head(student, (torch.arange(8, device=device) % data.vocab_size)[None])
+        if head is None:
+            log.info("this student's logits are not its head applied to its hidden states: plain loss")
+    train_loss = make_loss(settings, data.manifest, settings.alpha, head)
     kd_loss = make_loss(settings, data.manifest, 0.0) if settings.loss not in (None, "ce") else None
     forward = torch.compile(model) if settings.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -901,9 +916,11 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
             for i, micro in enumerate(micros):
                 micro = to_device(micro, device)
                 with gradient_sync(model, sync=i == len(micros) - 1):
-                    with autocast:
-                        logits = forward(input_ids=micro["input_ids"]).logits[:, :-1]
-                    loss = train_loss(logits, micro)
+                    with autocast:  # the fused loss runs the head's matmuls in autocast's dtype too
+                        if head is not None:
+                            loss = train_loss(student_hidden(forward, micro["input_ids"])[:, :-1], micro)
+                        else:
+                            loss = train_loss(forward(input_ids=micro["input_ids"]).logits[:, :-1], micro)
                     (loss.total * world.size / step_tokens).backward()
                 step_loss += loss.total.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip or math.inf)

@@ -1,0 +1,280 @@
+"""Student training-step time and peak memory: every loss plain and fused, CE and dense-logits KD.
+
+    python3 benchmarks/bench_loss.py [--device cpu|cuda] [--preset nano] [--vocab 2048 32768]
+                                     [--batch 8] [--seq-len 128] [--losses ce rs-kd ...] [--threads N]
+
+One step is the forward and backward of a Llama student from ``logitcache.tiny.MODEL_PRESETS``
+(optimizer excluded: it is the same for every loss; parameter gradients are set to None after
+each step, so their allocation is inside the step). Paths:
+
+- plain: ``model(input_ids).logits[:, :-1]`` (the ``[B, T, V]`` logits), then ``get_loss(name)``;
+- fused: ``student_hidden(model, input_ids)[:, :-1]`` (the model's forward with
+  ``output_hidden_states=True, logits_to_keep=1``) and ``lm_head.weight`` into
+  ``logitcache.fused.fused_loss`` (the logits exist one chunk of rows at a time);
+- dense-logits KD: what users do without a cache: the teacher's full log-probs ``[B, P, V]`` are
+  part of the batch and the loss is ``KL(teacher || softmax(student))`` over the vocabulary
+  (the teacher's forward is not timed).
+
+Sparse batches: top-k losses get the teacher's top ``--k`` ids with their tail; ``rs-kd`` gets
+``--samples`` draws with replacement (distinct ids and counts). On CUDA the forward runs under
+bf16 autocast, as ``logitcache train`` does.
+
+Time: median over ``--steps`` steps after ``--warmup``, wall clock (``--clock cpu``: process CPU
+time, steadier on a shared machine; use it with ``--threads 1``); with ``--rounds R`` every case
+runs R times, interleaved, and the fastest median counts. Peak memory, of one step after warmup,
+is above the resting model, so it includes the batch (for dense KD, the dense target): CPU, the
+peak RSS (VmHWM, reset through /proc/self/clear_refs, with glibc's mmap threshold pinned at 64 KiB
+so that freed tensors leave RSS: not during timing, where it would add page faults); CUDA,
+``torch.cuda.max_memory_allocated``. Every measurement runs in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from logitcache.fused import default_chunk_rows, fused_loss, student_hidden  # noqa: E402
+from logitcache.losses import LOSSES, get_loss  # noqa: E402
+from logitcache.tiny import MODEL_PRESETS, llama_config  # noqa: E402
+
+DENSE = "dense-logits KD"
+
+
+# ---- one case, in its own process -----------------------------------------------------------
+
+
+def teacher_logprobs(b: int, p: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """``[B, P, V]`` float32 log-probs of a peaked random teacher (about 12 distinct ids in 50 draws),
+    on the generator's device."""
+    logits = torch.randn(b, p, vocab, generator=generator, device=generator.device) * 4.0
+    return logits.log_softmax(-1)
+
+
+def sparse_batch(case: dict, device: str) -> dict[str, torch.Tensor]:
+    """A collated batch (docs/CONTRACTS.md): top-k for the top-k losses, sampled ids for rs-kd."""
+    b, p, vocab = case["batch"], case["seq_len"] - 1, case["vocab"]
+    g = torch.Generator(device=device).manual_seed(0)
+    input_ids = torch.randint(0, vocab, (b, p + 1), generator=torch.Generator().manual_seed(0))
+    position_mask = torch.ones(b, p, dtype=torch.bool)
+    position_mask[0, p // 2 :] = False  # a padded window
+    columns = {"target_ids": [], "target_logprobs": [], "target_weights": []}
+    for _ in range(b):  # one window at a time: a dense [P, V] teacher never lives for the whole batch
+        t = teacher_logprobs(1, p, vocab, g)[0]
+        if case["loss"] == "rs-kd":
+            draws = torch.multinomial(t.exp(), case["samples"], replacement=True, generator=g)
+            counts = torch.zeros_like(t).scatter_add_(-1, draws, torch.ones_like(draws, dtype=torch.float32))
+            ids = counts.argsort(-1, descending=True)[:, : int((counts > 0).sum(-1).max())]
+            weights = counts.gather(-1, ids) / case["samples"]
+        else:
+            ids = t.topk(case["k"], -1).indices
+            weights = t.gather(-1, ids).exp()
+        columns["target_ids"].append(ids)
+        columns["target_logprobs"].append(t.gather(-1, ids))
+        columns["target_weights"].append(weights)
+    width = max(ids.shape[-1] for ids in columns["target_ids"])
+    pad = lambda x, value: F.pad(x, (0, width - x.shape[-1]), value=value)  # noqa: E731
+    ids = torch.stack([pad(x, -1) for x in columns["target_ids"]])
+    mask = ids >= 0
+    logprobs = torch.stack([pad(x, 0.0) for x in columns["target_logprobs"]])
+    mass = (logprobs.exp() * mask).sum(-1)
+    batch = {
+        "input_ids": input_ids,
+        "labels": input_ids[:, 1:].contiguous(),
+        "target_ids": ids.clamp_min(0),
+        "target_mask": mask,
+        "target_logprobs": logprobs,
+        "target_weights": torch.stack([pad(x, 0.0) for x in columns["target_weights"]]),
+        "tail_logprob": (1.0 - mass).clamp_min(0.0).log(),
+        "position_mask": position_mask,
+    }
+    return {name: value.to(device) for name, value in batch.items()}
+
+
+def dense_batch(case: dict, device: str) -> dict[str, torch.Tensor]:
+    """Tokens and the teacher's full log-probs ``[B, P, V]`` (built on the device)."""
+    b, p, vocab = case["batch"], case["seq_len"] - 1, case["vocab"]
+    g = torch.Generator(device=device).manual_seed(0)
+    input_ids = torch.randint(0, vocab, (b, p + 1), generator=torch.Generator().manual_seed(0))
+    position_mask = torch.ones(b, p, dtype=torch.bool)
+    position_mask[0, p // 2 :] = False
+    teacher = torch.cat([teacher_logprobs(1, p, vocab, g) for _ in range(b)])
+    return {"input_ids": input_ids.to(device), "teacher_logprobs": teacher, "position_mask": position_mask.to(device)}
+
+
+def make_step(case: dict, model, batch: dict, device: torch.device):
+    """A closure running one forward + backward of the case's path."""
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    tokens = batch["position_mask"].sum()
+    if case["path"] == "dense":
+
+        def loss_fn():
+            with autocast:
+                logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            keep = batch["position_mask"]
+            student = logits[keep].float().log_softmax(-1)
+            return F.kl_div(student, batch["teacher_logprobs"][keep], log_target=True, reduction="sum")
+
+    elif case["path"] == "plain":
+        loss = get_loss(case["loss"])
+
+        def loss_fn():
+            with autocast:
+                logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            return loss(logits, batch).total
+
+    else:
+
+        def loss_fn():
+            with autocast:
+                hidden = student_hidden(model, batch["input_ids"])[:, :-1]
+                out = fused_loss(case["loss"], hidden, model.lm_head.weight, batch, chunk_rows=case["chunk_rows"])
+            return out.total
+
+    def step():
+        (loss_fn() / tokens).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def vm_status(key: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
+
+
+def run_case(case: dict) -> float:
+    """Milliseconds per step (``case["measure"] == "time"``) or the peak MiB above the resting model."""
+    from transformers import LlamaForCausalLM
+
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
+    device = torch.device(case["device"])
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(case["vocab"], case["preset"], max(1024, case["seq_len"]))).to(device).train()
+    resting = torch.cuda.memory_allocated() if cuda else vm_status("VmRSS:")
+    batch = dense_batch(case, case["device"]) if case["path"] == "dense" else sparse_batch(case, case["device"])
+    step = make_step(case, model, batch, device)
+    for _ in range(case["warmup"]):
+        step()
+    if case["measure"] == "memory":
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # VmHWM back to the current RSS
+        step()
+        peak = torch.cuda.max_memory_allocated() if cuda else vm_status("VmHWM:")
+        return (peak - resting) / 2**20
+    clock = time.process_time if case["clock"] == "cpu" else time.perf_counter
+    times = []
+    for _ in range(case["steps"]):
+        start = clock()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(clock() - start)
+    return 1e3 * statistics.median(times)
+
+
+# ---- the driver ----------------------------------------------------------------------------
+
+
+def cases_for(args: argparse.Namespace, vocab: int) -> list[dict]:
+    common = {
+        "vocab": vocab, "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len, "k": args.k,
+        "samples": args.samples, "device": args.device, "threads": args.threads, "steps": args.steps,
+        "warmup": args.warmup, "chunk_rows": args.chunk_rows, "clock": args.clock,
+    }  # fmt: skip
+    cases = []
+    for name in args.losses:
+        cases += [{**common, "loss": name, "path": "plain"}, {**common, "loss": name, "path": "fused"}]
+    return cases + [{**common, "loss": DENSE, "path": "dense"}]
+
+
+def spawn(case: dict, measure: str) -> float:
+    """``run_case`` in a fresh interpreter; for memory with glibc's mmap threshold pinned (freed tensors leave RSS)."""
+    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else {}))
+    command = [sys.executable, __file__, "--case", json.dumps({**case, "measure": measure})]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"case {case['loss']} {case['path']} ({measure}) failed:\n{done.stderr}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def table(vocab: int, args: argparse.Namespace, ms: dict, mib: dict) -> str:
+    hidden = MODEL_PRESETS[args.preset][0]
+    chunk = args.chunk_rows or default_chunk_rows(vocab, hidden, args.device)
+    clock = "process CPU time" if args.clock == "cpu" else "wall time"
+    lines = [
+        f"{args.preset} (hidden {hidden}), vocab {vocab}, batch {args.batch}x{args.seq_len}, {args.device}, "
+        f"fused chunk {chunk} rows; forward+backward, optimizer excluded; {clock}, median of {args.steps} steps",
+        "",
+        "| loss | path | step ms | x CE plain | x CE fused | peak MiB | peak x CE plain |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    ce, ce_fused, ce_mib = ms[("ce", "plain")], ms[("ce", "fused")], mib[("ce", "plain")]
+    for key, t in ms.items():
+        lines.append(
+            f"| {key[0]} | {key[1]} | {t:.1f} | {t / ce:.2f} | {t / ce_fused:.2f} | "
+            f"{mib[key]:.1f} | {mib[key] / ce_mib:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--preset", default="nano", choices=list(MODEL_PRESETS))
+    parser.add_argument("--vocab", type=int, nargs="+", default=[2048, 32768])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--k", type=int, default=32, help="top-k ids per position for the top-k losses")
+    parser.add_argument("--samples", type=int, default=50, help="rs-kd draws per position")
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=list(LOSSES))
+    parser.add_argument("--chunk-rows", type=int, help="fused rows per chunk (default: fused_loss's)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="cpu: process CPU time (steadier on a shared machine)"
+    )
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(run_case(json.loads(args.case)))
+        return
+    if "ce" not in args.losses:
+        args.losses = ["ce", *args.losses]
+    for vocab in args.vocab:
+        cases = cases_for(args, vocab)
+        spawn(cases[0], "time")  # a throwaway run: the first timed case must not pay for a cold device
+        ms: dict[tuple[str, str], float] = {}
+        mib: dict[tuple[str, str], float] = {}
+        for _ in range(args.rounds):
+            for case in cases:
+                key = (case["loss"], case["path"])
+                ms[key] = min(ms.get(key, math.inf), spawn(case, "time"))
+                print(f"  vocab {vocab} {key[0]} {key[1]}: {ms[key]:.1f} ms", file=sys.stderr, flush=True)
+        for case in cases:
+            mib[(case["loss"], case["path"])] = spawn(case, "memory")
+        print(table(vocab, args, ms, mib) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
