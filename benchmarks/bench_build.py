@@ -61,7 +61,8 @@ def forward_seconds(teacher, windows: np.ndarray, batch: int) -> float:
 
 def build_table(args, work: Path) -> list[str]:
     corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
-    base = dict(teacher=args.teacher, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
+    base = dict(teacher=args.teacher, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512,
+                overwrite=True, chunk_mib=args.chunk_mib)
     teacher = load_teacher(BuildSettings(out=work / "x", **base))
     params = sum(p.numel() for p in teacher.model.parameters())
     print(f"teacher {params / 1e6:.0f}M parameters, vocab {teacher.vocab_size}, {teacher.dtype} on {teacher.device}; "
@@ -137,6 +138,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sampler-rows", type=int, default=2048)
+    parser.add_argument("--chunk-mib", type=int, default=None, help="head chunk bound passed to the build (default: the teacher's)")
     parser.add_argument("--make-teacher", metavar="PRESET", help="make a random-initialised teacher of this preset "
                         "(e.g. base: 12 layers, hidden 768) with --vocab ids instead of using --teacher; for GPU runs")
     parser.add_argument("--vocab", type=int, default=32768, help="output vocabulary of --make-teacher")
