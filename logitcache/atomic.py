@@ -12,7 +12,8 @@ from pathlib import Path
 TMP_SUFFIX = ".tmp"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -29,7 +30,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_json_atomic(path: Path, obj: object) -> None:

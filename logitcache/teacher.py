@@ -64,6 +64,24 @@ def load_tokenizer(path: Path):
         raise LogitcacheError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
 
+def head_chunk_rows(chunk_mib: int, vocab_size: int) -> int:
+    """Rows per output-head chunk so that ``rows × V × 4 B × 3`` stays within ``chunk_mib``."""
+    return max(1, (chunk_mib << 20) // (vocab_size * 4 * 3))
+
+
+def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
+    """Output head on ``[R, H]`` hidden states → ``[R, V] float32`` logits, with the model's logit scaling
+    (``logit_scale``) and soft-capping (``final_logit_softcapping``)."""
+    logits = torch.nn.functional.linear(hidden, weight).float()
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class HFTeacher:
     """A causal LM in Hugging Face format, loaded from a local directory (no hub access)."""
 
@@ -108,18 +126,10 @@ class HFTeacher:
 
     @property
     def chunk_rows(self) -> int:
-        return max(1, (self.chunk_mib << 20) // (self.vocab_size * 4 * 3))
+        return head_chunk_rows(self.chunk_mib, self.vocab_size)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output head on ``[R, H]`` hidden states → ``[R, V] float32`` logits, with the model's logit scaling."""
-        logits = torch.nn.functional.linear(hidden, self.head_weight).float()
-        scale = getattr(self.config, "logit_scale", None)
-        if scale is not None:
-            logits = logits * scale
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return output_head(hidden, self.head_weight, self.config)
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from logitcache.atomic import TMP_SUFFIX, write_atomic
+from logitcache.atomic import TMP_SUFFIX, fsync_path, write_atomic
 from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
 from logitcache.fused import fused_loss, output_head, student_hidden, supports
@@ -652,11 +652,7 @@ def restart_metrics(path: Path, step: int) -> None:
 
 def _fsync_folder(folder: Path) -> None:
     for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
 
 
 def replace_folder(final: Path, write: Callable[[Path], None]) -> None:

@@ -59,10 +59,11 @@ import torch
 from logitcache.errors import LogitcacheError
 from logitcache.shards import WindowTargets
 from logitcache.teacher import (
-    HFTeacher,
     PendingTargets,
     TargetSpec,
+    head_chunk_rows,
     load_tokenizer,
+    output_head,
     targets_from_hidden,
     weights_fingerprint,
 )
@@ -316,8 +317,6 @@ class VLLMTeacher:
     """
 
     backend = "vllm"
-    head = HFTeacher.head  # the hf backend's output head (weight, logit scaling, soft-capping), on self.head_weight
-    chunk_rows = HFTeacher.chunk_rows  # rows per head chunk from self.chunk_mib, as in the hf backend
 
     def __init__(self, path: str | Path, settings: BuildSettings) -> None:
         self.api = import_vllm()
@@ -338,6 +337,14 @@ class VLLMTeacher:
         self._engine = None
         self._engine_kind: str | None = None
         self._verified = False
+
+    @property
+    def chunk_rows(self) -> int:
+        return head_chunk_rows(self.chunk_mib, self.vocab_size)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The teacher's output head with its logit scaling and soft-capping, as in the hf backend."""
+        return output_head(hidden, self.head_weight, self.config)
 
     def describe(self) -> dict:
         return {
