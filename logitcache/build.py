@@ -166,7 +166,8 @@ def _prepare_out(settings: BuildSettings, plan: _Plan) -> None:
     ours = [BUILD_MARKER, MANIFEST_NAME]
     if out.exists() and not out.is_dir():
         raise LogitcacheError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    # Temporaries do not count: another worker of this build may be writing build.json right now.
+    if out.is_dir() and any(not p.name.endswith(TMP_SUFFIX) for p in out.iterdir()):
         marker = out / BUILD_MARKER
         manifest = out / MANIFEST_NAME
         recorded = _recorded_fingerprint(marker) or _recorded_fingerprint(manifest)
