@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for everything the demo makes")
     parser.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary size")
     parser.add_argument("--teacher-preset", default="micro", help="teacher size (logitcache.tiny.MODEL_PRESETS)")
-    parser.add_argument("--teacher-steps", type=int, default=300, help="teacher pretraining steps")
+    parser.add_argument("--teacher-steps", type=int, default=1000, help="teacher pretraining steps")
     parser.add_argument("--student-preset", default="nano", help="student size")
     parser.add_argument("--student-steps", type=int, default=150, help="steps for each student")
     parser.add_argument("--distill-docs", type=int, default=2000, help="documents cached and distilled on (the first ones)")
@@ -71,7 +71,7 @@ def main() -> None:
     logitcache(
         "train", "--corpus", corpus, "--tokenizer", out / "tokenizer", "--init-from", out / "teacher-init",
         "--out", out / "teacher-run", "--seq-len", args.seq_len, "--steps", args.teacher_steps,
-        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 30, "--eval-every", args.teacher_steps, "--save-every", args.teacher_steps,
+        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 50, "--eval-every", args.teacher_steps, "--save-every", args.teacher_steps,
     )
     teacher = out / "teacher-run" / "student"
 
