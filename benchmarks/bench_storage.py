@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_build import small_corpus  # noqa: E402
+from bench_build import small_corpus, timed  # noqa: E402
 
 from logitcache import shards as shards_mod  # noqa: E402
 from logitcache.build import BuildSettings, load_teacher, run_build  # noqa: E402
@@ -173,16 +173,6 @@ def write_bytes(table: pa.Table, kwargs: dict) -> bytes:
     return sink.getvalue()
 
 
-def best_seconds(fn: Callable[[], object], repeat: int) -> float:
-    """Best CPU time of ``repeat`` runs (writing is single-threaded; CPU time is steadier on a shared machine)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
-
-
 def readers_fail(data: bytes, table: pa.Table, scratch: Path) -> list[str]:
     """Names of the tools that cannot read ``data`` back to ``table``'s values (empty: all can)."""
     path = scratch / "check.parquet"
@@ -259,7 +249,9 @@ class Cache:
 def measure(tables: list[pa.Table], kwargs: dict, repeat: int) -> tuple[int, float, list[bytes]]:
     """(bytes written, Arrow MB/s of writing, the files) for ``tables`` written with ``kwargs``."""
     files: list[bytes] = []
-    seconds = best_seconds(lambda: files.__setitem__(slice(None), [write_bytes(t, kwargs) for t in tables]), repeat)
+    # CPU time: writing is single-threaded, and CPU time is steadier on a shared machine.
+    seconds = timed(lambda: files.__setitem__(slice(None), [write_bytes(t, kwargs) for t in tables]), repeat,
+                    clock=time.process_time, warmup=False)
     mb = sum(t.nbytes for t in tables) / 1e6
     return sum(len(f) for f in files), mb / seconds, files
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from queue import Queue
@@ -32,7 +31,6 @@ from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_n
 from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, WindowTargets, shard_metadata, write_shard
 from logitcache.teacher import TargetSpec, tokenizer_fingerprint
 
-log = logging.getLogger(__name__)
 BUILD_MARKER = "build.json"
 IN_FLIGHT = 2
 
