@@ -16,9 +16,10 @@ import itertools
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from queue import Queue
 from threading import Thread
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ class BuildSettings:
     device: str | None = None
     dtype: str | None = None
     chunk_mib: int | None = None
+    cpu_streams: int | None = None
     num_workers: int = 1
     worker_index: int = 0
     tensor_parallel_size: int = 1
@@ -80,6 +82,7 @@ class BuildSettings:
             (self.k <= MAX_IDS_PER_POSITION and self.samples <= MAX_IDS_PER_POSITION,
              f"--k/--samples: at most {MAX_IDS_PER_POSITION} ids per position"),
             (self.proposal_temperature > 0, "--proposal-temperature must be positive"),
+            (self.cpu_streams is None or self.cpu_streams >= 1, f"--cpu-streams {self.cpu_streams}: must be at least 1"),
             (self.num_workers >= 1 and 0 <= self.worker_index < self.num_workers,
              f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})"),
             (not (self.overwrite and self.num_workers > 1),
@@ -249,7 +252,7 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     }
     records = []
     shards = _background(_batched(itertools.chain([first], windows), settings.shard_size))
-    with ThreadPoolExecutor(max_workers=2) as host:
+    with ThreadPoolExecutor(max_workers=2) as host, _cpu_streams(teacher, settings.cpu_streams) as streams:
         write: Future | None = None
         for index, chunk in enumerate(shards):
             if index % settings.num_workers != settings.worker_index:
@@ -257,7 +260,7 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
             path = out / shard_name(index)
             first_id = index * settings.shard_size
             if not _shard_complete(path, plan):
-                batches = _queue_shard(teacher, chunk, first_id, settings, host)
+                batches = _queue_shard(teacher, chunk, first_id, settings, host, streams)
                 meta = {**shard_meta, "shard_index": index, "first_sequence_id": first_id}
                 if write is not None:
                     write.result()
@@ -296,11 +299,39 @@ def _background(items: Iterator, depth: int = 1) -> Iterator:
         yield item
 
 
-def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: BuildSettings, host: ThreadPoolExecutor) -> list[Future]:
+@contextmanager
+def _cpu_streams(teacher, requested: int | None) -> Iterator[ThreadPoolExecutor | None]:
+    """On CPU, run ``requested`` teacher batches at once (default 2), each on an equal share of torch's threads.
+
+    Small models leave cores idle inside one forward pass (many small ops, threads waiting at each),
+    and the targets and Parquet work would otherwise run between forwards; independent streams fill
+    those gaps. Results are the same bits whatever the number of streams. Yields None (no streams)
+    on accelerators, which overlap through asynchronous queues instead.
+    """
+    import torch
+
+    device = getattr(teacher, "device", None)
+    threads = torch.get_num_threads()
+    count = requested or min(2, threads)
+    if device is None or torch.device(device).type != "cpu" or count <= 1:
+        yield None
+        return
+    pool = ThreadPoolExecutor(count, thread_name_prefix="teacher", initializer=torch.set_num_threads,
+                              initargs=(max(1, threads // count),))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: BuildSettings, host: ThreadPoolExecutor,
+                 streams: ThreadPoolExecutor | None = None) -> list[Future]:
     """Queue a shard's batches on the teacher; host threads turn each into numpy as its copies land.
 
     At most ``IN_FLIGHT`` batches wait on the host at once, which bounds pinned memory and lets the
-    device run ahead of the host by that many batches.
+    device run ahead of the host by that many batches. With CPU ``streams`` each batch runs whole
+    (forward, targets, numpy) on one stream; ``IN_FLIGHT + 1`` batches outstanding keep two streams busy.
     """
     futures: list[Future] = []
     # vLLM schedules its own batches: hand it the whole shard (it splits into memory-bounded calls).
@@ -308,7 +339,10 @@ def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: Bu
     for start in range(0, len(windows), step):
         batch = np.stack(windows[start : start + step])
         ids = np.arange(first_id + start, first_id + start + len(batch), dtype=np.int64)
-        futures.append(host.submit(teacher.compute_async(batch, ids, settings.spec).result))
+        if streams is None:
+            futures.append(host.submit(teacher.compute_async(batch, ids, settings.spec).result))
+        else:
+            futures.append(streams.submit(teacher.compute, batch, ids, settings.spec))
         if len(futures) > IN_FLIGHT:
             futures[-IN_FLIGHT - 1].result()
     return futures

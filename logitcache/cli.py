@@ -92,6 +92,7 @@ def build(
     device: Annotated[Optional[str], typer.Option(help="Torch device for the hf backend (default: cuda if present, else cpu); vllm: device of the sample path's output head (default cuda).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU; vllm: bfloat16).")] = None,
     chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 16 on CPU, 1024 on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = None,
+    cpu_streams: Annotated[Optional[int], typer.Option(help="hf on CPU: teacher batches computed at once, each on an equal share of torch's threads (default 2; 1 = one batch at a time on all threads).")] = None,
     num_workers: Annotated[int, typer.Option(help="Workers sharing this build (one process per GPU or node).")] = 1,
     worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = 0,
     tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs per teacher replica (tensor parallelism).")] = 1,
@@ -107,7 +108,7 @@ def build(
         teacher=teacher, corpus=corpus, out=out, method=method, k=k, samples=samples, seed=seed,
         proposal_temperature=proposal_temperature, seq_len=seq_len, batch_size=batch_size,
         shard_size=shard_size, text_field=text_field, overwrite=overwrite, backend=backend,
-        device=device, dtype=dtype, chunk_mib=chunk_mib, num_workers=num_workers, worker_index=worker_index,
+        device=device, dtype=dtype, chunk_mib=chunk_mib, cpu_streams=cpu_streams, num_workers=num_workers, worker_index=worker_index,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_num_seqs=max_num_seqs, ray=ray,
     )

@@ -72,16 +72,31 @@ class RowTargets:
     tail_logprob: torch.Tensor | None = None
 
 
+TAIL_EXACT_BELOW = math.log(1e-3)
+"""On CPU the tail is ``log1p(-sum(exp(top-k)))`` in float64, exact to ~1e-4 relative above this
+(float32 log-probabilities carry ~3e-7 absolute error in that sum); rows below it get the exact
+``logsumexp`` of the rest."""
+
+
 def topk_targets(logprobs: torch.Tensor, k: int, inplace: bool = False) -> RowTargets:
     """Top-``k`` ids and log-probabilities (descending) and the log of the mass outside them.
 
-    The tail is ``logsumexp`` over the other ids, not ``log(1 - sum)``, so it stays accurate when
-    the top-k cover almost everything. ``inplace`` lets it overwrite ``logprobs`` (no copy).
+    The tail is the ``logsumexp`` over the other ids, not ``log(1 - sum)`` alone, so it stays accurate
+    when the top-k cover almost everything. On CPU a full pass is only paid for such rows (see
+    :data:`TAIL_EXACT_BELOW`); elsewhere every row takes it, which needs no host synchronisation.
+    ``inplace`` lets it overwrite ``logprobs`` (no copy).
     """
     top_lp, top_ids = torch.topk(logprobs, k, dim=-1, sorted=True)
-    rest = logprobs.scatter_(-1, top_ids, float("-inf")) if inplace else logprobs.scatter(-1, top_ids, float("-inf"))
-    tail = torch.logsumexp(rest, dim=-1)
     lengths = torch.full((logprobs.shape[0],), k, dtype=torch.int64, device=logprobs.device)
+    if logprobs.device.type != "cpu":
+        rest = logprobs.scatter_(-1, top_ids, float("-inf")) if inplace else logprobs.scatter(-1, top_ids, float("-inf"))
+        return RowTargets(ids=top_ids, logprobs=top_lp, lengths=lengths, tail_logprob=torch.logsumexp(rest, dim=-1))
+    covered = top_lp.double().exp().sum(-1)
+    tail = torch.log1p(-covered.clamp_(max=1.0)).float()
+    close = (tail < TAIL_EXACT_BELOW).nonzero()[:, 0]
+    if close.numel():
+        rest = logprobs.index_select(0, close).scatter_(-1, top_ids.index_select(0, close), float("-inf"))
+        tail[close] = torch.logsumexp(rest, dim=-1)
     return RowTargets(ids=top_ids, logprobs=top_lp, lengths=lengths, tail_logprob=tail)
 
 
@@ -91,33 +106,67 @@ def _block_size(vocab: int, n: int) -> int:
     return 1 << round(math.log2(target))
 
 
+def sorted_uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``[R, n] float64``: the order statistics of ``n`` uniforms on [0, 1), ascending within each row.
+
+    ``S_j / S_{n+1}`` for the running sums ``S`` of ``n + 1`` exponential variables has exactly the
+    distribution of ``n`` sorted uniforms, so draws made from them come out sorted with no sort.
+    A function of ``keys`` only, like :func:`uniforms`.
+    """
+    sums = torch.cumsum(-torch.log1p(-uniforms(keys, n + 1)), dim=1)
+    return sums[:, :n] / sums[:, n:].clamp_min(2.0**-1000)
+
+
+def _draw_weights(weights: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` draws per row in proportion to ``weights [R, V]`` (non-negative, unnormalised).
+
+    Returns the drawn ids ``[R, n] int64``, equal ids adjacent within a row, and the row totals
+    ``[R] float64``. Exact two-level inverse CDF over ``nb`` blocks of ``B`` ids, block ``j`` being
+    the ids ``j, j + nb, j + 2nb, …`` (strided, so that block sums and the in-block scans are
+    contiguous vector adds): a draw first picks a block by the float64 prefix sum of block masses,
+    then an id inside it by the prefix sum of that block alone, scaled by its own total. Each id is
+    drawn with its float32 weight divided by the row total, up to float64 rounding; ids of weight 0
+    are never drawn. Cost per row is ``O(V + n*B)``.
+    """
+    rows, vocab = weights.shape
+    b = _block_size(vocab, n)
+    nb = -(-vocab // b)
+    if vocab != nb * b:
+        weights = torch.nn.functional.pad(weights, (0, nb * b - vocab))
+    members = weights.view(rows, b, nb)  # members[r, i, j] = weight of id j + i * nb
+    mass = members.sum(1)  # [R, nb] float32, summed in a fixed order per row
+    cdf = torch.cumsum(mass, dim=-1, dtype=torch.float64)
+    total = cdf[:, -1]
+    u = sorted_uniforms(keys, n) * total[:, None]
+    block = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)  # [R, n], non-decreasing
+    block_mass = mass.gather(1, block).double()
+    frac = ((u - (cdf.gather(1, block) - block_mass)) / block_mass).clamp_(0.0, 1.0 - 2.0**-53)
+    inner_cdf = torch.cumsum(members.gather(2, block[:, None, :].expand(rows, b, n)), dim=1, dtype=torch.float64)
+    # B is small: counting prefix sums <= target beats a batched binary search.
+    pos = (inner_cdf <= (frac * inner_cdf[:, -1])[:, None, :]).sum(1).clamp_(max=b - 1)
+    return block + pos * nb, total
+
+
+def _weights(scores: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(scores / T)`` (one fused pass, a new tensor) and ``logsumexp(scores)`` per row ``[R]``.
+
+    At ``T = 1`` the log-partition comes for free: the largest probability is ``exp(max - lse)``.
+    """
+    probs = torch.softmax(scores if temperature == 1.0 else scores / temperature, dim=-1)
+    if temperature == 1.0:
+        log_partition = scores.amax(-1) - probs.amax(-1).log()
+    else:
+        log_partition = torch.logsumexp(scores, dim=-1)
+    return probs, log_partition
+
+
 def draw(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float = 1.0) -> torch.Tensor:
     """``n`` draws with replacement per row from ``softmax(logprobs / temperature)``: ``[R, n] int64``.
 
-    Exact two-level inverse CDF: a draw first picks a block of ``B`` ids by the float64 prefix sum
-    of block masses, then an id inside the block by the prefix sum of that block alone, scaled by
-    its own total. Each id is drawn with its float32 probability divided by the row total, up to
-    float64 rounding; ids of probability 0 are never drawn. Cost per row is ``O(V + n*B)`` instead
-    of the ``O(V)`` float64 scan plus per-row overheads of ``torch.multinomial``.
+    Equal ids come out adjacent (draws are made in block order, see :func:`sorted_uniforms`); as a
+    multiset they are ``n`` independent draws. Raw logits work as well as log-probabilities.
     """
-    rows, vocab = logprobs.shape
-    scaled = logprobs if temperature == 1.0 else torch.log_softmax(logprobs / temperature, dim=-1)
-    b = _block_size(vocab, n)
-    probs = scaled.exp()
-    if vocab % b:
-        probs = torch.nn.functional.pad(probs, (0, b - vocab % b))
-    probs = probs.view(rows, -1, b)
-    mass = probs.sum(-1).double()  # [R, nb]: float32 sums of B ids, exact enough and 15x faster
-    cdf = torch.cumsum(mass, dim=-1)
-    u = uniforms(keys, n) * cdf[:, -1:]
-    block = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # [R, n]
-    before = (cdf - mass).gather(1, block)
-    frac = ((u - before) / mass.gather(1, block)).clamp_(0.0, 1.0 - 2.0**-53)
-    inner = probs[torch.arange(rows, device=probs.device)[:, None], block]  # [R, n, B]
-    inner_cdf = torch.cumsum(inner, dim=-1, dtype=torch.float64)
-    # B is small: counting prefix sums <= target beats a batched binary search.
-    pos = (inner_cdf <= (frac * inner_cdf[..., -1])[..., None]).sum(-1)
-    return (block * b + pos.clamp_(max=b - 1)).clamp_(max=vocab - 1)
+    return _draw_weights(_weights(logprobs, temperature)[0], keys, n)[0]
 
 
 def sample_targets(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float = 1.0) -> RowTargets:
@@ -127,22 +176,26 @@ def sample_targets(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperatu
     ``n`` entries with id 0, count 0 and log-probability -inf (a fixed width keeps the device from
     synchronising with the host).
     """
-    ids = torch.sort(draw(logprobs, keys, n, temperature), dim=-1).values
+    return _sample(logprobs, keys, n, temperature)[0]
+
+
+def _sample(scores: torch.Tensor, keys: torch.Tensor, n: int, temperature: float) -> tuple[RowTargets, torch.Tensor]:
+    """:func:`sample_targets` on ``scores`` (log-probabilities, or raw logits), also returning the
+    log-partition ``logsumexp(scores)`` per row (~0 for log-probabilities). The targets' log-probabilities
+    are ``scores`` at the ids, not yet normalised."""
+    probs, log_partition = _weights(scores, temperature)
+    ids, _ = _draw_weights(probs, keys, n)
+    # Equal draws are adjacent: each run becomes one entry, compacted to the left.
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    # Run lengths of equal ids: position of each run start, and distance to the next start.
-    col = torch.arange(n, device=ids.device).expand_as(ids)
-    next_start = torch.flip(torch.cummin(torch.flip(torch.where(first, col, n), [1]), dim=1).values, [1])
-    ends = torch.cat([next_start[:, 1:], torch.full_like(next_start[:, :1], n)], dim=1)
-    run_counts = torch.where(first, ends - col, 0)
-    lp = torch.where(first, logprobs.gather(1, ids), float("-inf"))
-    order = torch.argsort(lp, dim=1, descending=True, stable=True)
-    return RowTargets(
-        ids=torch.where(first.gather(1, order), ids.gather(1, order), 0),
-        logprobs=lp.gather(1, order),
-        counts=run_counts.gather(1, order),
-        lengths=first.sum(dim=1),
-    )
+    run = first.cumsum(1) - 1
+    lengths = run[:, -1] + 1
+    counts = torch.zeros_like(ids).scatter_add_(1, run, torch.ones_like(ids))
+    unique = torch.zeros_like(ids).scatter_(1, run, ids)
+    real = torch.arange(n, device=ids.device)[None, :] < lengths[:, None]
+    lp, order = torch.sort(torch.where(real, scores.gather(1, unique), float("-inf")), dim=1, descending=True, stable=True)
+    targets = RowTargets(ids=unique.gather(1, order), logprobs=lp, counts=counts.gather(1, order), lengths=lengths)
+    return targets, log_partition
 
 
 @dataclass(frozen=True)
@@ -165,10 +218,15 @@ class TargetSpec:
 def row_targets(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, spec: TargetSpec) -> tuple[RowTargets, torch.Tensor]:
     """Targets and gold log-probabilities ``[R]`` from raw teacher logits ``[R, V] float32``.
 
-    Consumes ``logits``: it is turned into log-probabilities in place (no second ``[R, V]`` buffer).
+    ``topk`` takes one fused log-softmax pass and may overwrite its output; ``sample`` never forms
+    log-probabilities for the whole vocabulary: it draws from ``exp(logits - max)`` and normalises
+    the drawn ids and the gold token only.
     """
-    logprobs = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-    gold = logprobs.gather(1, labels[:, None])[:, 0]
     if spec.method == "topk":
+        logprobs = torch.log_softmax(logits, dim=-1)
+        gold = logprobs.gather(1, labels[:, None])[:, 0]
         return topk_targets(logprobs, spec.k, inplace=True), gold
-    return sample_targets(logprobs, keys, spec.samples, spec.proposal_temperature), gold
+    targets, log_partition = _sample(logits, keys, spec.samples, spec.proposal_temperature)
+    targets.logprobs.sub_(log_partition[:, None])
+    gold = logits.gather(1, labels[:, None])[:, 0] - log_partition
+    return targets, gold

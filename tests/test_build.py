@@ -93,6 +93,16 @@ def test_sampling_does_not_depend_on_batch_size(teacher_dir, corpus_file, sample
     assert np.array_equal(a.target_counts, b.target_counts)
 
 
+def test_cpu_streams_do_not_change_the_shards(teacher_dir, corpus_file, topk_cache, sample_cache, tmp_path):
+    """Teacher batches computed one at a time on all threads, or three at once on one thread each: same bytes."""
+    for cache, extra in ((topk_cache, dict(method="topk", k=8)), (sample_cache, dict(method="sample", samples=20))):
+        reference = read_manifest(cache)
+        for streams in (1, 3):
+            out = tmp_path / f"{extra['method']}-{streams}"
+            manifest = build_cache(teacher_dir, corpus_file, out, cpu_streams=streams, **extra)
+            assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+
+
 def _corpus_variants(tmp_path: Path, docs: list[str]) -> dict[str, Path]:
     import datasets
 

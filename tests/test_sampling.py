@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from logitcache.targets import draw, row_keys, sample_targets, topk_targets, uniforms
+from logitcache.targets import TAIL_EXACT_BELOW, TargetSpec, draw, row_keys, row_targets, sample_targets, topk_targets, uniforms
 
 
 def chi2_sf(stat: float, dof: int) -> float:
@@ -114,3 +114,33 @@ def test_topk_tail_is_the_mass_outside():
     covered = t.logprobs.exp().sum(1)
     torch.testing.assert_close(t.tail_logprob.exp() + covered, torch.ones(8), rtol=0, atol=1e-5)
     assert torch.all(t.logprobs.diff(dim=1) <= 0)
+
+
+def test_topk_tail_is_exact_for_flat_and_peaked_rows():
+    """The float64 shortcut and the exact path for rows whose top-k cover > 99.9 %: both match logsumexp of the rest."""
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.logspace(-1, 1.5, 256)[:, None]  # from nearly uniform to one id with almost all the mass
+    lp = torch.log_softmax(torch.randn(256, 500, generator=gen) * scale, -1)
+    t = topk_targets(lp.clone(), 8, inplace=True)
+    exact = torch.logsumexp(lp.scatter(-1, t.ids, float("-inf")), -1)
+    close = t.tail_logprob < TAIL_EXACT_BELOW
+    assert 10 < int(close.sum()) < 246  # both paths are exercised
+    torch.testing.assert_close(t.tail_logprob[~close], exact[~close], rtol=0, atol=1e-4)
+    torch.testing.assert_close(t.tail_logprob[close], exact[close], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_row_targets_from_raw_logits(method):
+    """row_targets takes raw logits (any offset per row) and stores the log-softmax at the ids and at the gold token."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(64, 300, generator=gen) * 3 + torch.randn(64, 1, generator=gen) * 50
+    labels = torch.randint(0, 300, (64,), generator=gen)
+    keys = row_keys(0, torch.arange(64), torch.zeros(64, dtype=torch.long))
+    lp = torch.log_softmax(logits.double(), -1)
+    t, gold = row_targets(logits.clone(), labels, keys, TargetSpec(method, k=10, samples=30))
+    torch.testing.assert_close(gold.double(), lp.gather(1, labels[:, None])[:, 0], rtol=0, atol=1e-5)
+    real = torch.arange(t.ids.shape[1])[None] < t.lengths[:, None]
+    torch.testing.assert_close(t.logprobs[real].double(), lp.gather(1, t.ids)[real], rtol=0, atol=1e-5)
+    if method == "sample":
+        assert torch.all(t.counts.sum(1) == 30)
+        assert torch.equal(t.ids, sample_targets(lp.float(), keys, 30).ids)  # the offset does not change the draws
