@@ -8,7 +8,16 @@ import math
 import pytest
 import torch
 
-from logitcache.targets import TAIL_EXACT_BELOW, TargetSpec, draw, row_keys, row_targets, sample_targets, topk_targets, uniforms
+from logitcache.targets import (
+    TAIL_EXACT_BELOW,
+    TargetSpec,
+    draw,
+    row_keys,
+    row_targets,
+    sample_targets,
+    topk_targets,
+    uniforms,
+)
 
 
 def chi2_sf(stat: float, dof: int) -> float:
