@@ -28,21 +28,8 @@ from logitcache import __version__
 from logitcache.atomic import TMP_SUFFIX, sha256_file, write_json_atomic
 from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
-from logitcache.manifest import (
-    FORMAT_NAME,
-    MANIFEST_NAME,
-    fingerprint,
-    shard_name,
-    write_manifest,
-)
-from logitcache.shards import (
-    FORMAT_VERSION,
-    MAX_IDS_PER_POSITION,
-    METHODS,
-    WindowTargets,
-    shard_metadata,
-    write_shard,
-)
+from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_name, write_manifest
+from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, WindowTargets, shard_metadata, write_shard
 from logitcache.teacher import TargetSpec, tokenizer_fingerprint
 
 BUILD_MARKER = "build.json"

@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from logitcache.targets import (
-    TAIL_EXACT_BELOW,
-    TargetSpec,
-    draw,
-    row_keys,
-    row_targets,
-    sample_targets,
-    topk_targets,
-    uniforms,
+    TAIL_EXACT_BELOW, TargetSpec, draw, row_keys, row_targets, sample_targets, topk_targets, uniforms,
 )
 
 
