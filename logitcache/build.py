@@ -30,7 +30,8 @@ from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
 from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_name, write_manifest
 from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, WindowTargets, shard_metadata, write_shard
-from logitcache.teacher import TargetSpec, tokenizer_fingerprint
+from logitcache.targets import SAMPLE_LOGPROB_BITS, TargetSpec
+from logitcache.teacher import tokenizer_fingerprint
 
 BUILD_MARKER = "build.json"
 IN_FLIGHT = 2
@@ -48,6 +49,7 @@ class BuildSettings:
     samples: int = 50
     seed: int = 0
     proposal_temperature: float = 1.0
+    logprob_bits: int = SAMPLE_LOGPROB_BITS
     seq_len: int = 512
     batch_size: int = 8
     shard_size: int = 1024
@@ -67,7 +69,7 @@ class BuildSettings:
 
     @property
     def spec(self) -> TargetSpec:
-        return TargetSpec(self.method, self.k, self.samples, self.seed, self.proposal_temperature)
+        return TargetSpec(self.method, self.k, self.samples, self.seed, self.proposal_temperature, self.logprob_bits)
 
     def check(self) -> None:
         """Reject settings that can never work, before anything is loaded or written."""
@@ -82,6 +84,7 @@ class BuildSettings:
             (self.k <= MAX_IDS_PER_POSITION and self.samples <= MAX_IDS_PER_POSITION,
              f"--k/--samples: at most {MAX_IDS_PER_POSITION} ids per position"),
             (self.proposal_temperature > 0, "--proposal-temperature must be positive"),
+            (1 <= self.logprob_bits <= 10, f"--logprob-bits {self.logprob_bits}: float16 has 1 to 10 mantissa bits"),
             (self.cpu_streams is None or self.cpu_streams >= 1, f"--cpu-streams {self.cpu_streams}: must be at least 1"),
             (self.num_workers >= 1 and 0 <= self.worker_index < self.num_workers,
              f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})"),

@@ -56,6 +56,25 @@ def shard_schema(method: str) -> pa.Schema:
     return pa.schema([*_COMMON_HEAD, _BY_METHOD[method], _GOLD])
 
 
+FLOAT16_MANTISSA_BITS = 10
+
+
+def round_float16(values: np.ndarray, bits: int) -> np.ndarray:
+    """Round float16 ``values`` to ``bits`` stored mantissa bits (of 10), to nearest; still float16.
+
+    Relative error at most ``2**-(bits + 1)``; infinities stay infinite. Zeroed low bits make the
+    column far more compressible while every reader still sees plain float16.
+    """
+    if bits >= FLOAT16_MANTISSA_BITS:
+        return values
+    drop = FLOAT16_MANTISSA_BITS - bits
+    raw = values.view(np.uint16)
+    finite = (raw & 0x7C00) != 0x7C00
+    rounded = ((raw.astype(np.uint32) + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
+    overflow = (rounded & 0x7C00) == 0x7C00  # only the largest finite magnitudes: keep them as they are
+    return np.where(finite & ~overflow, rounded, raw).view(np.float16)
+
+
 @dataclass
 class WindowTargets:
     """Sparse teacher targets for ``B`` windows of ``n`` tokens, as flat numpy arrays.

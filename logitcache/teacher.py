@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from logitcache.errors import LogitcacheError
-from logitcache.shards import WindowTargets
+from logitcache.shards import FLOAT16_MANTISSA_BITS, WindowTargets, round_float16
 from logitcache.targets import RowTargets, TargetSpec, row_keys, row_targets
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -195,7 +195,8 @@ def targets_from_hidden(
         end = start + chunk_rows
         targets, gold = row_targets(head(rows[start:end]), labels[start:end], keys[start:end], spec)
         parts.append(_to_host(targets, gold))
-    return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device)
+    return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device,
+                          spec.stored_logprob_bits)
 
 
 def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -224,8 +225,10 @@ def _to_host(rows: RowTargets, gold: torch.Tensor) -> dict[str, torch.Tensor]:
 class PendingTargets:
     """Targets whose device-to-host copies may still be in flight; :meth:`result` assembles them."""
 
-    def __init__(self, parts: list[dict[str, torch.Tensor]], input_ids: torch.Tensor, sequence_ids: np.ndarray, device: torch.device):
+    def __init__(self, parts: list[dict[str, torch.Tensor]], input_ids: torch.Tensor, sequence_ids: np.ndarray,
+                 device: torch.device, logprob_bits: int = FLOAT16_MANTISSA_BITS):
         self.parts = parts
+        self.logprob_bits = logprob_bits
         self.input_ids = input_ids
         self.sequence_ids = sequence_ids
         self.event = None
@@ -245,6 +248,8 @@ class PendingTargets:
                 array = tensor.numpy()
                 flat.setdefault(name, []).append(array[real] if array.ndim == 2 else array)
         joined = {name: np.concatenate(arrays) for name, arrays in flat.items()}
+        for name in ("logprobs", "gold"):
+            joined[name] = round_float16(joined[name], self.logprob_bits)
         input_ids = self.input_ids.numpy()
         b, positions = input_ids.shape[0], input_ids.shape[1] - 1
         return WindowTargets(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -69,6 +70,23 @@ def test_sample_targets_are_consistent(teacher_dir, sample_cache):
         stored = torch.from_numpy(t.target_logprobs[offsets[p] : offsets[p + 1]].astype(np.float32))
         torch.testing.assert_close(stored, ref[p, ids], atol=2e-2, rtol=2e-3)
         assert np.all(np.diff(stored.numpy()) <= 1e-3)
+
+
+def test_sample_logprobs_keep_logprob_bits(teacher_dir, corpus_file, sample_cache, tmp_path):
+    """A sample build rounds stored log-probabilities to 8 mantissa bits by default, to nearest; 10 keeps float16's all."""
+    from logitcache.shards import round_float16
+
+    rounded = all_targets(sample_cache)
+    assert read_manifest(sample_cache)["params"]["logprob_bits"] == 8
+    for column in (rounded.target_logprobs, rounded.gold_logprob.reshape(-1)):
+        assert np.all(column.view(np.uint16) & 0b11 == 0)
+    build_cache(teacher_dir, corpus_file, tmp_path / "full", method="sample", samples=20, logprob_bits=10)
+    full = all_targets(tmp_path / "full")
+    assert np.array_equal(full.target_ids, rounded.target_ids)  # rounding touches nothing but the log-probabilities
+    assert np.array_equal(round_float16(full.target_logprobs, 8), rounded.target_logprobs)
+    assert np.any(full.target_logprobs.view(np.uint16) & 0b11)
+    a, b = full.target_logprobs.astype(np.float64), rounded.target_logprobs.astype(np.float64)
+    assert np.all(np.abs(a - b) <= np.abs(a) * 2.0**-9)
 
 
 def test_windows_are_the_packed_corpus(teacher_dir, corpus_file, topk_cache):
@@ -263,8 +281,10 @@ def test_inspect_json_keys(topk_cache, sample_cache):
         assert summary["bytes"] == sum(p.stat().st_size for p in cache.glob("shard-*.parquet"))
     assert summarize(topk_cache)["mean_ids_per_position"] == 8
     assert 0 < summarize(topk_cache)["mean_covered_mass"] < 1
-    # Same teacher and corpus: the perplexity from gold log-probs agrees between methods.
-    assert summarize(topk_cache)["teacher_perplexity"] == pytest.approx(summarize(sample_cache)["teacher_perplexity"])
+    # Same teacher and corpus: the perplexity from gold log-probs agrees between methods, up to the
+    # sample cache's 8-bit log-probabilities (relative error 2^-9 in each log-probability).
+    ppl = summarize(topk_cache)["teacher_perplexity"]
+    assert ppl == pytest.approx(summarize(sample_cache)["teacher_perplexity"], rel=2.0**-9 * math.log(ppl))
 
 
 def test_workers_split_shards_and_merge_to_the_single_worker_build(teacher_dir, corpus_file, topk_cache, tmp_path):

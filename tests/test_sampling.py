@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,19 @@ def test_row_targets_from_raw_logits(method):
     if method == "sample":
         assert torch.all(t.counts.sum(1) == 30)
         assert torch.equal(t.ids, sample_targets(lp.float(), keys, 30).ids)  # the offset does not change the draws
+
+
+def test_round_float16_is_round_to_nearest():
+    from logitcache.shards import round_float16
+
+    values = np.concatenate([-np.logspace(-3, 4.5, 5000), [0.0, -np.inf]]).astype(np.float16)
+    for bits in (1, 4, 8):
+        out = round_float16(values, bits)
+        assert out.dtype == np.float16
+        assert np.all(out.view(np.uint16) & ((1 << (10 - bits)) - 1) == 0)
+        finite = np.isfinite(values)
+        exact, got = values[finite].astype(np.float64), out[finite].astype(np.float64)
+        assert np.all(np.abs(got - exact) <= np.abs(exact) * 2.0 ** -(bits + 1))
+        assert out[-1] == -np.inf and out[-2] == 0.0
+    assert round_float16(np.array([-65504.0], np.float16), 8)[0] == -65504.0  # never rounded up to -inf
+    assert np.array_equal(round_float16(values, 10).view(np.uint16), values.view(np.uint16))
