@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sampler-rows", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5, help="build table: timed rounds over all cases, best kept")
+    parser.add_argument("--tables", default="build,sampler,storage", help="which tables to print, comma-separated")
     parser.add_argument("--chunk-mib", type=int, default=None, help="head chunk bound passed to the build (default: the teacher's)")
     parser.add_argument("--make-teacher", metavar="PRESET", help="make a random-initialised teacher of this preset "
                         "(e.g. base: 12 layers, hidden 768) with --vocab ids instead of using --teacher; for GPU runs")
@@ -178,10 +179,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("\n## Build throughput\n\n" + "\n".join(build_table(args, work)))
-        vocab = json.loads((args.teacher / "config.json").read_text())["vocab_size"]
-        print("\n## Sampler\n\n" + "\n".join(sampler_table(sorted({vocab, 8192, 32768}), args.sampler_rows)))
-        print("\n## Storage (demo teacher)\n\n" + "\n".join(storage_table(args, work)))
+        tables = set(args.tables.split(","))
+        if "build" in tables:
+            print("\n## Build throughput\n\n" + "\n".join(build_table(args, work)), flush=True)
+        if "sampler" in tables:
+            vocab = json.loads((args.teacher / "config.json").read_text())["vocab_size"]
+            print("\n## Sampler\n\n" + "\n".join(sampler_table(sorted({vocab, 8192, 32768}), args.sampler_rows)), flush=True)
+        if "storage" in tables:
+            print("\n## Storage\n\n" + "\n".join(storage_table(args, work)))
 
 
 if __name__ == "__main__":
