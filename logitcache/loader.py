@@ -284,11 +284,11 @@ class CacheDataset(IterableDataset):
         return parquet, group
 
 
-def _to_dense(values: np.ndarray, mask: np.ndarray, dtype: type) -> np.ndarray:
-    """Scatter flat position-major ``values [S]`` into the ``True`` slots of ``mask [..., K]``, 0 elsewhere."""
-    out = np.zeros(mask.shape, dtype=dtype)
-    out[mask] = values
-    return out
+def _scatter(values: np.ndarray, slots: np.ndarray, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """Flat position-major ``values [S]`` into the flat ``slots`` of a zero array of ``shape``."""
+    out = np.zeros(int(np.prod(shape)), dtype=dtype)
+    out[slots] = values
+    return out.reshape(shape)
 
 
 def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, torch.Tensor]:
@@ -302,11 +302,14 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
     """
     batch = WindowTargets.concat(list(samples))
     lengths = batch.target_lengths
-    mask = np.arange(int(lengths.max(initial=0))) < lengths[..., None]
+    width = int(lengths.max(initial=0))
+    mask = np.arange(width) < lengths[..., None]
+    slots = np.flatnonzero(mask)  # where each flat entry goes, found once for every column
     logprobs = batch.target_logprobs.astype(np.float32)
     if batch.method == "sample":
         weights = batch.target_counts.astype(np.float32) / np.float32(manifest["params"]["samples"])
-        mass = _to_dense(np.exp(batch.target_logprobs.astype(np.float64)), mask, np.float64).sum(axis=-1)
+        covered = np.exp(batch.target_logprobs.astype(np.float64))
+        mass = np.bincount(slots // max(width, 1), weights=covered, minlength=lengths.size).reshape(lengths.shape)
         with np.errstate(divide="ignore"):
             tail = np.log(np.maximum(1.0 - mass, 0.0)).astype(np.float32)
     else:
@@ -316,10 +319,10 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
         "input_ids": batch.input_ids.astype(np.int64),
         "labels": batch.input_ids[:, 1:].astype(np.int64),
         "sequence_id": batch.sequence_ids.astype(np.int64),
-        "target_ids": _to_dense(batch.target_ids, mask, np.int64),
+        "target_ids": _scatter(batch.target_ids, slots, mask.shape, np.int64),
         "target_mask": mask,
-        "target_logprobs": _to_dense(logprobs, mask, np.float32),
-        "target_weights": _to_dense(weights, mask, np.float32),
+        "target_logprobs": _scatter(logprobs, slots, mask.shape, np.float32),
+        "target_weights": _scatter(weights, slots, mask.shape, np.float32),
         "tail_logprob": tail,
         "gold_logprob": batch.gold_logprob.astype(np.float32),
         "position_mask": lengths > 0,
