@@ -23,7 +23,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = b"logitcache"
 METHODS = ("topk", "sample")
 ROW_GROUP_ROWS = 128
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 5  # vs 3: ~2 % smaller shards for ~25 % more write CPU (benchmarks/RESULTS.md)
 # Integer columns whose values recur within a row group (ids, draw counts, per-position lengths) are
 # dictionary-encoded: the dictionary holds only the ids a row group uses, so its bit-packed indices
 # stay narrow whatever the vocabulary. Everything else is PLAIN: dictionaries make float16 and

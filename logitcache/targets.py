@@ -205,9 +205,9 @@ SAMPLE_LOGPROB_BITS = 8
 class TargetSpec:
     """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws.
 
-    ``logprob_bits``: mantissa bits (of float16's 10) kept in a sample build's log-probabilities and
-    gold log-probability. RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a
-    2**-9 relative error in a log-probability; 8 bits saves ~0.4 bytes per entry. top-k keeps all 10.
+    ``logprob_bits``: mantissa bits (of float16's 10) kept in a sample build's ``target_logprobs``.
+    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-9 relative error in a
+    log-probability; 8 bits saves ~0.4 bytes per entry. top-k keeps all 10, and gold always does.
     """
 
     method: str

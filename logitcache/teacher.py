@@ -248,8 +248,7 @@ class PendingTargets:
                 array = tensor.numpy()
                 flat.setdefault(name, []).append(array[real] if array.ndim == 2 else array)
         joined = {name: np.concatenate(arrays) for name, arrays in flat.items()}
-        for name in ("logprobs", "gold"):
-            joined[name] = round_float16(joined[name], self.logprob_bits)
+        joined["logprobs"] = round_float16(joined["logprobs"], self.logprob_bits)
         input_ids = self.input_ids.numpy()
         b, positions = input_ids.shape[0], input_ids.shape[1] - 1
         return WindowTargets(
