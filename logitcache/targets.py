@@ -117,11 +117,10 @@ def sorted_uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
     return sums[:, :n] / sums[:, n:].clamp_min(2.0**-1000)
 
 
-def _draw_weights(weights: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw_weights(weights: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` draws per row in proportion to ``weights [R, V]`` (non-negative, unnormalised).
 
-    Returns the drawn ids ``[R, n] int64``, equal ids adjacent within a row, and the row totals
-    ``[R] float64``. Exact two-level inverse CDF over ``nb`` blocks of ``B`` ids, block ``j`` being
+    Returns the drawn ids ``[R, n] int64``, equal ids adjacent within a row. Exact two-level inverse CDF over ``nb`` blocks of ``B`` ids, block ``j`` being
     the ids ``j, j + nb, j + 2nb, …`` (strided, so that block sums and the in-block scans are
     contiguous vector adds): a draw first picks a block by the float64 prefix sum of block masses,
     then an id inside it by the prefix sum of that block alone, scaled by its own total. Each id is
@@ -136,15 +135,14 @@ def _draw_weights(weights: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[to
     members = weights.view(rows, b, nb)  # members[r, i, j] = weight of id j + i * nb
     mass = members.sum(1)  # [R, nb] float32, summed in a fixed order per row
     cdf = torch.cumsum(mass, dim=-1, dtype=torch.float64)
-    total = cdf[:, -1]
-    u = sorted_uniforms(keys, n) * total[:, None]
+    u = sorted_uniforms(keys, n) * cdf[:, -1:]
     block = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)  # [R, n], non-decreasing
     block_mass = mass.gather(1, block).double()
     frac = ((u - (cdf.gather(1, block) - block_mass)) / block_mass).clamp_(0.0, 1.0 - 2.0**-53)
     inner_cdf = torch.cumsum(members.gather(2, block[:, None, :].expand(rows, b, n)), dim=1, dtype=torch.float64)
     # B is small: counting prefix sums <= target beats a batched binary search.
     pos = (inner_cdf <= (frac * inner_cdf[:, -1])[:, None, :]).sum(1).clamp_(max=b - 1)
-    return block + pos * nb, total
+    return block + pos * nb
 
 
 def _weights(scores: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +164,7 @@ def draw(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float 
     Equal ids come out adjacent (draws are made in block order, see :func:`sorted_uniforms`); as a
     multiset they are ``n`` independent draws. Raw logits work as well as log-probabilities.
     """
-    return _draw_weights(_weights(logprobs, temperature)[0], keys, n)[0]
+    return _draw_weights(_weights(logprobs, temperature)[0], keys, n)
 
 
 def sample_targets(logprobs: torch.Tensor, keys: torch.Tensor, n: int, temperature: float = 1.0) -> RowTargets:
@@ -184,7 +182,7 @@ def _sample(scores: torch.Tensor, keys: torch.Tensor, n: int, temperature: float
     log-partition ``logsumexp(scores)`` per row (~0 for log-probabilities). The targets' log-probabilities
     are ``scores`` at the ids, not yet normalised."""
     probs, log_partition = _weights(scores, temperature)
-    ids, _ = _draw_weights(probs, keys, n)
+    ids = _draw_weights(probs, keys, n)
     # Equal draws are adjacent: each run becomes one entry, compacted to the left.
     first = torch.ones_like(ids, dtype=torch.bool)
     first[:, 1:] = ids[:, 1:] != ids[:, :-1]
