@@ -193,6 +193,10 @@ def train(
     clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: no clipping).")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of CE on gold tokens: loss = (1 - alpha) x kd + alpha x ce.")] = 0.0,
     temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature (kl, topk-renorm, bild, rlkd; the others need 1). Default: the loss's own (bild 3, others 1).")] = None,
+    skew: Annotated[Optional[float], typer.Option(help="Mixing weight of skew-kl and skew-reverse-kl, in (0, 1) (default 0.1, as DistiLLM).")] = None,
+    loss_k: Annotated[Optional[int], typer.Option(help="Top-k of bild (logit differences among the top k; default 8) and rlkd (rank term over the union of both top k; default 15).")] = None,
+    rank_temperature: Annotated[Optional[float], typer.Option(help="rlkd: temperature of the sigmoid soft ranks (default 0.1).")] = None,
+    rlkd_base: Annotated[Optional[str], typer.Option(help="rlkd: the loss its rank term is added to: kl (default), topk-renorm, topk-ghost, reverse-kl, skew-kl, skew-reverse-kl.")] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N steps and at the end (0: never).")] = 100,
     eval_windows: Annotated[int, typer.Option(help="Windows to evaluate on; without --eval-cache they are held out of training (the last ones).")] = 64,
     eval_cache: Annotated[Optional[Path], typer.Option(help="Evaluate on the first --eval-windows windows of this cache instead of a held-out split.")] = None,
@@ -220,11 +224,14 @@ def train(
         out=out, cache=cache, loss=loss, corpus=corpus, tokenizer=tokenizer, seq_len=seq_len,
         text_field=text_field, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, clip=clip,
-        alpha=alpha, temperature=temperature, eval_every=eval_every, eval_windows=eval_windows,
+        alpha=alpha, temperature=temperature, skew=skew, loss_k=loss_k, rank_temperature=rank_temperature,
+        rlkd_base=rlkd_base, eval_every=eval_every, eval_windows=eval_windows,
         eval_cache=eval_cache, save_every=save_every, resume=resume, seed=seed, student=student,
         student_config=student_config, init_from=init_from, compile=compile, fused_loss=fused_loss, device=device, fsdp=fsdp, lanes=lanes,
     )
     transformers.logging.disable_progress_bar()
+    with user_errors():
+        settings.check()  # bad options fail before a progress bar is drawn
     if os.environ.get("RANK", "0") != "0":  # under torchrun, process 0 alone shows progress
         with user_errors():
             run_train(settings)

@@ -36,7 +36,6 @@ autograd: the same memory bound, at the plain loss's speed.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -46,7 +45,7 @@ import torch
 from torch import Tensor
 
 from logitcache.errors import LogitcacheError
-from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_log_softmax, get_loss, select_rows
+from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_log_softmax, check_options, get_loss, select_rows
 
 _CLOSED_FORMS = ("ce", "rs-kd", "topk-renorm", "kl", "topk-ghost")
 
@@ -345,20 +344,6 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _check_options(name: str, alpha: float, temperature: float, options: Mapping) -> None:
-    """Raise what the plain loss raises for these options (it runs on an empty batch)."""
-    empty = {
-        "labels": torch.zeros(0, 0, dtype=torch.int64),
-        "target_ids": torch.zeros(0, 0, 0, dtype=torch.int64),
-        "target_mask": torch.zeros(0, 0, 0, dtype=torch.bool),
-        "target_logprobs": torch.zeros(0, 0, 0),
-        "target_weights": torch.zeros(0, 0, 0),
-        "tail_logprob": torch.zeros(0, 0),
-        "position_mask": torch.zeros(0, 0, dtype=torch.bool),
-    }
-    get_loss(name)(torch.zeros(0, 0, 1), empty, alpha=alpha, temperature=temperature, **options)
-
-
 def fused_loss(
     name: str,
     hidden: Tensor,
@@ -388,9 +373,7 @@ def fused_loss(
             f"hidden states have shape {tuple(hidden.shape)} but the batch has {tuple(batch['labels'].shape)} "
             "positions; pass hidden[:, :-1] (position t predicts token t + 1)"
         )
-    if temperature is None:
-        temperature = inspect.signature(get_loss(name)).parameters["temperature"].default
-    _check_options(name, alpha, temperature, options)
+    temperature = check_options(name, alpha=alpha, temperature=temperature, **options)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(head_weight.shape[0], head_weight.shape[1], hidden.device)
     if chunk_rows < 1:

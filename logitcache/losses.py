@@ -27,6 +27,7 @@ tail bucket is a sum over unknown ids whose tempered mass the cache cannot give.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -549,3 +550,26 @@ def get_loss(name: str) -> LossFn:
     if name not in LOSSES:
         raise LogitcacheError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return LOSSES[name]
+
+
+def check_options(name: str, *, alpha: float = 0.0, temperature: float | None = None, **options: float | str) -> float:
+    """Raise the ``LogitcacheError`` (or ``TypeError`` for an unknown keyword) that loss ``name``
+    raises for these options, before any data is seen; return the temperature it will use
+    (``None``: the loss's own default, 3 for bild, else 1).
+
+    Runs the loss on an empty batch, so the checks are the loss's own and cannot drift from it.
+    """
+    loss = get_loss(name)
+    if temperature is None:
+        temperature = inspect.signature(loss).parameters["temperature"].default
+    empty = {
+        "labels": torch.zeros(0, 0, dtype=torch.int64),
+        "target_ids": torch.zeros(0, 0, 0, dtype=torch.int64),
+        "target_mask": torch.zeros(0, 0, 0, dtype=torch.bool),
+        "target_logprobs": torch.zeros(0, 0, 0),
+        "target_weights": torch.zeros(0, 0, 0),
+        "tail_logprob": torch.zeros(0, 0),
+        "position_mask": torch.zeros(0, 0, dtype=torch.bool),
+    }
+    loss(torch.zeros(0, 0, 1), empty, alpha=alpha, temperature=temperature, **options)
+    return temperature

@@ -67,7 +67,7 @@ from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
 from logitcache.fused import fused_loss, output_head, student_hidden, supports
 from logitcache.loader import CacheDataset, collate
-from logitcache.losses import LossOutput, ce_loss, get_loss
+from logitcache.losses import LossOutput, ce_loss, check_options, get_loss
 from logitcache.partition import OrderSettings, worker_samples
 from logitcache.student import build_student, check_source, check_student, load_student
 from logitcache.teacher import load_tokenizer, tokenizer_fingerprint
@@ -85,6 +85,14 @@ ECE_BINS = 15
 RESUMABLE_CHANGES = ("out", "resume", "device", "compile", "save_every", "batch_size", "grad_accum", "lanes")
 # A folder: each process appends the sequence ids of every step it trains on to rank-R.jsonl there.
 DEBUG_SEQUENCES_ENV = "LOGITCACHE_DEBUG_SEQUENCES"
+# Loss-specific settings: field -> (CLI option, the losses that take it); None leaves the loss's default.
+LOSS_OPTIONS = {
+    "skew": ("skew", ("skew-kl", "skew-reverse-kl")),
+    "loss_k": ("loss-k", ("bild", "rlkd")),
+    "rank_temperature": ("rank-temperature", ("rlkd",)),
+    "rlkd_base": ("rlkd-base", ("rlkd",)),
+}
+LOSS_KEYWORDS = {"skew": "skew", "loss_k": "k", "rank_temperature": "rank_temperature", "rlkd_base": "base"}
 
 Batch = dict[str, Tensor]
 
@@ -110,6 +118,10 @@ class TrainSettings:
     clip: float = 1.0
     alpha: float = 0.0
     temperature: float | None = None
+    skew: float | None = None
+    loss_k: int | None = None
+    rank_temperature: float | None = None
+    rlkd_base: str | None = None
     eval_every: int = 100
     eval_windows: int = 64
     eval_cache: Path | None = None
@@ -161,6 +173,14 @@ class TrainSettings:
             (self.lanes is None or self.lanes >= 1, f"--lanes {self.lanes}: must be at least 1"),
         ])
         check_source(self.student, self.student_config, self.init_from)
+        for field, (option, losses) in LOSS_OPTIONS.items():
+            if getattr(self, field) is not None and self.loss not in losses:
+                raise LogitcacheError(f"--{option} goes with --loss {' or '.join(losses)}, not --loss {self.loss or 'ce'}")
+        check_options(self.loss or "ce", alpha=self.alpha, temperature=self.temperature, **self.loss_options())
+
+    def loss_options(self) -> dict[str, float | str]:
+        """The loss-specific options given (``skew``, ``k``, ...), as the loss's keyword arguments."""
+        return {LOSS_KEYWORDS[field]: getattr(self, field) for field in LOSS_OPTIONS if getattr(self, field) is not None}
 
     def to_json(self) -> dict:
         """The settings as JSON values (paths as strings)."""
@@ -541,6 +561,7 @@ def make_loss(
         options["proposal_temperature"] = manifest["params"]["proposal_temperature"]
     if settings.temperature is not None:
         options["temperature"] = settings.temperature  # else each loss's own default (BiLD: 3)
+    options.update(settings.loss_options())
     if head is not None:
         return lambda hidden, batch: fused_loss(name, hidden, head.weight, batch, head_bias=head.bias, alpha=alpha, **options)
     return partial(get_loss(name), alpha=alpha, **options)

@@ -7,6 +7,7 @@ from it with ``run_build`` (sampled and top-k). Every run is tiny: hidden 64, 2 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -185,10 +186,38 @@ def test_settings_are_checked_before_any_work(tmp_path):
         (dict(cache=tmp_path, loss="nope"), "unknown loss"),
         (dict(cache=tmp_path, loss="kl", student=None), "exactly one"),
         (dict(cache=tmp_path, loss="kl", student="huge"), "choose one of"),
+        (dict(cache=tmp_path, loss="kl", skew=0.2), "--skew goes with --loss skew-kl or skew-reverse-kl, not --loss kl"),
+        (dict(corpus=tmp_path, tokenizer=tmp_path, loss_k=4), "--loss-k goes with --loss bild or rlkd, not --loss ce"),
+        (dict(cache=tmp_path, loss="bild", rlkd_base="kl"), "--rlkd-base goes with --loss rlkd"),
+        (dict(cache=tmp_path, loss="skew-kl", skew=1.5), "strictly between 0 and 1"),
+        (dict(cache=tmp_path, loss="bild", loss_k=0), "k=0 must be > 0"),
+        (dict(cache=tmp_path, loss="rlkd", rank_temperature=-1.0), "rank_temperature=-1.0 must be > 0"),
+        (dict(cache=tmp_path, loss="rlkd", rlkd_base="nope"), "unknown rlkd base loss 'nope'"),
+        (dict(cache=tmp_path, loss="topk-ghost", temperature=2.0), "topk-ghost has no temperature"),
     ]
     for options, message in cases:
         with pytest.raises(LogitcacheError, match=message):
             _small(tmp_path / "out", **options).check()
+
+
+@pytest.mark.parametrize("loss, options, keywords", [
+    ("bild", dict(loss_k=2, temperature=2.0), dict(k=2, temperature=2.0)),
+    ("rlkd", dict(loss_k=3, rank_temperature=0.5, rlkd_base="topk-ghost"), dict(k=3, rank_temperature=0.5, base="topk-ghost")),
+    ("skew-reverse-kl", dict(skew=0.4), dict(skew=0.4)),
+])
+def test_loss_options_reach_the_loss(world, tmp_path, loss, options, keywords):
+    from logitcache.loader import CacheDataset, collate
+    from logitcache.losses import get_loss
+    from logitcache.train import make_loss
+
+    settings = _small(tmp_path, cache=world.caches["topk"], loss=loss, **options)
+    settings.check()
+    dataset = CacheDataset(world.caches["topk"], seed=0, global_batch_size=4)
+    batch = collate(list(itertools.islice(dataset, 4)), dataset.manifest)
+    logits = torch.randn(4, SEQ_LEN - 1, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    bound = make_loss(settings, dataset.manifest, 0.0)(logits, batch).total
+    assert bound == get_loss(loss)(logits, batch, **keywords).total
+    assert bound != get_loss(loss)(logits, batch).total  # the options change the value, so the check can fail
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
