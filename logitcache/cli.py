@@ -203,7 +203,7 @@ def train(
     save_every: Annotated[int, typer.Option(help="Write OUT/checkpoint every N steps (0: only at the end).")] = 500,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint with the same options (start fresh if there is none).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the student's initialisation and of the data order.")] = 0,
-    student: Annotated[Optional[str], typer.Option(help="Student preset: nano, micro, tiny, small or base (a Llama-style config).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student preset: nano, micro, tiny, small, base or large (Llama-style configs; see logitcache/tiny.py).")] = None,
     student_config: Annotated[Optional[Path], typer.Option(help="Student from a Hugging Face config.json (random init) instead of a preset.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Student from the weights of a Hugging Face model folder instead of a preset.")] = None,
     compile: Annotated[bool, typer.Option(help="Compile the student's forward pass with torch.compile.")] = False,

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -260,19 +261,28 @@ class CacheDataset(IterableDataset):
     def _read(self, unit: int, rows: np.ndarray) -> _Unit:
         """Decode ``rows`` (sorted) of row group ``unit``; keep only those rows."""
         parquet, group = self._open(unit)
-        table = parquet.read_row_group(group)
+        try:
+            table = parquet.read_row_group(group)
+        except (OSError, pa.ArrowException) as exc:
+            raise LogitcacheError(
+                f"{self._shard_path(unit)}: row group {group} cannot be decoded ({exc}); the shard is damaged: "
+                "`logitcache validate` checks every shard, and a rebuild or re-download replaces it"
+            ) from exc
         targets = from_table(table if len(rows) == table.num_rows else table.take(rows))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(targets.target_lengths.sum(axis=1, dtype=np.int64), out=offsets[1:])
         return _Unit(targets=targets, offsets=offsets)
 
+    def _shard_path(self, unit: int) -> Path:
+        return self.cache_dir / self.manifest["shards"][self._shard[unit]]["file"]
+
     def _open(self, unit: int) -> tuple[pq.ParquetFile, int]:
         """The shard holding row group ``unit`` and the group's index in it, checked against the manifest."""
         entry = self.manifest["shards"][self._shard[unit]]
-        path, group = self.cache_dir / entry["file"], int(self._group[unit])
+        path, group = self._shard_path(unit), int(self._group[unit])
         try:
             parquet = pq.ParquetFile(path)
-        except OSError as exc:
+        except (OSError, pa.ArrowException) as exc:
             raise LogitcacheError(f"{path}: cannot open a shard the manifest lists ({exc})") from exc
         expected = int(self._bounds[unit + 1] - self._bounds[unit])
         found = parquet.metadata.row_group(group).num_rows if group < parquet.num_row_groups else 0

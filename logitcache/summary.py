@@ -11,13 +11,21 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from logitcache.errors import LogitcacheError
 from logitcache.manifest import read_manifest
 
 
 def _column_values(path: Path, column: str) -> np.ndarray:
-    table = pq.read_table(path, columns=[column])
+    try:
+        table = pq.read_table(path, columns=[column])
+    except (OSError, pa.ArrowException) as exc:
+        raise LogitcacheError(
+            f"{path}: cannot read column {column} of a shard the manifest lists ({exc}); "
+            "`logitcache validate` checks every shard"
+        ) from exc
     return table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 

@@ -61,6 +61,11 @@ def load_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:
+        if not Path(path).is_dir():
+            raise LogitcacheError(
+                f"cannot load a tokenizer from {path}: there is no such folder (nor a model of that name in the "
+                "local Hugging Face cache; nothing is downloaded)"
+            ) from exc
         raise LogitcacheError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
 

@@ -47,12 +47,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import inspect
 import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -67,7 +68,7 @@ from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
 from logitcache.fused import fused_loss, output_head, student_hidden, supports
 from logitcache.loader import CacheDataset, collate
-from logitcache.losses import LossOutput, ce_loss, check_options, get_loss
+from logitcache.losses import LOSSES, LossOutput, ce_loss, check_options, get_loss
 from logitcache.partition import OrderSettings, worker_samples
 from logitcache.student import build_student, check_source, check_student, load_student
 from logitcache.teacher import load_tokenizer, tokenizer_fingerprint
@@ -156,6 +157,7 @@ class TrainSettings:
             ]
             _enforce(rules)
         _enforce([
+            (not Path(self.out).exists() or Path(self.out).is_dir(), f"--out {self.out} is a file; give a folder"),
             (self.steps >= 1, f"--steps {self.steps}: must be at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.grad_accum >= 1, f"--grad-accum {self.grad_accum}: must be at least 1"),
@@ -407,6 +409,7 @@ class Data:
     train: CorpusStream | CacheStream
     eval_batches: list[Batch]
     manifest: dict | None
+    eval_manifest: dict | None  # the cache eval_batches come from (--eval-cache's or manifest)
     vocab_size: int
     seq_len: int
     tokenizer: object | None
@@ -435,8 +438,9 @@ def _cache_tokenizer(settings: TrainSettings, manifest: Mapping):
     return None
 
 
-def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int) -> list[Batch]:
-    """The first ``eval_windows`` windows of ``--eval-cache`` (or the cache's held-out split), in order."""
+def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int) -> tuple[list[Batch], dict]:
+    """The first ``eval_windows`` windows of ``--eval-cache`` (or the cache's held-out split), in order,
+    and the manifest of the cache they come from."""
     source = settings.eval_cache or settings.cache
     dataset = CacheDataset(
         source, seed=settings.seed, global_batch_size=1, shuffle=False, rank=0, world_size=1,
@@ -449,7 +453,7 @@ def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int
             f"{settings.cache} (vocab_size {manifest['vocab_size']}); evaluate on a cache built with the same tokenizer"
         )
     windows = itertools.islice(dataset, settings.eval_windows)
-    return [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)]
+    return [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)], other
 
 
 def open_cache(settings: TrainSettings, step_windows: int, world: World, lanes: int) -> Data:
@@ -466,11 +470,12 @@ def open_cache(settings: TrainSettings, step_windows: int, world: World, lanes: 
             f"--cache {settings.cache} has {manifest['totals']['sequences'] - holdout} training windows "
             f"({holdout} held out for eval), fewer than one step's --batch-size x --grad-accum x processes = {step_windows}"
         )
-    eval_batches = _eval_cache_batches(settings, manifest, holdout) if settings.eval_every else []
+    eval_batches, eval_manifest = _eval_cache_batches(settings, manifest, holdout) if settings.eval_every else ([], manifest)
     return Data(
         train=CacheStream(dataset),
         eval_batches=eval_batches,
         manifest=manifest,
+        eval_manifest=eval_manifest,
         vocab_size=manifest["vocab_size"],
         seq_len=manifest["seq_len"],
         tokenizer=_cache_tokenizer(settings, manifest),
@@ -501,6 +506,7 @@ def open_corpus(settings: TrainSettings, step_windows: int, world: World, lanes:
         train=CorpusStream(windows[:cut], seed=settings.seed, global_batch_size=step_windows, world=world, lanes=lanes),
         eval_batches=eval_batches,
         manifest=None,
+        eval_manifest=None,
         vocab_size=len(tokenizer),
         seq_len=settings.seq_len,
         tokenizer=tokenizer,
@@ -543,19 +549,21 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings, device: torc
 
 
 def make_loss(
-    settings: TrainSettings, manifest: Mapping | None, alpha: float, head: torch.nn.Linear | None = None
+    settings: TrainSettings, manifest: Mapping | None, alpha: float, head: torch.nn.Linear | None = None, source: str = "--cache"
 ) -> Callable[[Tensor, Batch], LossOutput]:
     """The named loss bound to its options; ``rs-kd`` gets the proposal temperature the cache was sampled at.
 
     With ``head`` the loss is fused with the output head (chunked, never holding ``[B, T, V]`` logits)
-    and takes final hidden states ``[B, P, H]`` instead of logits.
+    and takes final hidden states ``[B, P, H]`` instead of logits. ``source`` names the option
+    ``manifest`` came from (``--cache`` or ``--eval-cache``), for the error messages.
     """
     name = settings.loss or "ce"
     options = {}
+    where = f"--eval-cache {settings.eval_cache}" if source == "--eval-cache" and settings.eval_cache else f"--cache {settings.cache}"
     if name == "rs-kd":
         if manifest["method"] != "sample":
             raise LogitcacheError(
-                f"--loss rs-kd needs a cache built with --method sample; {settings.cache} is {manifest['method']} "
+                f"--loss rs-kd needs a cache built with --method sample; {where} is {manifest['method']} "
                 "(use topk-ghost, topk-renorm or kl)"
             )
         options["proposal_temperature"] = manifest["params"]["proposal_temperature"]
@@ -763,8 +771,17 @@ def set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _comparable(settings: Mapping) -> dict:
+    """Settings as a resume compares them: paths resolved, the loss's default temperature filled in."""
+    paths = {f.name for f in fields(TrainSettings) if "Path" in str(f.type)}
+    values = {k: str(Path(v).resolve()) if k in paths and v is not None else v for k, v in settings.items()}
+    if values.get("temperature") is None and values.get("loss") in LOSSES:
+        values["temperature"] = inspect.signature(LOSSES[values["loss"]]).parameters["temperature"].default
+    return values
+
+
 def _check_resumable(saved: Mapping, settings: TrainSettings) -> None:
-    current = settings.to_json()
+    current, saved = _comparable(settings.to_json()), _comparable(saved)
     for key, value in saved.items():
         if key not in RESUMABLE_CHANGES and current.get(key) != value:
             raise LogitcacheError(
@@ -899,7 +916,8 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
         if head is None:
             log.info("this student's logits are not its head applied to its hidden states: plain loss")
     train_loss = make_loss(settings, data.manifest, settings.alpha, head)
-    kd_loss = make_loss(settings, data.manifest, 0.0) if settings.loss not in (None, "ce") else None
+    # The eval KD loss reads the eval cache's targets by that cache's own build (its proposal temperature).
+    kd_loss = make_loss(settings, data.eval_manifest, 0.0, source="--eval-cache") if settings.loss not in (None, "ce") else None
     forward = torch.compile(model) if settings.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if device.type == "cuda":

@@ -284,6 +284,14 @@ def test_inspect_json_keys(topk_cache, sample_cache):
     assert summarize(topk_cache)["teacher_perplexity"] == pytest.approx(summarize(sample_cache)["teacher_perplexity"])
 
 
+def test_inspect_of_a_cache_missing_a_shard_is_one_error_line(topk_cache, tmp_path):
+    (tmp_path / "manifest.json").write_bytes((topk_cache / "manifest.json").read_bytes())
+    result = run_cli("inspect", str(tmp_path))
+    assert result.returncode == 1
+    assert "shard-00000.parquet: cannot read column" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_workers_split_shards_and_merge_to_the_single_worker_build(teacher_dir, corpus_file, topk_cache, tmp_path):
     out = tmp_path / "workers"
     for index in (1, 0):

@@ -254,6 +254,21 @@ def test_shard_that_does_not_match_the_manifest_is_named(tmp_path: Path) -> None
         stream(CacheDataset(tmp_path, seed=0, global_batch_size=4), workers=0)
 
 
+@pytest.mark.parametrize("damage, message", [("garbage", "cannot open a shard"), ("pages", "cannot be decoded")])
+def test_a_damaged_shard_is_named_with_a_hint(tmp_path: Path, damage: str, message: str) -> None:
+    make_cache(tmp_path, shard_rows=(40, 20))
+    path = tmp_path / shard_name(0)
+    if damage == "garbage":
+        path.write_bytes(b"not parquet\n")
+    else:  # flip the bytes of the data pages, keep the footer: opens, then fails to decompress
+        data = bytearray(path.read_bytes())
+        for i in range(len(data) // 8, len(data) // 2):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+    with pytest.raises(LogitcacheError, match=f"{shard_name(0)}: .*{message}.*"):
+        stream(CacheDataset(tmp_path, seed=0, global_batch_size=4, shuffle=False), workers=0)
+
+
 @pytest.mark.parametrize("cache", ["topk_cache", "sample_cache"])
 def test_real_build_streams_every_window_once(request: pytest.FixtureRequest, cache: str) -> None:
     root = request.getfixturevalue(cache)

@@ -198,6 +198,31 @@ def test_settings_are_checked_before_any_work(tmp_path):
     for options, message in cases:
         with pytest.raises(LogitcacheError, match=message):
             _small(tmp_path / "out", **options).check()
+    (tmp_path / "a-file").touch()
+    with pytest.raises(LogitcacheError, match="a-file is a file; give a folder"):
+        _small(tmp_path / "a-file", cache=tmp_path, loss="kl").check()
+
+
+def test_eval_kd_loss_reads_the_eval_cache_by_its_own_build(world, tmp_path):
+    with pytest.raises(LogitcacheError, match=f"needs a cache built with --method sample; --eval-cache {world.caches['topk']} is topk"):
+        run_train(_small(tmp_path, cache=world.caches["sample"], loss="rs-kd", eval_cache=world.caches["topk"], steps=1))
+
+
+def test_a_missing_tokenizer_folder_is_named(world, tmp_path):
+    with pytest.raises(LogitcacheError, match="cannot load a tokenizer from .*no-such-dir: there is no such folder"):
+        run_train(_small(tmp_path, corpus=world.root / "corpus.jsonl", tokenizer=tmp_path / "no-such-dir", seq_len=SEQ_LEN))
+
+
+def test_resume_compares_what_the_settings_mean_not_how_they_are_spelled(tmp_path, monkeypatch):
+    from logitcache.train import _check_resumable
+
+    monkeypatch.chdir(tmp_path)
+    saved = _small(Path("out"), cache=Path("cache"), loss="bild").to_json()
+    _check_resumable(saved, _small(tmp_path / "out", cache=tmp_path / "." / "cache", loss="bild", temperature=3.0))
+    with pytest.raises(LogitcacheError, match="temperature=3.0 but this run has temperature=2.0"):
+        _check_resumable(saved, _small(Path("out"), cache=Path("cache"), loss="bild", temperature=2.0))
+    with pytest.raises(LogitcacheError, match="cache="):
+        _check_resumable(saved, _small(Path("out"), cache=Path("other"), loss="bild"))
 
 
 @pytest.mark.parametrize("loss, options, keywords", [
