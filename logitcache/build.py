@@ -35,6 +35,7 @@ from logitcache.teacher import tokenizer_fingerprint
 
 BUILD_MARKER = "build.json"
 IN_FLIGHT = 2
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ class BuildSettings:
             (self.proposal_temperature > 0, "--proposal-temperature must be positive"),
             (1 <= self.logprob_bits <= 10, f"--logprob-bits {self.logprob_bits}: float16 has 1 to 10 mantissa bits"),
             (self.cpu_streams is None or self.cpu_streams >= 1, f"--cpu-streams {self.cpu_streams}: must be at least 1"),
+            (self.chunk_mib is None or self.chunk_mib >= 1, f"--chunk-mib {self.chunk_mib}: must be at least 1"),
+            (self.dtype in (None, *TEACHER_DTYPES), f"--dtype {self.dtype}: choose one of {', '.join(TEACHER_DTYPES)}"),
             (self.num_workers >= 1 and 0 <= self.worker_index < self.num_workers,
              f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})"),
             (not (self.overwrite and self.num_workers > 1),
@@ -120,6 +123,11 @@ def _check_teacher(settings: BuildSettings, teacher) -> None:
         raise LogitcacheError(f"--k {settings.k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     if teacher.tokenizer.eos_token_id is None:
         raise LogitcacheError(f"the tokenizer in {settings.teacher} has no EOS token to separate documents")
+    if len(teacher.tokenizer) > teacher.vocab_size:
+        raise LogitcacheError(
+            f"the tokenizer in {settings.teacher} has {len(teacher.tokenizer)} tokens but the teacher's output head "
+            f"only {teacher.vocab_size}: ids from {teacher.vocab_size} on have no logits (tokens added after training?)"
+        )
 
 
 @dataclass
@@ -354,6 +362,7 @@ def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: Bu
 
 def _write_shard(path: Path, batches: list[Future], metadata: dict) -> None:
     targets = WindowTargets.concat([f.result() for f in batches])
+    check_finite(targets)
     write_shard(path, targets, {**metadata, "target_entries": len(targets.target_ids)})
 
 
@@ -405,8 +414,24 @@ def _finish(settings: BuildSettings, plan: _Plan, teacher, shards: list[dict]) -
     write_json_atomic(out / part_name(settings.worker_index, settings.num_workers), manifest)
     from logitcache.merge import merge_parts
 
-    merged = merge_parts(out, missing_ok=True)
+    merged = merge_parts(out, missing_ok=True, num_workers=settings.num_workers)
     return merged or manifest
+
+
+def check_finite(targets: WindowTargets) -> None:
+    """Refuse targets holding NaN: a teacher whose logits overflowed (float16) or whose weights are broken."""
+    columns = {"gold_logprob": targets.gold_logprob, "target_logprobs": targets.target_logprobs}
+    if targets.tail_logprob is not None:
+        columns["tail_logprob"] = targets.tail_logprob
+    for name, values in columns.items():
+        bad = np.isnan(values)
+        if bad.any():
+            row = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))[0] if values.ndim == 2 else None
+            where = f" (first in sequence {int(targets.sequence_ids[row])})" if row is not None else ""
+            raise LogitcacheError(
+                f"the teacher gave NaN {name}{where}: its logits overflowed or its weights hold NaN; nothing of this "
+                "shard was written. In float16 try --dtype bfloat16 or float32; check the checkpoint otherwise"
+            )
 
 
 def clear_temporaries(out: Path) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitcacheError
@@ -111,13 +112,15 @@ class Corpus:
                 f"{where}: no field {self.text_field!r} (fields: {fields}); pick one with --text-field"
             )
         value = record[self.text_field]
+        if value is None:  # as a null in Parquet and datasets corpora: an empty document
+            return ""
         if not isinstance(value, str):
             raise LogitcacheError(f"{where}: field {self.text_field!r} is {type(value).__name__}, not text")
         return value
 
     def _jsonl_documents(self, path: Path) -> Iterator[str]:
-        with _open_text(path) as lines:
-            for number, line in enumerate(lines, 1):
+        with _open_text(path) as text:
+            for number, line in enumerate(_lines(text, path), 1):
                 if not line.strip():
                     continue
                 try:
@@ -138,6 +141,9 @@ class Corpus:
                 f"{path}: no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
                 "pick one with --text-field"
             )
+        kind = pf.schema_arrow.field(self.text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise LogitcacheError(f"{path}: column {self.text_field!r} holds {kind}, not text; pick one with --text-field")
         for group in range(pf.num_row_groups):
             yield from (t or "" for t in pf.read_row_group(group, columns=[self.text_field]).column(0).to_pylist())
 
@@ -162,8 +168,24 @@ class Corpus:
                 f"{self.path}: no column {self.text_field!r} (columns: {', '.join(ds.column_names)}); "
                 "pick one with --text-field"
             )
+        feature = ds.features[self.text_field]
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise LogitcacheError(f"{self.path}: column {self.text_field!r} holds {feature}, not text; pick one with --text-field")
         for batch in ds.select_columns([self.text_field]).iter(batch_size=1024):
             yield from (t or "" for t in batch[self.text_field])
+
+
+def _lines(text: io.TextIOBase, path: Path) -> Iterator[str]:
+    """The lines of ``text``; a damaged ``.zst`` stream is named, not a decoder traceback."""
+    if not path.name.lower().endswith(".zst"):
+        yield from text
+        return
+    import zstandard
+
+    try:
+        yield from text
+    except zstandard.ZstdError as exc:
+        raise LogitcacheError(f"{path}: not a readable zstd stream ({exc})") from exc
 
 
 def _open_text(path: Path) -> io.TextIOBase:

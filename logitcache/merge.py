@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from logitcache.atomic import TMP_SUFFIX
 from logitcache.errors import LogitcacheError
 from logitcache.manifest import write_manifest
 
@@ -13,35 +14,52 @@ _PART = re.compile(r"manifest\.part-(\d{5})-of-(\d{5})\.json$")
 _SUMMED = ("sequences", "tokens", "positions", "target_entries", "bytes")
 
 
-def _parts(cache_dir: Path) -> dict[int, tuple[int, Path]]:
-    found = {}
-    for path in Path(cache_dir).glob("manifest.part-*.json"):
+def _parts(cache_dir: Path) -> list[tuple[int, int, Path]]:
+    """``(worker_index, num_workers, path)`` of every partial manifest in ``cache_dir``."""
+    found = []
+    for path in sorted(Path(cache_dir).glob("manifest.part-*.json")):
         if m := _PART.match(path.name):
-            found[int(m.group(1))] = (int(m.group(2)), path)
+            found.append((int(m.group(1)), int(m.group(2)), path))
     return found
 
 
-def merge_parts(cache_dir: Path, missing_ok: bool = False) -> dict | None:
-    """Write ``manifest.json`` once every worker's part is present; return it (None if parts are missing and ``missing_ok``)."""
+def merge_parts(cache_dir: Path, missing_ok: bool = False, num_workers: int | None = None) -> dict | None:
+    """Write ``manifest.json`` once every worker's part is present; return it (None if parts are missing and ``missing_ok``).
+
+    ``num_workers``: merge the parts of a build with that many workers and ignore (then delete) the parts
+    an earlier build of the same folder with another count left behind; None (``logitcache merge``)
+    needs the parts to agree. After a merge, the temporaries of the merged shards are removed: those
+    shards are complete, so the temporaries are what crashed writers left.
+    """
     cache_dir = Path(cache_dir)
     found = _parts(cache_dir)
     if not found:
         raise LogitcacheError(f"{cache_dir}: no partial manifests (manifest.part-*.json) to merge")
-    totals = {n for n, _ in found.values()}
+    totals = {w for _, w, _ in found} if num_workers is None else {num_workers}
     if len(totals) != 1:
-        raise LogitcacheError(f"{cache_dir}: partial manifests from builds with different --num-workers {sorted(totals)}")
+        raise LogitcacheError(
+            f"{cache_dir}: partial manifests from builds with different --num-workers {sorted(totals)}; "
+            "delete the parts of the build you do not want (manifest.part-*-of-W.json)"
+        )
     workers = totals.pop()
-    missing = sorted(set(range(workers)) - set(found))
+    ours = {i: path for i, w, path in found if w == workers}
+    missing = sorted(set(range(workers)) - set(ours))
     if missing:
         if missing_ok:
             return None
         raise LogitcacheError(f"{cache_dir}: workers {missing} of {workers} have not finished; resume them, then merge")
-    parts = [json.loads(found[i][1].read_text()) for i in range(workers)]
+    parts = [json.loads(ours[i].read_text()) for i in range(workers)]
     if len({p["fingerprint"] for p in parts}) != 1:
         raise LogitcacheError(f"{cache_dir}: partial manifests come from different builds (fingerprints differ)")
     manifest = dict(parts[0])
     manifest["shards"] = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["index"])
     manifest["totals"] = {key: sum(p["totals"][key] for p in parts) for key in _SUMMED}
     write_manifest(cache_dir, manifest)
+    for _, w, path in found:
+        if w != workers:
+            path.unlink(missing_ok=True)
+    for shard in manifest["shards"]:  # complete now, so their temporaries are a crashed writer's leftovers
+        for tmp in cache_dir.glob(f"{shard['file']}.*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
     (cache_dir / "build.json").unlink(missing_ok=True)
     return manifest

@@ -72,7 +72,7 @@ def run_ray_build(settings: BuildSettings) -> dict:
     finally:
         if started:
             ray.shutdown()
-    return manifests[0] if settings.num_workers == 1 else merge_parts(Path(settings.out))
+    return manifests[0] if settings.num_workers == 1 else merge_parts(Path(settings.out), num_workers=settings.num_workers)
 
 
 def _wait(ray, workers: dict) -> list[dict]:

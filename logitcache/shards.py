@@ -56,23 +56,36 @@ def shard_schema(method: str) -> pa.Schema:
     return pa.schema([*_COMMON_HEAD, _BY_METHOD[method], _GOLD])
 
 
+FLOAT32_MANTISSA_BITS = 23
 FLOAT16_MANTISSA_BITS = 10
 
 
 def round_float16(values: np.ndarray, bits: int) -> np.ndarray:
-    """Round float16 ``values`` to ``bits`` stored mantissa bits (of 10), to nearest; still float16.
+    """``values`` (float32 or float16) as float16 with ``bits`` stored mantissa bits (of 10), rounded once.
 
-    Relative error at most ``2**-(bits + 1)``; infinities stay infinite. Zeroed low bits make the
-    column far more compressible while every reader still sees plain float16.
+    To nearest, ties away from zero: relative error at most ``2**-(bits + 1)`` for values in
+    float16's normal range (magnitudes from 2**-14 to 65504); infinities stay infinite. float32
+    input is rounded in float32 and then converted exactly, so there is no second rounding. Zeroed
+    low bits make the column far more compressible while every reader still sees plain float16.
     """
-    if bits >= FLOAT16_MANTISSA_BITS:
-        return values
-    drop = FLOAT16_MANTISSA_BITS - bits
-    raw = values.view(np.uint16)
-    finite = (raw & 0x7C00) != 0x7C00
-    rounded = ((raw.astype(np.uint32) + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
-    overflow = (rounded & 0x7C00) == 0x7C00  # only the largest finite magnitudes: keep them as they are
-    return np.where(finite & ~overflow, rounded, raw).view(np.float16)
+    if values.dtype == np.float16:
+        if bits >= FLOAT16_MANTISSA_BITS:
+            return values
+        drop = FLOAT16_MANTISSA_BITS - bits
+        raw = values.view(np.uint16)
+        finite = (raw & 0x7C00) != 0x7C00
+        rounded = ((raw.astype(np.uint32) + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
+        overflow = (rounded & 0x7C00) == 0x7C00  # only the largest finite magnitudes: keep them as they are
+        return np.where(finite & ~overflow, rounded, raw).view(np.float16)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    drop = FLOAT32_MANTISSA_BITS - min(bits, FLOAT16_MANTISSA_BITS)
+    raw = values.view(np.uint32)
+    finite = (raw & 0x7F800000) != 0x7F800000
+    rounded = (raw + np.uint32(1 << (drop - 1))) >> np.uint32(drop) << np.uint32(drop)
+    out = np.where(finite, rounded, raw).view(np.float32)
+    largest = float(np.finfo(np.float16).max)  # 65504: rounding up past it would make a finite value infinite
+    out = np.where(np.abs(values) <= largest, np.clip(out, -largest, largest), out)
+    return out.astype(np.float16)
 
 
 @dataclass

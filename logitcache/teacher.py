@@ -87,6 +87,32 @@ def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Ten
     return logits
 
 
+# Config attributes that hold a model's context length, by architecture family (Llama, GPT-2, MPT, ...).
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
+def context_length(config) -> int | None:
+    """The longest input the model takes, from the first of :data:`CONTEXT_LENGTH_KEYS` it sets (None: unknown)."""
+    for key in CONTEXT_LENGTH_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``--device`` as a torch device (default: cuda if present, else cpu); a bad or absent one is refused."""
+    try:
+        resolved = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise LogitcacheError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {exc}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LogitcacheError(f"--device {device}: this machine's torch has no CUDA device; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise LogitcacheError(f"--device {device}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return resolved
+
+
 class HFTeacher:
     """A causal LM in Hugging Face format, loaded from a local directory (no hub access)."""
 
@@ -98,7 +124,7 @@ class HFTeacher:
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise LogitcacheError(f"teacher {self.path}: no config.json; give a Hugging Face model directory")
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(self.path)
         try:
@@ -109,7 +135,7 @@ class HFTeacher:
         self.config = model.config
         self.head_weight = model.get_output_embeddings().weight
         self.vocab_size = int(self.head_weight.shape[0])
-        self.max_positions = getattr(self.config, "max_position_embeddings", None)
+        self.max_positions = context_length(self.config)
         self.chunk_mib = chunk_mib or (1024 if self.device.type == "cuda" else 16)
         self.name = getattr(self.config, "_name_or_path", "") or self.path.name
         self._verified = False
@@ -152,7 +178,7 @@ class HFTeacher:
         ours = torch.log_softmax(self.head(self.hidden_states(ids)[0]), -1)
         tolerance = 1e-3 if self.torch_dtype == torch.float32 else 5e-2
         gap = float((reference - ours).abs().max())
-        if gap > tolerance:
+        if not gap <= tolerance:  # NaN fails too
             raise LogitcacheError(
                 f"teacher {self.path}: chunked output head differs from the model's logits by {gap:.3g} "
                 f"(tolerance {tolerance}); this architecture post-processes logits in a way logitcache does not know"
@@ -199,7 +225,7 @@ def targets_from_hidden(
     for start in range(0, rows.shape[0], chunk_rows):
         end = start + chunk_rows
         targets, gold = row_targets(head(rows[start:end]), labels[start:end], keys[start:end], spec)
-        parts.append(_to_host(targets, gold))
+        parts.append(_to_host(targets, gold, spec.stored_logprob_bits))
     return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device,
                           spec.stored_logprob_bits)
 
@@ -213,10 +239,12 @@ def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(narrowed, non_blocking=True)
 
 
-def _to_host(rows: RowTargets, gold: torch.Tensor) -> dict[str, torch.Tensor]:
+def _to_host(rows: RowTargets, gold: torch.Tensor, logprob_bits: int = FLOAT16_MANTISSA_BITS) -> dict[str, torch.Tensor]:
+    # Log-probs to be rounded to fewer bits go over as float32, so that they are rounded once (on the host).
+    narrow = torch.float16 if logprob_bits >= FLOAT16_MANTISSA_BITS else torch.float32
     out = {
         "ids": _host(rows.ids, torch.int32),
-        "logprobs": _host(rows.logprobs, torch.float16),
+        "logprobs": _host(rows.logprobs, narrow),
         "lengths": _host(rows.lengths, torch.int32),
         "gold": _host(gold, torch.float16),
     }

@@ -71,7 +71,7 @@ from logitcache.loader import CacheDataset, collate
 from logitcache.losses import LOSSES, LossOutput, ce_loss, check_options, get_loss
 from logitcache.partition import OrderSettings, worker_samples
 from logitcache.student import build_student, check_source, check_student, load_student
-from logitcache.teacher import load_tokenizer, tokenizer_fingerprint
+from logitcache.teacher import load_tokenizer, resolve_device, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def process_group(requested_device: str | None) -> Iterator[tuple[World, torch.d
     with gloo on CPU and nccl on CUDA, where process ``LOCAL_RANK`` of a node takes
     ``cuda:LOCAL_RANK``; leaves it on exit. A group the caller set up is used as it is.
     """
-    device = torch.device(requested_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(requested_device)
     joined = dist.is_available() and dist.is_initialized()
     if not joined and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         yield World(), device

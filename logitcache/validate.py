@@ -25,6 +25,10 @@ def _check_rows(name: str, targets, manifest: dict) -> list[str]:
         problems.append(f"{name}: target_lengths add up to {targets.target_lengths.sum()} but {len(targets.target_ids)} ids are stored")
     if targets.target_ids.size and (targets.target_ids.min() < 0 or targets.target_ids.max() >= manifest["vocab_size"]):
         problems.append(f"{name}: target ids outside [0, {manifest['vocab_size']})")
+    for column in ("gold_logprob", "target_logprobs", "tail_logprob"):
+        values = getattr(targets, column)
+        if values is not None and np.isnan(values).any():
+            problems.append(f"{name}: {column} holds NaN (a teacher whose logits overflowed); rebuild this cache")
     if targets.target_counts is not None:
         offsets = np.concatenate([[0], np.cumsum(targets.target_lengths.reshape(-1), dtype=np.int64)])
         sums = np.add.reduceat(targets.target_counts.astype(np.int64), offsets[:-1]) if len(targets.target_counts) else []
@@ -61,9 +65,13 @@ def _check_shard(cache_dir: Path, entry: dict, manifest: dict, deep: bool) -> li
         problems.append(f"{name}: {rows} rows, manifest says {entry['rows']}")
     if entry["tokens"] != rows * manifest["seq_len"]:
         problems.append(f"{name}: manifest says {entry['tokens']} tokens for {rows} windows of {manifest['seq_len']}")
+    if meta.get("target_entries") != entry["target_entries"]:
+        problems.append(f"{name}: {meta.get('target_entries')} target entries in its metadata, manifest says {entry['target_entries']}")
     if deep:
         targets = from_table(parquet.read())
         problems += _check_rows(name, targets, manifest)
+        if len(targets.target_ids) != entry["target_entries"]:
+            problems.append(f"{name}: {len(targets.target_ids)} target entries stored, manifest says {entry['target_entries']}")
         expected = np.arange(entry["first_sequence_id"], entry["first_sequence_id"] + rows)
         if not np.array_equal(targets.sequence_ids, expected):
             problems.append(f"{name}: sequence ids are not {expected[0]}..{expected[-1]}")
@@ -81,9 +89,13 @@ def validate_cache(cache_dir: Path, deep: bool = True) -> list[str]:
     for stray in sorted(p.name for p in cache_dir.glob("shard-*.parquet") if p.name not in listed):
         problems.append(f"{stray}: on disk but not in the manifest")
     totals = manifest["totals"]
-    for key in ("sequences", "tokens", "bytes"):
+    for key in ("sequences", "tokens", "bytes", "target_entries"):
         field = {"sequences": "rows"}.get(key, key)
         summed = sum(e[field] for e in manifest["shards"])
         if totals[key] != summed:
             problems.append(f"manifest totals.{key} = {totals[key]} but its shards add up to {summed}")
+    positions = totals["sequences"] * (manifest["seq_len"] - 1)
+    if totals["positions"] != positions:
+        problems.append(f"manifest totals.positions = {totals['positions']} but {totals['sequences']} windows of "
+                        f"{manifest['seq_len']} tokens have {positions}")
     return problems

@@ -81,11 +81,14 @@ def test_sample_logprobs_keep_logprob_bits(teacher_dir, corpus_file, sample_cach
     build_cache(teacher_dir, corpus_file, tmp_path / "full", method="sample", samples=20, logprob_bits=10)
     full = all_targets(tmp_path / "full")
     assert np.array_equal(full.target_ids, rounded.target_ids)  # rounding touches nothing but the log-probabilities
-    assert np.array_equal(round_float16(full.target_logprobs, 8), rounded.target_logprobs)
     assert np.any(full.target_logprobs.view(np.uint16) & 0b11)
     assert np.array_equal(full.gold_logprob, rounded.gold_logprob)  # gold keeps all of float16
+    # Both are the same float32 value rounded once: to 10 bits (within 2^-11) and to 8 (within 2^-9). So the
+    # 8-bit value is an 8-bit neighbour of the 10-bit one, and mostly the nearest (ties may go either way).
     a, b = full.target_logprobs.astype(np.float64), rounded.target_logprobs.astype(np.float64)
-    assert np.all(np.abs(a - b) <= np.abs(a) * 2.0**-9)
+    assert np.all(np.abs(a - b) <= np.abs(a) * (2.0**-9 + 2.0**-11) * (1 + 2.0**-10))
+    nearest = round_float16(full.target_logprobs, 8)
+    assert np.mean(nearest == rounded.target_logprobs) > 0.8  # ~7/8 expected: 1/4 of 10-bit values sit on a tie
 
 
 def test_windows_are_the_packed_corpus(teacher_dir, corpus_file, topk_cache):

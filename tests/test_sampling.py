@@ -163,3 +163,20 @@ def test_round_float16_is_round_to_nearest():
         assert out[-1] == -np.inf and out[-2] == 0.0
     assert round_float16(np.array([-65504.0], np.float16), 8)[0] == -65504.0  # never rounded up to -inf
     assert np.array_equal(round_float16(values, 10).view(np.uint16), values.view(np.uint16))
+
+
+def test_round_float16_from_float32_rounds_once():
+    """float32 in: within 2^-(bits+1) of the float32 value (float32 -> float16 -> bits would reach 1.25x that)."""
+    from logitcache.shards import round_float16
+
+    values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(2e4), 100_000)).astype(np.float32)
+    for bits in (4, 8, 10):
+        out = round_float16(values, bits)
+        assert out.dtype == np.float16
+        assert np.all(out.view(np.uint16) & ((1 << (10 - bits)) - 1) == 0)
+        error = np.abs(out.astype(np.float64) - values) / np.abs(values)
+        assert error.max() <= 2.0 ** -(bits + 1)
+    twice = round_float16(values.astype(np.float16), 8).astype(np.float64)
+    assert (np.abs(twice - values) / np.abs(values)).max() > 2.0**-9  # the bound the single rounding keeps
+    special = round_float16(np.array([-np.inf, 0.0, -65504.0], np.float32), 8)
+    assert special[0] == -np.inf and special[1] == 0.0 and special[2] == -65504.0

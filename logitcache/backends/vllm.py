@@ -61,6 +61,7 @@ from logitcache.shards import WindowTargets
 from logitcache.teacher import (
     PendingTargets,
     TargetSpec,
+    context_length,
     head_chunk_rows,
     load_tokenizer,
     output_head,
@@ -327,7 +328,7 @@ class VLLMTeacher:
         self.tokenizer = load_tokenizer(self.path)
         self.config = load_text_config(self.path)
         self.vocab_size = int(self.config.vocab_size)
-        context = getattr(self.config, "max_position_embeddings", None)
+        context = context_length(self.config)
         # vLLM's generate runner refuses a prompt that fills max_model_len: it must fit one output token.
         self.max_positions = context - 1 if context else None
         self.dtype = settings.dtype or "bfloat16"
