@@ -154,6 +154,7 @@ def _plan(settings: BuildSettings, teacher) -> _Plan:
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint": teacher_info["fingerprint"],
+        "teacher_backend": teacher_info["backend"],  # backends differ in numerics and in the top-k tail
         "teacher_dtype": teacher_info["dtype"],
         "tokenizer_fingerprint": tokenizer_info["fingerprint"],
         "corpus_fingerprint": corpus.fingerprint(),

@@ -226,6 +226,19 @@ class TargetSpec:
         return self.logprob_bits if self.method == "sample" else 10
 
 
+def row_bytes(spec: TargetSpec, vocab: int) -> int:
+    """Working memory of :func:`row_targets` per row, in bytes (what a chunk of rows must budget).
+
+    Three ``V``-wide float32 tensors (logits, log-probabilities or probabilities, scratch); a
+    sample adds per draw the in-block prefix sums (``B`` float32 gathered, float64 scanned, bool
+    compared: 13 bytes each) and about a dozen ``N``-wide int64/float64 rows.
+    """
+    wide = 3 * 4 * vocab
+    if spec.method == "topk":
+        return wide
+    return wide + spec.samples * (13 * _block_size(vocab, spec.samples) + 13 * 8)
+
+
 def row_targets(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, spec: TargetSpec) -> tuple[RowTargets, torch.Tensor]:
     """Targets and gold log-probabilities ``[R]`` from raw teacher logits ``[R, V] float32``.
 

@@ -4,7 +4,7 @@ Full ``[batch, seq, vocab]`` float32 logits are never held. The ``hf`` backend r
 decoder to get final hidden states ``[B, T, H]`` (small: H ≪ V), then applies the output head,
 log-softmax and target extraction to ``chunk_rows`` positions at a time. Peak memory beyond the
 model and its activations is about ``chunk_rows × V × 4 bytes × 3`` (logits, log-probabilities and
-the sampler's probabilities), which ``chunk_mib`` bounds: 16 MiB on CPU by default (cache-sized chunks were fastest there), 1 GiB on CUDA,
+the sampler's probabilities) plus, for ``sample``, the sampler's scratch per draw (large N), which ``chunk_mib`` bounds: 16 MiB on CPU by default (cache-sized chunks were fastest there), 1 GiB on CUDA,
 whatever the batch, sequence length or vocabulary (a 128k vocabulary gives 10 rows per chunk on CPU).
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.shards import FLOAT16_MANTISSA_BITS, WindowTargets, round_float16
-from logitcache.targets import RowTargets, TargetSpec, row_keys, row_targets
+from logitcache.targets import RowTargets, TargetSpec, row_bytes, row_keys, row_targets
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FULL_HASH_LIMIT = 256 << 20
@@ -69,9 +69,11 @@ def load_tokenizer(path: Path):
         raise LogitcacheError(f"cannot load a tokenizer from {path}: {exc}") from exc
 
 
-def head_chunk_rows(chunk_mib: int, vocab_size: int) -> int:
-    """Rows per output-head chunk so that ``rows × V × 4 B × 3`` stays within ``chunk_mib``."""
-    return max(1, (chunk_mib << 20) // (vocab_size * 4 * 3))
+def head_chunk_rows(chunk_mib: int, vocab_size: int, spec: TargetSpec | None = None) -> int:
+    """Rows per output-head chunk so that the rows' working memory stays within ``chunk_mib``:
+    ``rows × V × 4 B × 3``, plus the sampler's per-draw scratch for ``spec`` (see :func:`row_bytes`)."""
+    per_row = row_bytes(spec, vocab_size) if spec is not None else vocab_size * 4 * 3
+    return max(1, (chunk_mib << 20) // per_row)
 
 
 def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
@@ -176,6 +178,11 @@ class HFTeacher:
         ids = input_ids[:1]
         reference = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0].float(), -1)
         ours = torch.log_softmax(self.head(self.hidden_states(ids)[0]), -1)
+        if torch.isnan(reference).any():
+            raise LogitcacheError(
+                f"teacher {self.path}: its logits on the first window hold NaN (weights holding NaN, or an overflow "
+                f"in {self.dtype}: try --dtype bfloat16 or float32); nothing was written"
+            )
         tolerance = 1e-3 if self.torch_dtype == torch.float32 else 5e-2
         gap = float((reference - ours).abs().max())
         if not gap <= tolerance:  # NaN fails too
@@ -196,7 +203,7 @@ class HFTeacher:
         if not self._verified:
             self.verify_head(ids)
         hidden = self.hidden_states(ids)[:, :-1]
-        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec, self.chunk_rows)
+        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec, head_chunk_rows(self.chunk_mib, self.vocab_size, spec))
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
         return self.compute_async(input_ids, sequence_ids, spec).result()
@@ -225,7 +232,9 @@ def targets_from_hidden(
     for start in range(0, rows.shape[0], chunk_rows):
         end = start + chunk_rows
         targets, gold = row_targets(head(rows[start:end]), labels[start:end], keys[start:end], spec)
-        parts.append(_to_host(targets, gold, spec.stored_logprob_bits))
+        part = _to_host(targets, gold, spec.stored_logprob_bits)
+        # On the host already: drop the padding now, so a batch never holds [rows, N] padded results.
+        parts.append(_compact(part) if hidden.device.type == "cpu" else part)
     return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device,
                           spec.stored_logprob_bits)
 
@@ -255,6 +264,13 @@ def _to_host(rows: RowTargets, gold: torch.Tensor, logprob_bits: int = FLOAT16_M
     return out
 
 
+def _compact(part: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """A chunk's host results as numpy, per-id columns without their padding (``lengths`` per row)."""
+    lengths = part["lengths"].numpy()
+    real = np.arange(part["ids"].shape[1])[None, :] < lengths[:, None]
+    return {name: tensor.numpy()[real] if tensor.ndim == 2 else tensor.numpy() for name, tensor in part.items()}
+
+
 class PendingTargets:
     """Targets whose device-to-host copies may still be in flight; :meth:`result` assembles them."""
 
@@ -275,11 +291,8 @@ class PendingTargets:
             self.event.synchronize()
         flat: dict[str, list[np.ndarray]] = {}
         for part in self.parts:
-            lengths = part["lengths"].numpy()
-            real = np.arange(part["ids"].shape[1])[None, :] < lengths[:, None]
-            for name, tensor in part.items():
-                array = tensor.numpy()
-                flat.setdefault(name, []).append(array[real] if array.ndim == 2 else array)
+            for name, array in (part if isinstance(part["lengths"], np.ndarray) else _compact(part)).items():
+                flat.setdefault(name, []).append(array)
         joined = {name: np.concatenate(arrays) for name, arrays in flat.items()}
         joined["logprobs"] = round_float16(joined["logprobs"], self.logprob_bits)
         input_ids = self.input_ids.numpy()

@@ -174,6 +174,11 @@ def cli_build(teacher: Path, corpus: Path, out: Path, *extra: str) -> subprocess
 def bad_inputs(teacher_dir, corpus_file, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    damaged = tmp_path / "damaged.jsonl.zst"
+    packed = zstandard.ZstdCompressor().compress(corpus_file.read_bytes())
+    damaged.write_bytes(packed[: len(packed) // 2] + bytes(64) + packed[len(packed) // 2 + 64 :])
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"body": list(range(100))}), numbers)
     return {
         "missing teacher": (["--teacher", str(tmp_path / "nope")], "not a directory"),
         "teacher without config": (["--teacher", str(tmp_path)], "no config.json"),
@@ -183,6 +188,12 @@ def bad_inputs(teacher_dir, corpus_file, tmp_path):
         "k beyond vocab": (["--k", "1000"], "larger than the teacher's vocabulary"),
         "N < 1": (["--method", "sample", "--samples", "0"], "at least 1"),
         "unknown method": (["--method", "dense"], "choose one of"),
+        "unknown dtype": (["--dtype", "fp16"], "choose one of float32, bfloat16, float16"),
+        "not a device": (["--device", "gpu"], "not a torch device"),
+        "chunk-mib 0": (["--chunk-mib", "0"], "must be at least 1"),
+        "damaged zst": (["--corpus", str(damaged)], "not a readable zstd stream"),
+        "numbers as text": (["--corpus", str(numbers), "--text-field", "body"], "holds int64, not text"),
+        **({} if torch.cuda.is_available() else {"no cuda": (["--device", "cuda"], "has no CUDA device")}),
     }
 
 
@@ -297,6 +308,9 @@ def test_inspect_of_a_cache_missing_a_shard_is_one_error_line(topk_cache, tmp_pa
 
 def test_workers_split_shards_and_merge_to_the_single_worker_build(teacher_dir, corpus_file, topk_cache, tmp_path):
     out = tmp_path / "workers"
+    # What an earlier 3-worker run of this build and a writer killed mid-shard leave behind:
+    build_cache(teacher_dir, corpus_file, out, method="topk", k=8, num_workers=3, worker_index=0)
+    (out / "shard-00001.parquet.4242-deadbeef.tmp").write_bytes(b"half a shard")
     for index in (1, 0):
         part = build_cache(teacher_dir, corpus_file, out, method="topk", k=8, num_workers=2, worker_index=index)
     single = read_manifest(topk_cache)
@@ -305,6 +319,98 @@ def test_workers_split_shards_and_merge_to_the_single_worker_build(teacher_dir, 
     assert [s["sha256"] for s in merged["shards"]] == [s["sha256"] for s in single["shards"]]
     assert merged["totals"] == single["totals"]
     assert validate_cache(out) == []
+    assert sorted(p.name for p in out.glob("manifest.part-*")) == [f"manifest.part-0000{i}-of-00002.json" for i in (0, 1)]
+    assert not list(out.glob("*.tmp"))
+
+
+def _edited_teacher(teacher_dir: Path, out: Path, edit) -> Path:
+    """A copy of the test teacher after ``edit(model, tokenizer)``."""
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    edit(model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_teacher_giving_nan_is_refused_before_writing(teacher_dir, corpus_file, tmp_path):
+    def poison(model, tokenizer):
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+
+    broken = _edited_teacher(teacher_dir, tmp_path / "nan-teacher", poison)
+    for method in ("topk", "sample"):
+        with pytest.raises(LogitcacheError, match="NaN"):
+            build_cache(broken, corpus_file, tmp_path / method, method=method)
+        assert not list((tmp_path / method).glob("shard-*.parquet"))
+
+
+def test_nan_targets_are_named_by_sequence(topk_cache):
+    from logitcache.build import check_finite
+
+    targets = read_shard(topk_cache / "shard-00001.parquet")
+    check_finite(targets)  # a sound shard passes
+    targets.gold_logprob = targets.gold_logprob.copy()
+    targets.gold_logprob[3, 5] = np.nan
+    with pytest.raises(LogitcacheError, match=f"NaN gold_logprob \\(first in sequence {targets.sequence_ids[3]}\\)"):
+        check_finite(targets)
+
+
+def test_a_tokenizer_larger_than_the_head_is_refused(teacher_dir, corpus_file, tmp_path):
+    grown = _edited_teacher(teacher_dir, tmp_path / "grown", lambda model, tokenizer: tokenizer.add_tokens(["zqzqzq"]))
+    vocab = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).config.vocab_size
+    with pytest.raises(LogitcacheError, match=f"has {vocab + 1} tokens but the teacher's output head only {vocab}"):
+        build_cache(grown, corpus_file, tmp_path / "out", method="topk", k=4)
+
+
+def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
+    import shutil
+
+    from logitcache.atomic import sha256_file
+    from logitcache.manifest import write_manifest
+    from logitcache.shards import shard_metadata, write_shard
+
+    out = tmp_path / "copy"
+    shutil.copytree(topk_cache, out)
+    shard = out / "shard-00000.parquet"
+    targets, meta = read_shard(shard), shard_metadata(shard)
+    targets.target_logprobs = targets.target_logprobs.copy()
+    targets.target_logprobs[7] = np.nan
+    write_shard(shard, targets, meta)
+    manifest = read_manifest(out)
+    manifest["shards"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    manifest["shards"][1]["target_entries"] += 1
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    manifest["totals"]["positions"] -= 1
+    write_manifest(out, manifest)
+    problems = "\n".join(validate_cache(out))
+    assert "shard-00000.parquet: target_logprobs holds NaN" in problems
+    entries = manifest["shards"][1]["target_entries"]
+    assert f"shard-00001.parquet: {entries - 1} target entries in its metadata, manifest says {entries}" in problems
+    assert f"totals.target_entries = {manifest['totals']['target_entries']} but its shards add up to" in problems
+    assert f"totals.positions = {manifest['totals']['positions']} but" in problems
+
+
+def test_head_chunks_budget_the_samplers_scratch():
+    from logitcache.targets import TargetSpec, row_bytes
+    from logitcache.teacher import head_chunk_rows
+
+    topk, few, many = TargetSpec("topk", k=32), TargetSpec("sample", samples=50), TargetSpec("sample", samples=20_000)
+    assert row_bytes(topk, 2048) == 3 * 4 * 2048
+    assert row_bytes(few, 2048) < 1.5 * row_bytes(topk, 2048)  # N=50: the vocabulary-wide tensors dominate
+    assert row_bytes(many, 2048) > 100 * row_bytes(topk, 2048)  # N=20k: the draws do
+    assert head_chunk_rows(16, 2048, topk) == (16 << 20) // (12 * 2048)
+    assert head_chunk_rows(16, 2048, many) == (16 << 20) // row_bytes(many, 2048) < head_chunk_rows(16, 2048, topk) // 100
+    assert head_chunk_rows(1, 1 << 20, topk) == 1  # never 0 rows
+
+
+def test_null_text_is_an_empty_document_in_every_format(tmp_path):
+    from logitcache.corpus import Corpus
+
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"text": null}\n{"text": "b"}\n')
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "c.parquet")
+    for name in ("c.jsonl", "c.parquet"):
+        assert list(Corpus.open(tmp_path / name, "text").documents()) == ["a", "", "b"]
 
 
 def test_run_build_rejects_bad_settings(teacher_dir, corpus_file, tmp_path):

@@ -307,11 +307,12 @@ def test_vllm_teacher_equals_hf_teacher(fake_vllm, hf_teacher, windows, teacher_
 
 
 def test_a_vllm_build_writes_the_hf_builds_shards(fake_vllm, teacher_dir, corpus_file, topk_cache, tmp_path):
-    """Through run_build (async host threads and all): same windows, targets and build fingerprint as hf."""
+    """Through run_build (async host threads and all): same windows and targets as hf; the backend is part
+    of the build's identity (real engines differ in numerics and in the tail), so the fingerprint is not."""
     manifest = build_cache(teacher_dir, corpus_file, tmp_path / "vllm", method="topk", k=8, backend="vllm",
                            device="cpu", dtype="float32")
     want = json.loads((topk_cache / "manifest.json").read_text())
-    assert manifest["fingerprint"] == want["fingerprint"] and manifest["teacher"]["backend"] == "vllm"
+    assert manifest["fingerprint"] != want["fingerprint"] and manifest["teacher"]["backend"] == "vllm"
     assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in want["shards"]]
     for shard in want["shards"]:
         assert_same_targets(read_shard(tmp_path / "vllm" / shard["file"]), read_shard(topk_cache / shard["file"]))

@@ -412,7 +412,8 @@ class VLLMTeacher:
             hidden = self._hidden(windows)[:, :-1]
             ids = torch.from_numpy(windows).to(self.head_device)
             seq = sequence_ids[start : start + step]
-            parts.append(targets_from_hidden(hidden, ids, seq, self.head, spec, self.chunk_rows))
+            rows = head_chunk_rows(self.chunk_mib, self.vocab_size, spec)
+            parts.append(targets_from_hidden(hidden, ids, seq, self.head, spec, rows))
         return JoinedTargets(parts)
 
     def _check_head(self, windows: np.ndarray) -> None:
