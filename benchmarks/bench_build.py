@@ -2,7 +2,7 @@
 
     python benchmarks/bench_build.py --teacher demo-out/teacher-run/student --corpus demo-out/corpus.jsonl
 
-Prints three tables (markdown); results with the command are kept in benchmarks/RESULTS.md.
+Prints four tables (markdown); results with the command are kept in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -144,6 +146,31 @@ def storage_table(args, work: Path) -> list[str]:
     return out
 
 
+_PEAK_RSS = """
+import resource, sys
+from pathlib import Path
+from logitcache.build import BuildSettings, run_build
+teacher, corpus, out, samples, seq_len, batch = sys.argv[1:7]
+run_build(BuildSettings(teacher=Path(teacher), corpus=Path(corpus), out=Path(out), method="sample", samples=int(samples),
+                        seq_len=int(seq_len), batch_size=int(batch), shard_size=64))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def memory_table(args, work: Path) -> list[str]:
+    """Peak RSS of a whole sample build (a fresh process each) as N grows; the teacher alone sets the floor."""
+    corpus = small_corpus(args.corpus, work / "memory.jsonl", args.corpus_bytes // 4)
+    out = ["| N | peak RSS (MiB) | stored entries/position |", "|---:|---:|---:|"]
+    for n in (int(x) for x in args.memory_samples.split(",")):
+        cache = work / f"memory-{n}"
+        command = [sys.executable, "-c", _PEAK_RSS, str(args.teacher), str(corpus), str(cache), str(n),
+                   str(args.seq_len), str(args.batch_size)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        peak_mib = int(result.stdout.split()[-1]) / 1024
+        out.append(f"| {n} | {peak_mib:,.0f} | {summarize(cache)['mean_ids_per_position']:.1f} |")
+    return out
+
+
 def make_teacher(preset: str, vocab: int, seq_len: int, repeat: int = 1) -> tuple[Path, Path]:
     """A random-initialised Llama teacher (tokenizer from stdlib docstrings) and a corpus, under a temp folder."""
     from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
@@ -165,7 +192,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sampler-rows", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5, help="build table: timed rounds over all cases, best kept")
-    parser.add_argument("--tables", default="build,sampler,storage", help="which tables to print, comma-separated")
+    parser.add_argument("--tables", default="build,sampler,storage,memory", help="which tables to print, comma-separated")
+    parser.add_argument("--memory-samples", default="50,5000,20000", help="memory table: the N of each build")
     parser.add_argument("--chunk-mib", type=int, default=None, help="head chunk bound passed to the build (default: the teacher's)")
     parser.add_argument("--make-teacher", metavar="PRESET", help="make a random-initialised teacher of this preset "
                         "(e.g. base: 12 layers, hidden 768) with --vocab ids instead of using --teacher; for GPU runs")
@@ -186,7 +214,9 @@ def main() -> None:
             vocab = json.loads((args.teacher / "config.json").read_text())["vocab_size"]
             print("\n## Sampler\n\n" + "\n".join(sampler_table(sorted({vocab, 8192, 32768}), args.sampler_rows)), flush=True)
         if "storage" in tables:
-            print("\n## Storage\n\n" + "\n".join(storage_table(args, work)))
+            print("\n## Storage\n\n" + "\n".join(storage_table(args, work)), flush=True)
+        if "memory" in tables:
+            print("\n## Peak memory of a sample build (64-window shards)\n\n" + "\n".join(memory_table(args, work)))
 
 
 if __name__ == "__main__":
