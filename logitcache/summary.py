@@ -29,6 +29,11 @@ def _column_values(path: Path, column: str) -> np.ndarray:
     return table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
+def _perplexity(mean_nll: float) -> float:
+    """``exp(mean_nll)``; infinite past float64's range (a broken teacher), not an OverflowError."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
 def summarize(cache_dir: Path) -> dict:
     """Statistics of a cache; reads only the small per-position columns."""
     cache_dir = Path(cache_dir)
@@ -55,7 +60,7 @@ def summarize(cache_dir: Path) -> dict:
         "bytes_per_entry": totals["bytes"] / max(entries, 1),
         "mean_ids_per_position": entries / max(positions, 1),
         "mean_covered_mass": covered_sum / max(positions, 1) if manifest["method"] == "topk" else None,
-        "teacher_perplexity": math.exp(-gold_sum / max(positions, 1)),
+        "teacher_perplexity": _perplexity(-gold_sum / max(positions, 1)),
         "method": manifest["method"],
         "params": manifest["params"],
         "seq_len": manifest["seq_len"],

@@ -298,6 +298,12 @@ def test_inspect_json_keys(topk_cache, sample_cache):
     assert summarize(topk_cache)["teacher_perplexity"] == pytest.approx(summarize(sample_cache)["teacher_perplexity"])
 
 
+def test_teacher_perplexity_past_float64_is_infinite_not_an_error():
+    from logitcache.summary import _perplexity
+
+    assert _perplexity(1.0) == pytest.approx(np.e) and _perplexity(5000.0) == float("inf")
+
+
 def test_inspect_of_a_cache_missing_a_shard_is_one_error_line(topk_cache, tmp_path):
     (tmp_path / "manifest.json").write_bytes((topk_cache / "manifest.json").read_bytes())
     result = run_cli("inspect", str(tmp_path))
