@@ -21,7 +21,10 @@ FORMAT_VERSION = 1
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
-    manifest = json.loads((Path(cache_dir) / "manifest.json").read_text())
+    path = Path(cache_dir) / "manifest.json"
+    if not path.is_file():
+        raise SystemExit(f"{cache_dir}: no manifest.json; give the folder `logitcache build --out` wrote")
+    manifest = json.loads(path.read_text())
     if manifest.get("format") != "logitcache" or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cache_dir}: not a logitcache format v{FORMAT_VERSION} cache")
     return manifest

@@ -158,7 +158,7 @@ def _plan(settings: BuildSettings, teacher) -> _Plan:
         "teacher_dtype": teacher_info["dtype"],
         "tokenizer_fingerprint": tokenizer_info["fingerprint"],
         "corpus_fingerprint": corpus.fingerprint(),
-        "text_field": settings.text_field,
+        "text_field": settings.text_field if corpus.has_fields else None,
         "method": settings.method,
         "params": settings.spec.params,
         "seq_len": settings.seq_len,
@@ -385,7 +385,7 @@ def _manifest(settings: BuildSettings, plan: _Plan, teacher, shards: list[dict])
         "corpus": {
             "description": plan.corpus.describe(),
             "fingerprint": plan.identity["corpus_fingerprint"],
-            "text_field": settings.text_field,
+            "text_field": plan.identity["text_field"],
             "documents": plan.stats.documents,
             "tokens": plan.stats.tokens,
             "dropped_tokens": plan.stats.dropped_tokens,

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,7 +39,7 @@ def user_errors():
     except LogitcacheError as exc:
         if os.environ.get("LOGITCACHE_DEBUG"):
             raise
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 
@@ -142,10 +143,10 @@ def validate(
     with user_errors():
         problems = validate_cache(cache, deep=not quick)
     for problem in problems:
-        console.print(f"[red]✗[/red] {problem}", highlight=False)
+        console.print(f"[red]✗[/red] {escape(problem)}", highlight=False, soft_wrap=True)
     if problems:
         raise typer.Exit(1)
-    Console().print(f"[green]✓[/green] {cache}: cache is sound")
+    Console().print(f"[green]✓[/green] {escape(str(cache))}: cache is sound", soft_wrap=True)
 
 
 @app.command()
@@ -171,7 +172,7 @@ def merge(cache: CacheDir) -> None:
 
     with user_errors():
         manifest = merge_parts(cache)
-    Console().print(f"[green]✓[/green] merged {len(manifest['shards'])} shards into {cache / 'manifest.json'}")
+    Console().print(f"[green]✓[/green] merged {len(manifest['shards'])} shards into {escape(str(cache / 'manifest.json'))}", soft_wrap=True)
 
 
 @app.command()

@@ -72,6 +72,12 @@ class Corpus:
             )
         return Corpus(path, text_field, files=(path,))
 
+    @property
+    def has_fields(self) -> bool:
+        """Whether any document comes from a record with fields (JSON Lines, Parquet, a dataset), so
+        ``text_field`` matters; plain ``.txt``/``.md`` files are one document each, whatever it says."""
+        return self.dataset or any(_kind(f) != "text" for f in self.files)
+
     def describe(self) -> str:
         if self.dataset:
             return f"datasets dataset at {self.path}"

@@ -69,6 +69,7 @@ from logitcache.errors import LogitcacheError
 from logitcache.fused import fused_loss, output_head, student_hidden, supports
 from logitcache.loader import CacheDataset, collate
 from logitcache.losses import LOSSES, LossOutput, ce_loss, check_options, get_loss
+from logitcache.manifest import read_manifest
 from logitcache.partition import OrderSettings, worker_samples
 from logitcache.student import build_student, check_source, check_student, load_student
 from logitcache.teacher import load_tokenizer, resolve_device, tokenizer_fingerprint
@@ -179,6 +180,10 @@ class TrainSettings:
             if getattr(self, field) is not None and self.loss not in losses:
                 raise LogitcacheError(f"--{option} goes with --loss {' or '.join(losses)}, not --loss {self.loss or 'ce'}")
         check_options(self.loss or "ce", alpha=self.alpha, temperature=self.temperature, **self.loss_options())
+        if self.cache is not None:  # the loss must suit how each cache was built (rs-kd needs a sampled one)
+            make_loss(self, read_manifest(self.cache), self.alpha)
+            if self.eval_cache is not None and self.eval_every:
+                make_loss(self, read_manifest(self.eval_cache), 0.0, source="--eval-cache")
 
     def loss_options(self) -> dict[str, float | str]:
         """The loss-specific options given (``skew``, ``k``, ...), as the loss's keyword arguments."""

@@ -158,6 +158,8 @@ def test_text_files_are_one_document_each(teacher_dir, documents, tmp_path):
         (folder / f"{i:03d}.txt").write_text(doc)
     manifest = build_cache(teacher_dir, folder, tmp_path / "out", method="topk", k=4)
     assert manifest["corpus"]["documents"] == 20
+    assert manifest["corpus"]["text_field"] is None  # no records, so no field; --text-field changes nothing
+    assert build_cache(teacher_dir, folder, tmp_path / "out", method="topk", k=4, text_field="body") == manifest
 
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -296,6 +298,11 @@ def test_inspect_json_keys(topk_cache, sample_cache):
     assert 0 < summarize(topk_cache)["mean_covered_mass"] < 1
     # Same teacher and corpus: the perplexity from gold log-probs agrees between methods.
     assert summarize(topk_cache)["teacher_perplexity"] == pytest.approx(summarize(sample_cache)["teacher_perplexity"])
+
+
+def test_error_lines_keep_square_brackets(tmp_path):
+    result = run_cli("inspect", str(tmp_path / "runs[old]"))
+    assert result.returncode == 1 and f"{tmp_path / 'runs[old]' / 'manifest.json'} not found" in result.stdout + result.stderr
 
 
 def test_teacher_perplexity_past_float64_is_infinite_not_an_error():

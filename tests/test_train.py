@@ -208,6 +208,15 @@ def test_eval_kd_loss_reads_the_eval_cache_by_its_own_build(world, tmp_path):
         run_train(_small(tmp_path, cache=world.caches["sample"], loss="rs-kd", eval_cache=world.caches["topk"], steps=1))
 
 
+def test_a_loss_that_does_not_suit_the_cache_fails_before_anything_starts(world, tmp_path):
+    result = subprocess.run(_cli(tmp_path / "out", world.caches["topk"]), capture_output=True, text=True, env=SUBPROCESS_ENV | {"LOGITCACHE_DEBUG": ""})
+    output = (result.stdout + result.stderr).replace("\n", "")
+    assert result.returncode == 1
+    assert f"--loss rs-kd needs a cache built with --method sample; --cache {world.caches['topk']} is topk" in output
+    assert output.startswith("error:")  # no progress bar drawn first
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_tokenizer_folder_is_named(world, tmp_path):
     with pytest.raises(LogitcacheError, match="cannot load a tokenizer from .*no-such-dir: there is no such folder"):
         run_train(_small(tmp_path, corpus=world.root / "corpus.jsonl", tokenizer=tmp_path / "no-such-dir", seq_len=SEQ_LEN))
