@@ -194,8 +194,9 @@ def case_step(c: dict) -> dict:
             else:
                 t = teacher_logprobs[i % len(batches)]
             s = torch.log_softmax(student(ids).logits[:, :-1].float(), -1)
-            mask = batch["position_mask"]
-            loss = torch.nn.functional.kl_div(s[mask], t[mask], log_target=True, reduction="sum") / mask.sum()
+            mask = batch["position_mask"]  # masked after the per-position KL: no [rows, V] copies
+            per_position = torch.nn.functional.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+            loss = per_position[mask].sum() / mask.sum()
         elif path == "fused":
             hidden = student.model(input_ids=ids).last_hidden_state[:, :-1]
             loss = fused_loss(c["loss"], hidden, student.lm_head.weight, batch).mean()
