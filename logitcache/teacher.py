@@ -4,8 +4,10 @@ Full ``[batch, seq, vocab]`` float32 logits are never held. The ``hf`` backend r
 decoder to get final hidden states ``[B, T, H]`` (small: H ≪ V), then applies the output head,
 log-softmax and target extraction to ``chunk_rows`` positions at a time. Peak memory beyond the
 model and its activations is about ``chunk_rows × V × 4 bytes × 3`` (logits, log-probabilities and
-the sampler's probabilities) plus, for ``sample``, the sampler's scratch per draw (large N), which ``chunk_mib`` bounds: 16 MiB on CPU by default (cache-sized chunks were fastest there), 1 GiB on CUDA,
-whatever the batch, sequence length or vocabulary (a 128k vocabulary gives 10 rows per chunk on CPU).
+the sampler's probabilities) plus, for ``sample``, the sampler's scratch per draw (it matters for
+large N; see :func:`logitcache.targets.row_bytes`). ``chunk_mib`` bounds it: 16 MiB on CPU by default
+(cache-sized chunks were fastest there), 1 GiB on CUDA, whatever the batch, sequence length or
+vocabulary (a 128k vocabulary gives 10 rows per chunk on CPU).
 """
 
 from __future__ import annotations
@@ -156,10 +158,6 @@ class HFTeacher:
             "fingerprint": weights_fingerprint(self.path),
             "vocab_size": self.vocab_size,
         }
-
-    @property
-    def chunk_rows(self) -> int:
-        return head_chunk_rows(self.chunk_mib, self.vocab_size)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return output_head(hidden, self.head_weight, self.config)

@@ -44,10 +44,10 @@ loss at every step, bit for bit, as an uninterrupted one.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
-import inspect
 import math
 import os
 import shutil
@@ -87,14 +87,14 @@ ECE_BINS = 15
 RESUMABLE_CHANGES = ("out", "resume", "device", "compile", "save_every", "batch_size", "grad_accum", "lanes")
 # A folder: each process appends the sequence ids of every step it trains on to rank-R.jsonl there.
 DEBUG_SEQUENCES_ENV = "LOGITCACHE_DEBUG_SEQUENCES"
-# Loss-specific settings: field -> (CLI option, the losses that take it); None leaves the loss's default.
+# Loss-specific settings: field -> (CLI option, the loss's keyword, the losses that take it); None
+# leaves the loss's own default.
 LOSS_OPTIONS = {
-    "skew": ("skew", ("skew-kl", "skew-reverse-kl")),
-    "loss_k": ("loss-k", ("bild", "rlkd")),
-    "rank_temperature": ("rank-temperature", ("rlkd",)),
-    "rlkd_base": ("rlkd-base", ("rlkd",)),
+    "skew": ("skew", "skew", ("skew-kl", "skew-reverse-kl")),
+    "loss_k": ("loss-k", "k", ("bild", "rlkd")),
+    "rank_temperature": ("rank-temperature", "rank_temperature", ("rlkd",)),
+    "rlkd_base": ("rlkd-base", "base", ("rlkd",)),
 }
-LOSS_KEYWORDS = {"skew": "skew", "loss_k": "k", "rank_temperature": "rank_temperature", "rlkd_base": "base"}
 
 Batch = dict[str, Tensor]
 
@@ -176,7 +176,7 @@ class TrainSettings:
             (self.lanes is None or self.lanes >= 1, f"--lanes {self.lanes}: must be at least 1"),
         ])
         check_source(self.student, self.student_config, self.init_from)
-        for field, (option, losses) in LOSS_OPTIONS.items():
+        for field, (option, _, losses) in LOSS_OPTIONS.items():
             if getattr(self, field) is not None and self.loss not in losses:
                 raise LogitcacheError(f"--{option} goes with --loss {' or '.join(losses)}, not --loss {self.loss or 'ce'}")
         check_options(self.loss or "ce", alpha=self.alpha, temperature=self.temperature, **self.loss_options())
@@ -187,7 +187,8 @@ class TrainSettings:
 
     def loss_options(self) -> dict[str, float | str]:
         """The loss-specific options given (``skew``, ``k``, ...), as the loss's keyword arguments."""
-        return {LOSS_KEYWORDS[field]: getattr(self, field) for field in LOSS_OPTIONS if getattr(self, field) is not None}
+        given = {field: getattr(self, field) for field in LOSS_OPTIONS}
+        return {LOSS_OPTIONS[field][1]: value for field, value in given.items() if value is not None}
 
     def to_json(self) -> dict:
         """The settings as JSON values (paths as strings)."""
