@@ -552,6 +552,11 @@ def get_loss(name: str) -> LossFn:
     return LOSSES[name]
 
 
+def default_temperature(name: str) -> float:
+    """The temperature loss ``name`` uses when none is given (3 for bild, else 1)."""
+    return inspect.signature(get_loss(name)).parameters["temperature"].default
+
+
 def check_options(name: str, *, alpha: float = 0.0, temperature: float | None = None, **options: float | str) -> float:
     """Raise the ``LogitcacheError`` (or ``TypeError`` for an unknown keyword) that loss ``name``
     raises for these options, before any data is seen; return the temperature it will use
@@ -561,7 +566,7 @@ def check_options(name: str, *, alpha: float = 0.0, temperature: float | None = 
     """
     loss = get_loss(name)
     if temperature is None:
-        temperature = inspect.signature(loss).parameters["temperature"].default
+        temperature = default_temperature(name)
     empty = {
         "labels": torch.zeros(0, 0, dtype=torch.int64),
         "target_ids": torch.zeros(0, 0, 0, dtype=torch.int64),

@@ -44,7 +44,6 @@ loss at every step, bit for bit, as an uninterrupted one.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import logging
@@ -68,7 +67,7 @@ from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
 from logitcache.fused import fused_loss, output_head, student_hidden, supports
 from logitcache.loader import CacheDataset, collate
-from logitcache.losses import LOSSES, LossOutput, ce_loss, check_options, get_loss
+from logitcache.losses import LOSSES, LossOutput, ce_loss, check_options, default_temperature, get_loss
 from logitcache.manifest import read_manifest
 from logitcache.partition import OrderSettings, worker_samples
 from logitcache.student import build_student, check_source, check_student, load_student
@@ -782,7 +781,7 @@ def _comparable(settings: Mapping) -> dict:
     paths = {f.name for f in fields(TrainSettings) if "Path" in str(f.type)}
     values = {k: str(Path(v).resolve()) if k in paths and v is not None else v for k, v in settings.items()}
     if values.get("temperature") is None and values.get("loss") in LOSSES:
-        values["temperature"] = inspect.signature(LOSSES[values["loss"]]).parameters["temperature"].default
+        values["temperature"] = default_temperature(values["loss"])
     return values
 
 
