@@ -37,7 +37,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -104,6 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add("--seed", type=int, default=0, help="seed of the student initialisation, data order and RS-KD draws")
+    add("--rskd-draws", type=int, default=0, help="also train RS-KD students on N more draws of the sample "
+        "cache (build seeds seed+1 .. seed+N), all else equal: how much RS-KD depends on its draw")
     args = parser.parse_args(argv)
     if args.eval_windows < args.batch_size:
         parser.error(f"--eval-windows {args.eval_windows} must be at least --batch-size {args.batch_size} (angles use whole batches)")
@@ -176,6 +178,24 @@ def train_students(args: argparse.Namespace, caches: dict[str, Path], init: Path
         results[method] = run_train(settings)
         print(f"  {method.name}: eval LM loss {results[method]['eval_lm_loss']:.4f}", flush=True)
     return results
+
+
+def rskd_redraws(args: argparse.Namespace, teacher: Path, init: Path) -> list[dict]:
+    """RS-KD students on ``--rskd-draws`` further draws of the sample cache; same teacher, init and batches."""
+    method = METHODS[-1]
+    fields = cache_builds(0)[method.cache]
+    rows = []
+    for build_seed in range(args.seed + 1, args.seed + 1 + args.rskd_draws):
+        cache = args.out / "caches" / f"{method.cache}-draw{build_seed}"
+        run_build(BuildSettings(
+            teacher=teacher, corpus=args.out / "corpus.jsonl", out=cache, seq_len=args.seq_len,
+            batch_size=args.batch_size, shard_size=512, seed=build_seed, device=args.device, overwrite=True, **fields,
+        ))
+        settings = replace(student_settings(args, method, cache, init), out=args.out / "students" / f"rs-kd-draw{build_seed}")
+        metrics = run_train(settings)
+        rows.append({"build_seed": build_seed, "lm_loss": metrics["eval_lm_loss"], "ece": metrics["eval_ece"]})
+        print(f"  RS-KD, draw {build_seed}: eval LM loss {metrics['eval_lm_loss']:.4f}", flush=True)
+    return rows
 
 
 # ---- gradient angles ----------------------------------------------------------------------
@@ -309,6 +329,10 @@ def main(argv: list[str] | None = None) -> dict:
         for m in METHODS
     ]
     teacher_row = {"lm_loss": teacher_metrics["eval_lm_loss"], "ece": teacher_metrics["eval_ece"]}
+    if args.rskd_draws:
+        print("6. RS-KD on further draws", flush=True)
+    rs_kd = {"build_seed": args.seed, "lm_loss": rows[-1]["lm_loss"], "ece": rows[-1]["ece"]}
+    draws = [rs_kd, *rskd_redraws(args, teacher, init)] if args.rskd_draws else []
     wall = time.monotonic() - started
     manifest = json.loads((caches[FULL] / "manifest.json").read_text())
     sizes = (
@@ -320,12 +344,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     command = "python examples/reproduce_rskd.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     table = results_table(rows, teacher_row)
+    draws_table = [
+        "| RS-KD cache draw (build seed) | LM loss | ECE % |\n|---|---|---|\n"
+        + "\n".join(f"| {d['build_seed']} | {d['lm_loss']:.3f} | {100 * d['ece']:.2f} |" for d in draws)
+    ] if draws else []
     markdown = "\n\n".join([
-        table, caches_table(caches),
+        table, caches_table(caches), *draws_table,
         f"Command: `{command.strip()}`", f"Machine: {machine()}", f"Sizes: {sizes}", f"Wall time: {wall / 60:.1f} min",
     ])
     report = {"command": command.strip(), "machine": machine(), "sizes": sizes, "wall_seconds": wall,
-              "teacher": teacher_row, "methods": rows}
+              "teacher": teacher_row, "methods": rows, "rskd_draws": draws}
     write_report(args, report, markdown)
     print("\n" + markdown, flush=True)
     return report

@@ -31,7 +31,7 @@ def load_example(monkeypatch):
 
 def test_reproduce_rskd_at_tiny_size(tmp_path, monkeypatch):
     example = load_example(monkeypatch)
-    report = example.main([*TINY, "--out", str(tmp_path / "run")])
+    report = example.main([*TINY, "--rskd-draws", "1", "--out", str(tmp_path / "run")])
 
     rows = {row["name"]: row for row in report["methods"]}
     assert list(rows) == [method.name for method in example.METHODS] and len(rows) == 6
@@ -47,3 +47,10 @@ def test_reproduce_rskd_at_tiny_size(tmp_path, monkeypatch):
 
     table = (tmp_path / "run" / "results.md").read_text()
     assert all(f"| {name} |" in table for name in rows)
+
+    # --rskd-draws: the table's own RS-KD student first, then one more draw of its cache (another build seed).
+    draws = report["rskd_draws"]
+    assert [d["build_seed"] for d in draws] == [0, 1]
+    assert draws[0]["lm_loss"] == rs_kd["lm_loss"] and math.isfinite(draws[1]["lm_loss"])
+    assert draws[1]["lm_loss"] != draws[0]["lm_loss"]  # another draw trains another student
+    assert "| RS-KD cache draw (build seed) |" in table
