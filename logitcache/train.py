@@ -800,6 +800,8 @@ def prepare_out(settings: TrainSettings, world: World = World()) -> tuple[Path |
 
     Refuses a folder holding a run unless ``--resume``; ``--resume`` without a checkpoint starts
     from step 0. Every process reads the checkpoint; process 0 cuts ``metrics.jsonl`` back to its step.
+    Nothing is created here: the folder appears when training starts (see :func:`train_student`), so
+    a run refused by a later check leaves no trace.
     """
     out = Path(settings.out)
     found = find_checkpoint(out)
@@ -812,8 +814,7 @@ def prepare_out(settings: TrainSettings, world: World = World()) -> tuple[Path |
         check_global_batch(settings, world, state)
     elif settings.resume and world.main:
         log.info("no checkpoint in %s: starting from step 0", out)
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+    if world.main and (out / METRICS_NAME).exists():
         restart_metrics(out / METRICS_NAME, 0 if state is None else state["step"])
     return found if state is not None else None, state
 
@@ -929,6 +930,8 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
     batches = iter(data.train)
 
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as files:
         metrics_file = files.enter_context(open(out / METRICS_NAME, "a")) if world.main else None
         trace_dir = os.environ.get(DEBUG_SEQUENCES_ENV)

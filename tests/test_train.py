@@ -168,6 +168,7 @@ def test_a_student_with_another_vocabulary_is_refused(world, tmp_path, source):
     settings = _small(tmp_path / "out", cache=world.caches["topk"], loss="kl", **_student_with_vocab(tmp_path, source, 500))
     with pytest.raises(LogitcacheError, match=f"student vocab_size 500 .* vocab_size {VOCAB}"):
         run_train(settings)
+    assert not (tmp_path / "out").exists()  # refused before training: --out is not created
 
 
 def test_a_folder_holding_a_run_needs_resume(world):
