@@ -27,8 +27,9 @@ outside bucket ``u * (lse(z) - lse_uncached(z))``, ``u`` the teacher's renormali
 gradient is ``u * p`` on the cached ids and ``u * (p - q)`` elsewhere, ``q`` the softmax over
 the uncached ids. These run in place on the chunk's logits buffer (a logsumexp, a subtract, an
 exp and scatters of ``[C, K]`` values) with no autograd graph, so a KD step costs what a CE step
-costs. The teacher weights come from the same pure pieces of :mod:`logitcache.losses`, once for
-all rows before the chunks; the cached ids of a row are assumed distinct, as a cache stores them.
+costs. The teacher weights come from the same pure pieces of :mod:`logitcache.losses`, per chunk
+(``[C, K]``, never ``[R, K]`` temporaries); the cached ids of a row are assumed distinct, as a
+cache stores them.
 
 Every other loss of :data:`~logitcache.losses.LOSSES` runs its plain function on each chunk under
 autograd: the same memory bound, at the plain loss's speed.
@@ -137,17 +138,13 @@ class _ClosedForm(NamedTuple):
     """The loss ``sum(groups) + outside + constant`` ``[R]`` as a function of the rows' logits.
 
     At most two groups (KD at T, gold CE at 1); the T = 1 group, which the outside bucket joins,
-    comes last. Built once for all rows; chunks ``take`` their rows.
+    comes last. Built for one chunk's rows at a time, so that its ``[R, K]`` terms never exist for
+    the whole batch (a KD step then peaks where a CE step does).
     """
 
     groups: list[_Group]
     outside: _Outside | None
     constant: Tensor
-
-    def take(self, span: slice) -> _ClosedForm:
-        groups = [_Group(g.temperature, g.ids[span], g.weights[span], g.total[span]) for g in self.groups]
-        outside = None if self.outside is None else _Outside(*(t[span] for t in self.outside))
-        return _ClosedForm(groups, outside, self.constant[span])
 
 
 def _normalised(log_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,7 +161,8 @@ def _kd_terms(
     zero = rows.tail_logprob.new_zeros(rows.tail_logprob.shape)
     if name == "rs-kd":
         tau = options.get("proposal_temperature", 1.0)
-        _, w = _normalised(rows.weights.log() + (1.0 - 1.0 / tau) * rows.logprobs, rows.mask)
+        log_w = rows.weights.log() if tau == 1.0 else rows.weights.log() + (1.0 - 1.0 / tau) * rows.logprobs
+        _, w = _normalised(log_w, rows.mask)
         return 1.0, w, None, zero
     if name in ("topk-renorm", "kl"):
         log_t, t = _normalised(rows.logprobs / temperature, rows.mask)
@@ -236,9 +234,11 @@ def _soft_cross_entropy(
     return value, grad.scatter_add_(-1, group.ids, -group.weights)
 
 
-def _closed_form_chunk(z: Tensor, span: slice, need_grad: bool, *, form: _ClosedForm) -> tuple[Tensor, Tensor | None]:
-    """A :data:`ChunkLoss` for the closed-form losses; ``z`` is overwritten."""
-    form = form.take(span)
+def _closed_form_chunk(
+    z: Tensor, span: slice, need_grad: bool, *, rows: Rows, form: Callable[[Rows], _ClosedForm]
+) -> tuple[Tensor, Tensor | None]:
+    """A :data:`ChunkLoss` for the closed-form losses (``form`` of the chunk's rows); ``z`` is overwritten."""
+    form = form(Rows(*(t[span] for t in rows)))
     total, grad = form.constant.sum(), None
     for i, group in enumerate(form.groups):
         t = group.temperature
@@ -380,8 +380,8 @@ def fused_loss(
         raise LogitcacheError(f"chunk_rows={chunk_rows} must be at least 1")
     hidden_rows, rows = select_rows(hidden, batch)
     if name in _CLOSED_FORMS:
-        form = _closed_form(name, rows, head_weight.shape[0], alpha, temperature, options)
-        chunk_loss = partial(_closed_form_chunk, form=form)
+        form = partial(_closed_form, name, vocab_size=head_weight.shape[0], alpha=alpha, temperature=temperature, options=options)
+        chunk_loss = partial(_closed_form_chunk, rows=rows, form=form)
     else:
         loss = partial(get_loss(name), alpha=alpha, temperature=temperature, **options)
         chunk_loss = partial(_plain_chunk, rows=rows, loss=loss)

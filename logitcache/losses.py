@@ -46,6 +46,12 @@ _LOG_ZERO = torch.finfo(torch.float32).min
 # the teacher; reverse KL takes such a tail as this mass instead of dividing by zero.
 _MIN_TAIL_LOGPROB = math.log(torch.finfo(torch.float32).eps)
 _PEARSON_EPS = 1e-12
+_VANISHING_GAP = 1e3
+"""Where a loss takes differences of teacher values (BiLD, RLKD), a cached log-prob of -inf (an id
+of probability 0: a masked logit) stands at this far below the row's lowest finite one: it ranks
+last, a difference with it weighs exp(-1e3 / T) = 0 beside the others (the limit of a log-prob
+going to -inf), and -inf - -inf cannot make NaN. Relative to the row, so float32 keeps the
+differences between the finite values exact."""
 
 
 @dataclass(frozen=True)
@@ -188,11 +194,23 @@ def _buckets(logits: Tensor, rows: Rows, min_tail_logprob: float = -math.inf) ->
     log_outside = logits.masked_fill(cached, _LOG_ZERO).logsumexp(-1, keepdim=True) - lse
     mask = torch.cat([rows.mask, ~cached.all(-1, keepdim=True)], -1)
     tail = rows.tail_logprob.clamp_min(min_tail_logprob)[:, None]
+    logprobs = rows.logprobs
+    if min_tail_logprob > -math.inf:  # a cached id of probability 0 gets the floor too; finite ones are kept
+        logprobs = logprobs.masked_fill(logprobs == -math.inf, min_tail_logprob)
     return _Buckets(
-        teacher=_masked_log_softmax(torch.cat([rows.logprobs, tail], -1), mask),
+        teacher=_masked_log_softmax(torch.cat([logprobs, tail], -1), mask),
         student=torch.cat([logits.gather(-1, rows.ids) - lse, log_outside], -1),
         mask=mask,
     )
+
+
+def _vanishing_floor(logprobs: Tensor) -> Tensor:
+    """``logprobs`` ``[R, K]`` with -inf entries set :data:`_VANISHING_GAP` below the row's lowest finite value."""
+    if logprobs.numel() == 0:
+        return logprobs
+    lowest = logprobs.masked_fill(logprobs == -math.inf, math.inf).amin(-1, keepdim=True)
+    lowest = lowest.masked_fill(lowest == math.inf, 0.0)  # no finite value: any stand-in will do
+    return torch.where(logprobs == -math.inf, lowest - _VANISHING_GAP, logprobs)
 
 
 def _top_columns(values: Tensor, mask: Tensor, k: int) -> Tensor:
@@ -215,7 +233,9 @@ def rs_kd_rows(logits: Tensor, rows: Rows, proposal_temperature: float = 1.0) ->
     importance weight ``t_i / q_i`` of a draw from ``q ∝ t^(1/tau)``. For ``tau = 1``,
     ``w = count / N`` and the gradient ``p - w`` is unbiased for the full-KD gradient ``p - t``.
     """
-    log_w = rows.weights.log() + (1.0 - 1.0 / proposal_temperature) * rows.logprobs
+    log_w = rows.weights.log()
+    if proposal_temperature != 1.0:  # (not 0 * logprob: a -inf one would give NaN)
+        log_w = log_w + (1.0 - 1.0 / proposal_temperature) * rows.logprobs
     log_p = _student_logprobs_at(logits, rows.ids)
     return _soft_cross_entropy(_masked_log_softmax(log_w, rows.mask), log_p, rows.mask)
 
@@ -256,7 +276,8 @@ def reverse_kl_rows(logits: Tensor, rows: Rows) -> Tensor:
     """Reverse ``KL(p || t)`` ``[R] float32`` on the buckets ``cached ids + [outside]``.
 
     The teacher's tail is raised to at least float32 eps (1.2e-7) so that outside student
-    mass costs a finite ``p_out * log(p_out / r)`` when the cache rounded the tail to 0.
+    mass costs a finite ``p_out * log(p_out / r)`` when the cache rounded the tail to 0; a cached
+    id of teacher probability 0 (log-prob -inf) is given the same floor.
     """
     b = _buckets(logits, rows, _MIN_TAIL_LOGPROB)
     return _kl(b.student, b.teacher, b.mask)
@@ -302,8 +323,9 @@ def bild_rows(logits: Tensor, rows: Rows, k: int = 8, temperature: float = 3.0) 
     next-highest cached one is used instead. Rows with fewer than k cached ids use all of them.
     """
     student = logits.gather(-1, rows.ids)
-    t_ld = _logit_difference_kl(rows.logprobs, student, rows.logprobs, rows.mask, k, temperature)
-    s_ld = _logit_difference_kl(rows.logprobs, student, student.detach(), rows.mask, k, temperature)
+    teacher = _vanishing_floor(rows.logprobs)
+    t_ld = _logit_difference_kl(teacher, student, teacher, rows.mask, k, temperature)
+    s_ld = _logit_difference_kl(teacher, student, student.detach(), rows.mask, k, temperature)
     return t_ld + s_ld
 
 
@@ -314,12 +336,17 @@ def _soft_ranks(values: Tensor, valid: Tensor, rank_temperature: float) -> Tenso
 
 
 def _pearson(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
-    """Pearson correlation ``[R]`` of ``a`` and ``b`` ``[R, M]`` over the valid entries (0 if constant)."""
+    """Pearson correlation ``[R]`` of ``a`` and ``b`` ``[R, M]`` over the valid entries.
+
+    0, with gradient 0, where either is constant: the correlation is undefined there and its
+    gradient unbounded (a student with tied logits would otherwise get a gradient of ~1e6).
+    """
     weight = valid.to(a.dtype)
     count = weight.sum(-1, keepdim=True).clamp_min(1.0)
     a = (a - (a * weight).sum(-1, keepdim=True) / count) * weight
     b = (b - (b * weight).sum(-1, keepdim=True) / count) * weight
-    scale = ((a * a).sum(-1) * (b * b).sum(-1)).clamp_min(_PEARSON_EPS).rsqrt()
+    spread = (a * a).sum(-1) * (b * b).sum(-1)
+    scale = torch.where(spread > _PEARSON_EPS, spread.clamp_min(_PEARSON_EPS).rsqrt(), 0.0)
     return (a * b).sum(-1) * scale
 
 
@@ -327,14 +354,15 @@ def rank_correlation_rows(logits: Tensor, rows: Rows, k: int = 15, rank_temperat
     """Soft-rank Pearson ``rho`` ``[R] float32`` of teacher log-probs and student logits on the
     union of the teacher's and the student's top-k cached ids (uncached ids have no teacher value)."""
     student = logits.gather(-1, rows.ids)
+    teacher = _vanishing_floor(rows.logprobs)
     union = torch.zeros_like(rows.mask)
-    union.scatter_(-1, _top_columns(rows.logprobs, rows.mask, k), True)
+    union.scatter_(-1, _top_columns(teacher, rows.mask, k), True)
     union.scatter_(-1, _top_columns(student.detach(), rows.mask, k), True)
     union &= rows.mask
     # Pack the (at most 2k) union columns first so the pairwise ranks are [R, 2k, 2k], not [R, K, K].
     columns = union.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)[:, : 2 * k]
     valid = union.gather(-1, columns)
-    ranks_t = _soft_ranks(rows.logprobs.gather(-1, columns), valid, rank_temperature)
+    ranks_t = _soft_ranks(teacher.gather(-1, columns), valid, rank_temperature)
     ranks_s = _soft_ranks(student.gather(-1, columns), valid, rank_temperature)
     return _pearson(ranks_t, ranks_s, valid)
 

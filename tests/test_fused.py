@@ -17,7 +17,7 @@ from torch import Tensor
 from logitcache.errors import LogitcacheError
 from logitcache.fused import default_chunk_rows, fused_loss, output_head, student_hidden, supports
 from logitcache.losses import LOSSES, get_loss
-from test_losses import dense_teacher, fp16_cache, sample_batch, sample_counts, sparse_batch, topk_batch
+from test_losses import dense_teacher, fp16_cache, sample_batch, sample_counts, sparse_batch, topk_batch, zero_probability_batch
 
 B, P, H, V = 3, 7, 16, 40
 CLOSED_FORMS = [
@@ -150,6 +150,12 @@ def test_ghost_when_the_student_puts_no_mass_outside() -> None:
     for got, want in zip(grads(fused.total, [hidden, weight]), grads(plain.total, [hidden, weight])):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_cached_ids_of_teacher_probability_zero(name: str) -> None:
+    batch = dict(zero_probability_batch((B, P)), position_mask=position_mask())
+    assert_matches_plain(name, batch)
 
 
 @pytest.mark.parametrize("name", ["ce", "rs-kd", "topk-ghost", "rlkd"])

@@ -382,6 +382,51 @@ def test_a_position_with_a_single_cached_id_keeps_loss_and_gradient_finite(name:
     assert torch.isfinite(total) and torch.isfinite(grad).all()
 
 
+def zero_probability_batch(shape: tuple[int, int] = (2, 3)) -> dict[str, Tensor]:
+    """A top-8 cache of a teacher with only 5 ids of nonzero probability: 3 cached log-probs are -inf."""
+    batch = topk_batch(dense_teacher(shape), 8)
+    logprobs = batch["target_logprobs"].clone()
+    logprobs[..., :5] = logprobs[..., :5].log_softmax(-1)
+    logprobs[..., 5:] = -math.inf
+    tail = torch.full_like(batch["tail_logprob"], -math.inf)
+    return dict(batch, target_logprobs=logprobs, target_weights=logprobs.exp(), tail_logprob=tail)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_a_cached_id_of_teacher_probability_zero_keeps_loss_and_gradient_finite(name: str) -> None:
+    total, grad = loss_and_grad(name, student_logits((2, 3)), zero_probability_batch())
+    assert torch.isfinite(total) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", ["reverse-kl", "bild", "rlkd"])
+def test_a_zero_probability_reads_as_a_floor_or_as_a_vanishing_one(name: str) -> None:
+    # reverse-kl floors it where it floors the tail; bild and rlkd take the limit of a log-prob
+    # going to -inf (ranked last; in BiLD its pair differences take all the pair mass): here any
+    # value a few thousand below the others, where exp(-gap / T) is 0 in float32.
+    batch = zero_probability_batch()
+    logprobs = batch["target_logprobs"]
+    if name == "reverse-kl":
+        stand_in = torch.tensor(math.log(torch.finfo(torch.float32).eps))
+    else:
+        stand_in = logprobs.masked_fill(logprobs == -math.inf, math.inf).amin(-1, keepdim=True) - 2500.0
+    low = dict(batch, target_logprobs=torch.where(logprobs == -math.inf, stand_in, logprobs))
+    logits = student_logits((2, 3))
+    total, grad = loss_and_grad(name, logits, batch)
+    expected, expected_grad = loss_and_grad(name, logits, low)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rlkd_rank_term_has_no_gradient_when_the_student_is_tied() -> None:
+    # Tied student logits: the correlation is undefined and taken as 0, and so is its gradient.
+    batch = topk_batch(dense_teacher((2, 3)), 16)
+    logits = torch.zeros(2, 3, V, requires_grad=True)
+    total, grad = loss_and_grad("rlkd", logits, batch)
+    kl_total, kl_grad = loss_and_grad("kl", logits, batch)
+    torch.testing.assert_close(total, kl_total + 2.0 * 6, rtol=1e-6, atol=1e-5)  # 2 * (1 - 0) per position
+    torch.testing.assert_close(grad, kl_grad, rtol=0.0, atol=1e-6)
+
+
 def test_topk_ghost_drops_a_spurious_tail_when_the_cache_covers_the_vocabulary() -> None:
     # fp16 storage can leave a small tail even when the ids cover every token: there is no
     # outside bucket to put it in, so it must not blow up the loss.
