@@ -38,7 +38,11 @@ model dtype plus their float32 log-softmax, for one request's chunk at a time, w
 capped by ``max_num_batched_tokens`` (chunked prefill on). We set that cap so that
 ``rows × V × 12 bytes ≤ chunk_mib`` (default 2048 MiB; clamped to [256, 16384] tokens), the same budget
 and formula as the hf backend's head chunks; it must fit in the memory vLLM leaves free
-(``1 - gpu_memory_utilization`` of the GPU), together with the head weight in sample mode. On the host,
+(``1 - gpu_memory_utilization`` of the GPU), together with the head weight in sample mode. That is
+how vLLM 0.12's model runner works; by the source of later releases (0.33 read, not run), their
+default "model runner V2" computes prompt log-probabilities in blocks of 1024 rows itself, so
+there the cap is only conservative: it limits prefill tokens per engine step, and a larger
+``--chunk-mib`` lifts it (not yet measured on a GPU). On the host,
 FlatLogprobs holds Python objects (about 128 bytes per value), so a batch of windows is split into calls
 holding at most :data:`HOST_BYTES_PER_CALL` of them (or of float32 pooled hidden states).
 """
