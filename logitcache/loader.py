@@ -28,6 +28,7 @@ persistent workers keep the dataset copy of their first epoch.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from logitcache.partition import (
     unit_bounds,
     worker_samples,
 )
-from logitcache.shards import ROW_GROUP_ROWS, WindowTargets, from_table
+from logitcache.shards import METADATA_KEY, ROW_GROUP_ROWS, WindowTargets, from_table
 
 SPLITS = ("train", "eval")
 # What fixes the stream besides the position: a resume state must agree on all of them.
@@ -290,6 +291,19 @@ class CacheDataset(IterableDataset):
             raise LogitcacheError(
                 f"{path}: {parquet.metadata.num_rows} rows with {found} in row group {group}, but the manifest "
                 f"says {entry['rows']} rows and {expected} in that group; rebuild or re-download the cache"
+            )
+        # Where the shard's own metadata (in the footer just read) names its build and its place, they
+        # must be the manifest's: a file swapped for another shard, or another build's, is refused.
+        try:
+            own = json.loads((parquet.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+        except ValueError:
+            own = {}
+        index, build = int(self._shard[unit]), self.manifest.get("fingerprint")
+        if own.get("shard_index", index) != index or own.get("build_fingerprint", build) != build:
+            raise LogitcacheError(
+                f"{path}: the shard's metadata says it is shard {own.get('shard_index')} of build "
+                f"{str(own.get('build_fingerprint'))[:12]}, but the manifest lists it as shard {index} of build "
+                f"{str(build)[:12]}; rebuild or re-download the cache"
             )
         return parquet, group
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from logitcache.errors import LogitcacheError
 from logitcache.loader import CacheDataset, check_student_vocab, collate
 from logitcache.manifest import fingerprint, read_manifest, shard_name, write_manifest
-from logitcache.shards import FORMAT_VERSION, WindowTargets, write_shard
+from logitcache.shards import FORMAT_VERSION, WindowTargets, from_table, shard_metadata, write_shard
 
 SEQ_LEN = 5
 VOCAB = 40
@@ -252,6 +253,23 @@ def test_shard_that_does_not_match_the_manifest_is_named(tmp_path: Path) -> None
     (tmp_path / "other" / shard_name(0)).replace(tmp_path / shard_name(1))
     with pytest.raises(LogitcacheError, match=shard_name(1)):
         stream(CacheDataset(tmp_path, seed=0, global_batch_size=4), workers=0)
+
+
+@pytest.mark.parametrize("swap", ["another shard", "another build"])
+def test_a_shard_swapped_for_one_with_as_many_rows_is_refused(topk_cache: Path, tmp_path: Path, swap: str) -> None:
+    shutil.copytree(topk_cache, tmp_path / "cache")
+    manifest = read_manifest(tmp_path / "cache")
+    first = tmp_path / "cache" / manifest["shards"][0]["file"]
+    if swap == "another shard":
+        shutil.copy(tmp_path / "cache" / manifest["shards"][1]["file"], first)
+        message = "says it is shard 1 of build .* lists it as shard 0"
+    else:  # the same shard with another build's fingerprint in its metadata
+        targets = from_table(pq.read_table(first))
+        write_shard(first, targets, {**shard_metadata(first), "build_fingerprint": "f" * 64})
+        message = "says it is shard 0 of build ffffffffffff"
+    assert pq.ParquetFile(first).metadata.num_rows == manifest["shards"][0]["rows"]
+    with pytest.raises(LogitcacheError, match=message):
+        stream(CacheDataset(tmp_path / "cache", seed=0, global_batch_size=2, shuffle=False), workers=0)
 
 
 @pytest.mark.parametrize("damage, message", [("garbage", "cannot open a shard"), ("pages", "cannot be decoded")])
