@@ -21,11 +21,14 @@ bf16 autocast, as ``logitcache train`` does.
 
 Time: median over ``--steps`` steps after ``--warmup``, wall clock (``--clock cpu``: process CPU
 time, steadier on a shared machine; use it with ``--threads 1``); with ``--rounds R`` every case
-runs R times, interleaved, and the fastest median counts. Peak memory, of one step after warmup,
-is above the resting model, so it includes the batch (for dense KD, the dense target): CPU, the
-peak RSS (VmHWM, reset through /proc/self/clear_refs, with glibc's mmap threshold pinned at 64 KiB
-so that freed tensors leave RSS: not during timing, where it would add page faults); CUDA,
-``torch.cuda.max_memory_allocated``. Every measurement runs in a fresh subprocess.
+runs R times, interleaved, and the fastest median counts. Peak memory, of one step after warmup
+(with ``--rounds R``: the median over R processes; RSS moves by ~0.5 MiB from one to the next),
+is above the resting model, so it includes the batch (for dense KD, the dense target); "in-step"
+is the same peak above the memory held just before the step (model and batch), i.e. what the
+forward, loss and backward allocate. CPU: the peak RSS (VmHWM, reset through /proc/self/clear_refs,
+with glibc's mmap threshold pinned at 64 KiB so that freed tensors leave RSS: not during timing,
+where it would add page faults); CUDA: ``torch.cuda.max_memory_allocated``. Every measurement runs
+in a fresh subprocess; ``--measure memory`` skips the timing.
 """
 
 from __future__ import annotations
@@ -157,15 +160,19 @@ def vm_status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
 
 
-def prepared_step(case: dict):
-    """The case's model (seed 0), batch and step closure, on its device."""
+def make_model(case: dict):
+    """The case's student (seed 0), on its device, in training mode."""
     from transformers import LlamaForCausalLM
 
-    device = torch.device(case["device"])
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(case["vocab"], case["preset"], max(1024, case["seq_len"]))).to(device).train()
+    return LlamaForCausalLM(llama_config(case["vocab"], case["preset"], max(1024, case["seq_len"]))).to(case["device"]).train()
+
+
+def prepared_step(case: dict, model=None):
+    """The step closure of the case on its model (made here unless given) and batch."""
+    model = make_model(case) if model is None else model
     batch = dense_batch(case, case["device"]) if case["path"] == "dense" else sparse_batch(case, case["device"])
-    return make_step(case, model, batch, device)
+    return make_step(case, model, batch, torch.device(case["device"]))
 
 
 def run_interleaved(cases: list[dict]) -> list[float]:
@@ -190,26 +197,30 @@ def run_interleaved(cases: list[dict]) -> list[float]:
     return [1e3 * statistics.median(t) for t in times]
 
 
-def run_case(case: dict) -> float:
-    """Milliseconds per step (``case["measure"] == "time"``) or the peak MiB above the resting model."""
+def run_case(case: dict) -> float | tuple[float, float]:
+    """Milliseconds per step (``case["measure"] == "time"``), or the peak MiB of a step above the
+    resting model and above the memory held just before the step."""
     if case["threads"]:
         torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
     cuda = device.type == "cuda"
+    model = make_model(case)  # resting: the model exists (and the libraries it needs are loaded)
     resting = torch.cuda.memory_allocated() if cuda else vm_status("VmRSS:")
-    step = prepared_step(case)
+    step = prepared_step(case, model)
     for _ in range(case["warmup"]):
         step()
     if case["measure"] == "memory":
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         else:
             with open("/proc/self/clear_refs", "w") as clear:
                 clear.write("5")  # VmHWM back to the current RSS
+            before = vm_status("VmHWM:")
         step()
         peak = torch.cuda.max_memory_allocated() if cuda else vm_status("VmHWM:")
-        return (peak - resting) / 2**20
+        return (peak - resting) / 2**20, (peak - before) / 2**20
     clock = time.process_time if case["clock"] == "cpu" else time.perf_counter
     times = []
     for _ in range(case["steps"]):
@@ -236,17 +247,18 @@ def cases_for(args: argparse.Namespace, vocab: int) -> list[dict]:
     return cases + [{**common, "loss": DENSE, "path": "dense"}]
 
 
-def spawn(case: dict, measure: str) -> float:
+def spawn(case: dict, measure: str) -> list[float]:
     """``run_case`` in a fresh interpreter; for memory with glibc's mmap threshold pinned (freed tensors leave RSS)."""
     env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else {}))
     command = [sys.executable, __file__, "--case", json.dumps({**case, "measure": measure})]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise SystemExit(f"case {case['loss']} {case['path']} ({measure}) failed:\n{done.stderr}")
-    return float(done.stdout.strip().splitlines()[-1])
+    return [float(x) for x in done.stdout.strip().splitlines()[-1].split()]
 
 
 def table(vocab: int, args: argparse.Namespace, ms: dict, mib: dict) -> str:
+    """One markdown table; a case missing from ``ms`` (``--measure memory``) or ``mib`` gets blank cells."""
     hidden = MODEL_PRESETS[args.preset][0]
     chunk = args.chunk_rows or default_chunk_rows(vocab, hidden, args.device)
     clock = "process CPU time" if args.clock == "cpu" else "wall time"
@@ -254,14 +266,24 @@ def table(vocab: int, args: argparse.Namespace, ms: dict, mib: dict) -> str:
         f"{args.preset} (hidden {hidden}), vocab {vocab}, batch {args.batch}x{args.seq_len}, {args.device}, "
         f"fused chunk {chunk} rows; forward+backward, optimizer excluded; {clock}, median of {args.steps} steps",
         "",
-        "| loss | path | step ms | x CE plain | x CE fused | peak MiB | peak x CE plain |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        ("| loss | path | step ms | x CE plain | x CE fused | peak MiB | peak x CE plain | peak x CE fused "
+         "| in-step MiB | in-step x CE fused |"),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ce, ce_fused, ce_mib = ms[("ce", "plain")], ms[("ce", "fused")], mib[("ce", "plain")]
-    for key, t in ms.items():
+
+    def cells(values: dict, key, i: int | None, plain, fused) -> str:
+        if key not in values:
+            return " | | "
+        value = values[key] if i is None else values[key][i]
+        ratios = [value / base for base in (plain, fused) if base is not None]
+        return " | ".join([f"{value:.1f}", *(f"{r:.2f}" for r in ratios)])
+
+    ce_ms = (ms.get(("ce", "plain")), ms.get(("ce", "fused")))
+    ce_mib = [mib.get(("ce", p), [None, None]) for p in ("plain", "fused")]
+    for key in dict.fromkeys([*ms, *mib]):
         lines.append(
-            f"| {key[0]} | {key[1]} | {t:.1f} | {t / ce:.2f} | {t / ce_fused:.2f} | "
-            f"{mib[key]:.1f} | {mib[key] / ce_mib:.2f} |"
+            f"| {key[0]} | {key[1]} | {cells(ms, key, None, *ce_ms)} | {cells(mib, key, 0, ce_mib[0][0], ce_mib[1][0])} | "
+            f"{cells(mib, key, 1, None, ce_mib[1][1])} |"
         )
     return "\n".join(lines)
 
@@ -286,10 +308,13 @@ def main() -> None:
     )
     parser.add_argument("--interleave", action="store_true", help="time the fused cases (and plain CE) in one "
                         "process, one step of each in turn, instead of a process per case; no memory column")
+    parser.add_argument("--measure", nargs="+", default=["time", "memory"], choices=["time", "memory"],
+                        help="what the per-process table measures (default both)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        print(run_case(json.loads(args.case)))
+        result = run_case(json.loads(args.case))
+        print(*(result if isinstance(result, tuple) else [result]))
         return
     if "ce" not in args.losses:
         args.losses = ["ce", *args.losses]
@@ -305,16 +330,18 @@ def main() -> None:
         return
     for vocab in args.vocab:
         cases = cases_for(args, vocab)
-        spawn(cases[0], "time")  # a throwaway run: the first timed case must not pay for a cold device
         ms: dict[tuple[str, str], float] = {}
-        mib: dict[tuple[str, str], float] = {}
-        for _ in range(args.rounds):
+        mib: dict[tuple[str, str], list[float]] = {}
+        if "time" in args.measure:
+            spawn(cases[0], "time")  # a throwaway run: the first timed case must not pay for a cold device
+        for _ in range(args.rounds if "time" in args.measure else 0):
             for case in cases:
                 key = (case["loss"], case["path"])
-                ms[key] = min(ms.get(key, math.inf), spawn(case, "time"))
+                ms[key] = min(ms.get(key, math.inf), spawn(case, "time")[0])
                 print(f"  vocab {vocab} {key[0]} {key[1]}: {ms[key]:.1f} ms", file=sys.stderr, flush=True)
-        for case in cases:
-            mib[(case["loss"], case["path"])] = spawn(case, "memory")
+        for case in cases if "memory" in args.measure else []:  # the median of --rounds fresh processes
+            runs = [spawn(case, "memory") for _ in range(args.rounds)]
+            mib[(case["loss"], case["path"])] = [statistics.median(values) for values in zip(*runs)]
         print(table(vocab, args, ms, mib) + "\n", flush=True)
 
 

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from logitcache.errors import LogitcacheError
-from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_log_softmax, check_options, get_loss, select_rows
+from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_log_softmax, check_options, get_loss
 
 _CLOSED_FORMS = ("ce", "rs-kd", "topk-renorm", "kl", "topk-ghost")
 
@@ -235,10 +235,10 @@ def _soft_cross_entropy(
 
 
 def _closed_form_chunk(
-    z: Tensor, span: slice, need_grad: bool, *, rows: Rows, form: Callable[[Rows], _ClosedForm]
+    z: Tensor, span: slice, need_grad: bool, *, rows: Callable[[slice], Rows], form: Callable[[Rows], _ClosedForm]
 ) -> tuple[Tensor, Tensor | None]:
     """A :data:`ChunkLoss` for the closed-form losses (``form`` of the chunk's rows); ``z`` is overwritten."""
-    form = form(Rows(*(t[span] for t in rows)))
+    form = form(rows(span))
     total, grad = form.constant.sum(), None
     for i, group in enumerate(form.groups):
         t = group.temperature
@@ -267,10 +267,10 @@ def _rows_batch(rows: Rows) -> dict[str, Tensor]:
 
 
 def _plain_chunk(
-    z: Tensor, span: slice, need_grad: bool, *, rows: Rows, loss: Callable[..., LossOutput]
+    z: Tensor, span: slice, need_grad: bool, *, rows: Callable[[slice], Rows], loss: Callable[..., LossOutput]
 ) -> tuple[Tensor, Tensor | None]:
     """A :data:`ChunkLoss` that runs the plain loss (bound to its options) under autograd."""
-    batch = _rows_batch(Rows(*(t[span] for t in rows)))
+    batch = _rows_batch(rows(span))
     if not need_grad:
         return loss(z[:, None], batch).total, None
     z.requires_grad_(True)
@@ -281,6 +281,25 @@ def _plain_chunk(
 
 
 # ---- the chunked head --------------------------------------------------------------------
+
+
+def _row_taker(batch: Mapping[str, Tensor], positions: Tensor) -> Callable[[slice], Rows]:
+    """``take(span)``: the :class:`Rows` of the counted ``positions[span]`` (``[R, 2]`` (window,
+    position) pairs), gathered from the batch one chunk at a time: no ``[R, K]`` copy of the targets."""
+
+    def take(span: slice) -> Rows:
+        window, position = positions[span].unbind(1)
+        return Rows(
+            ids=batch["target_ids"][window, position],
+            mask=batch["target_mask"][window, position],
+            logprobs=batch["target_logprobs"][window, position].float(),
+            weights=batch["target_weights"][window, position].float(),
+            tail_logprob=batch["tail_logprob"][window, position].float(),
+            labels=batch["labels"][window, position],
+        )
+
+    return take
+
 
 
 def _chunked(
@@ -378,7 +397,8 @@ def fused_loss(
         chunk_rows = default_chunk_rows(head_weight.shape[0], head_weight.shape[1], hidden.device)
     if chunk_rows < 1:
         raise LogitcacheError(f"chunk_rows={chunk_rows} must be at least 1")
-    hidden_rows, rows = select_rows(hidden, batch)
+    positions = batch["position_mask"].nonzero()  # the counted positions, in select_rows' order
+    hidden_rows, rows = hidden[positions[:, 0], positions[:, 1]], _row_taker(batch, positions)
     if name in _CLOSED_FORMS:
         form = partial(_closed_form, name, vocab_size=head_weight.shape[0], alpha=alpha, temperature=temperature, options=options)
         chunk_loss = partial(_closed_form_chunk, rows=rows, form=form)

@@ -3,8 +3,14 @@
 :class:`CacheDataset` is a torch ``IterableDataset`` of windows (one-window
 :class:`~logitcache.shards.WindowTargets`); :func:`collate` turns a list of them into the dense
 batch of docs/CONTRACTS.md. The order comes from :mod:`logitcache.partition`; this module only
-reads what a worker's order asks for, decoding each row group once and keeping only the rows
-still to be yielded, so memory follows ``block_size``, never the number of shards.
+reads what a worker's order asks for, decoding each row group once per worker and keeping only
+the rows still to be yielded, so memory follows ``block_size``, never the number of shards.
+
+DataLoader workers take the rank's batches in turn (worker ``w`` the batches ``w, w + W, ...``, so
+that the order does not depend on ``W``), and consecutive batches share row groups: with ``W``
+workers a row group is decoded by up to ``W`` of them, so decode work grows with ``W`` while it
+spreads over ``W`` processes. One process decodes far faster than a GPU trains
+(benchmarks/RESULTS.md); ``logitcache train`` reads in-process (no workers).
 
 Checkpointing with DataLoader workers: the dataset object in the trainer's process never sees
 the workers' progress, so the trainer says how many batches it took::
