@@ -1,9 +1,12 @@
 # Set-up is part of every target: `make demo` and `make test` work on a fresh clone.
-# TORCH_SPEC picks the torch build: the default is the CPU build (no CUDA wheels);
+# TORCH_SPEC picks the torch version: 2.13.0, whose CPU build this project's machines (and CI)
+# find as a local wheel. Elsewhere PyPI's Linux wheel of it brings CUDA packages: add
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for PyTorch's CPU-only build.
 # GPU users: `make install TORCH_SPEC=torch` (or any CUDA build) before the other targets.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-out
 
@@ -14,7 +17,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

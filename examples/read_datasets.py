@@ -3,8 +3,8 @@
 Usage: python examples/read_datasets.py CACHE_DIR
 
 The shards are plain Parquet, so the packaged "parquet" builder reads them from local files; no
-hub access. ``streaming=True`` reads row by row without first copying the whole cache into the
-datasets Arrow cache (drop it for a map-style ``Dataset`` to shuffle or ``.map`` over).
+hub access. A map-style ``Dataset`` copies what it loads into the datasets Arrow cache (here one
+shard, into a temporary folder); ``streaming=True`` reads row by row without that copy.
 Format: schemas/SHARD_FORMAT.md.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,13 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     """One dict per position of the cache's first window (sequence_id 0)."""
     manifest = read_manifest(cache_dir)
     files = [str(Path(cache_dir) / shard["file"]) for shard in manifest["shards"]]
-    shards = load_dataset("parquet", data_files=files, split="train", streaming=True)
-    # numpy format: float16 lists come back as float32 and uint16 as int64, both exact.
-    window = next(iter(shards.with_format("numpy")))
+    # The first shard holds sequence 0. Map-style (not streaming=True: the streaming reader's
+    # thread, left running at exit, can abort the interpreter); its Arrow copy goes to a temp folder.
+    with tempfile.TemporaryDirectory() as cache:
+        shard = load_dataset("parquet", data_files=files[:1], split="train", cache_dir=cache)
+        # numpy format: float16 lists come back as float32 and uint16 as int64, both exact.
+        window = shard.with_format("numpy")[0]
+        del shard
     lengths = window["target_lengths"]
     cuts = np.cumsum(lengths)[:-1]
     ids = np.split(window["target_ids"].astype(np.int64), cuts)
