@@ -5,6 +5,7 @@ call the library, and turn a :class:`LogitcacheError` into one red line and exit
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -67,11 +68,22 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _Notes(logging.Handler):
+    """The package's log records (``logging.getLogger("logitcache...")``, INFO and up) as ``note:`` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        console.print(f"[yellow]note:[/yellow] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 @app.callback()
 def main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """logitcache: offline knowledge distillation for language models."""
+    package_log = logging.getLogger("logitcache")
+    if not any(isinstance(handler, _Notes) for handler in package_log.handlers):
+        package_log.addHandler(_Notes())
+    package_log.setLevel(logging.INFO)
 
 
 @app.command()

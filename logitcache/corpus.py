@@ -59,6 +59,11 @@ class Corpus:
             raise LogitcacheError(f"corpus {path} does not exist")
         if _is_saved_dataset(path):
             return Corpus(path, text_field, dataset=True)
+        if path.is_dir() and ((path / "manifest.json").is_file() or (path / "shard-00000.parquet").is_file()):
+            raise LogitcacheError(
+                f"corpus {path} is a logitcache cache (shards and manifest), not a text corpus; "
+                f"to train from it, use `logitcache train --cache {path}`"
+            )
         if path.is_dir():
             files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and _kind(p)))
             if not files:

@@ -43,6 +43,8 @@ def write_manifest(cache_dir: Path, manifest: dict) -> None:
 def read_manifest(cache_dir: Path) -> dict:
     """Load and sanity-check ``cache_dir/manifest.json``; errors name the file and the fix."""
     path = Path(cache_dir) / MANIFEST_NAME
+    if Path(cache_dir).is_file():
+        raise LogitcacheError(f"{cache_dir} is a file, not a cache: give the folder `logitcache build --out` wrote")
     if not path.is_file():
         hint = " (a build that has not finished yet?)" if Path(cache_dir).is_dir() else ""
         raise LogitcacheError(f"{path} not found{hint}")

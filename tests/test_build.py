@@ -173,7 +173,7 @@ def cli_build(teacher: Path, corpus: Path, out: Path, *extra: str) -> subprocess
 
 
 @pytest.fixture
-def bad_inputs(teacher_dir, corpus_file, tmp_path):
+def bad_inputs(teacher_dir, corpus_file, topk_cache, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     damaged = tmp_path / "damaged.jsonl.zst"
@@ -185,6 +185,8 @@ def bad_inputs(teacher_dir, corpus_file, tmp_path):
         "missing teacher": (["--teacher", str(tmp_path / "nope")], "not a directory"),
         "teacher without config": (["--teacher", str(tmp_path)], "no config.json"),
         "empty corpus": (["--corpus", str(empty)], "fewer than one window"),
+        "missing corpus": (["--corpus", str(tmp_path / "nope.jsonl")], "does not exist"),
+        "a cache as corpus": (["--corpus", str(topk_cache)], "is a logitcache cache"),
         "missing text field": (["--text-field", "content"], "no field 'content'"),
         "seq-len beyond context": (["--seq-len", "4096"], "beyond the teacher's context"),
         "k beyond vocab": (["--k", "1000"], "larger than the teacher's vocabulary"),

@@ -297,3 +297,10 @@ def test_real_build_streams_every_window_once(request: pytest.FixtureRequest, ca
     assert len(seen) == len(set(seen)) == manifest["totals"]["sequences"] // 4 * 4
     assert all(int(b["target_ids"].max()) < manifest["vocab_size"] for b in batches)
     check_student_vocab(manifest, manifest["vocab_size"], manifest["tokenizer"]["fingerprint"])
+
+
+def test_a_file_given_as_the_cache_is_named(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a corpus, not a cache"}\n')
+    with pytest.raises(LogitcacheError, match="corpus.jsonl is a file, not a cache: give the folder"):
+        CacheDataset(corpus, seed=0, global_batch_size=2)

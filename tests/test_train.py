@@ -130,8 +130,10 @@ def _cli(out: Path, cache: Path, *extra: str) -> list[str]:
 
 def test_resume_after_sigkill_gives_the_same_losses_bit_for_bit(world, tmp_path):
     cache = world.caches["sample"]
-    reference = subprocess.run(_cli(tmp_path / "reference", cache), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    # --resume on a fresh folder starts from step 0, and says so.
+    reference = subprocess.run(_cli(tmp_path / "reference", cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
+    assert f"note: no checkpoint in {tmp_path / 'reference'}: starting from step 0" in reference.stderr.replace("\n", "")
 
     out = tmp_path / "interrupted"
     process = subprocess.Popen(_cli(out, cache), cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
