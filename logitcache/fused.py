@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from logitcache.errors import LogitcacheError
-from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_log_softmax, check_options, get_loss
+from logitcache.losses import _LOG_ZERO, LOSSES, LossOutput, Rows, _kl, _masked_log_softmax, check_options, get_loss, rows_at
 
 _CLOSED_FORMS = ("ce", "rs-kd", "topk-renorm", "kl", "topk-ghost")
 
@@ -286,20 +286,7 @@ def _plain_chunk(
 def _row_taker(batch: Mapping[str, Tensor], positions: Tensor) -> Callable[[slice], Rows]:
     """``take(span)``: the :class:`Rows` of the counted ``positions[span]`` (``[R, 2]`` (window,
     position) pairs), gathered from the batch one chunk at a time: no ``[R, K]`` copy of the targets."""
-
-    def take(span: slice) -> Rows:
-        window, position = positions[span].unbind(1)
-        return Rows(
-            ids=batch["target_ids"][window, position],
-            mask=batch["target_mask"][window, position],
-            logprobs=batch["target_logprobs"][window, position].float(),
-            weights=batch["target_weights"][window, position].float(),
-            tail_logprob=batch["tail_logprob"][window, position].float(),
-            labels=batch["labels"][window, position],
-        )
-
-    return take
-
+    return lambda span: rows_at(batch, *positions[span].unbind(1))
 
 
 def _chunked(

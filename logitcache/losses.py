@@ -102,16 +102,20 @@ def select_rows(student_logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Te
             f"student logits have shape {tuple(student_logits.shape)} but the batch has "
             f"{tuple(labels.shape)} positions; pass logits[:, :-1] (position t predicts token t + 1)"
         )
-    keep = batch["position_mask"]
-    rows = Rows(
-        ids=batch["target_ids"][keep],
-        mask=batch["target_mask"][keep],
-        logprobs=batch["target_logprobs"][keep].float(),
-        weights=batch["target_weights"][keep].float(),
-        tail_logprob=batch["tail_logprob"][keep].float(),
-        labels=labels[keep],
+    window, position = batch["position_mask"].nonzero().unbind(1)
+    return student_logits[window, position].float(), rows_at(batch, window, position)
+
+
+def rows_at(batch: Mapping[str, Tensor], window: Tensor, position: Tensor) -> Rows:
+    """The :class:`Rows` of the batch's positions ``(window[r], position[r])`` (``[R] int64`` each)."""
+    return Rows(
+        ids=batch["target_ids"][window, position],
+        mask=batch["target_mask"][window, position],
+        logprobs=batch["target_logprobs"][window, position].float(),
+        weights=batch["target_weights"][window, position].float(),
+        tail_logprob=batch["tail_logprob"][window, position].float(),
+        labels=batch["labels"][window, position],
     )
-    return student_logits[keep].float(), rows
 
 
 def mixed_rows(logits: Tensor, rows: Rows, kd: RowLoss, alpha: float) -> Tensor:
