@@ -51,10 +51,11 @@ def progress_bar(description: str, total: int | None = None):
     progress = Progress(*columns, console=console, transient=False)
     task = progress.add_task(description, total=total)
 
-    def advance(n: int) -> None:
+    def advance(n: int = 0, **fields: object) -> None:
+        """Advance by ``n`` (or set ``completed=``, ``description=``), drawing the bar the first time."""
         if not progress.live.is_started:
             progress.start()
-        progress.advance(task, n)
+        progress.update(task, advance=n, **fields)
 
     try:
         yield advance
@@ -249,16 +250,14 @@ def train(
         with user_errors():
             run_train(settings)
         return
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with user_errors(), Progress(*columns, console=console) as progress:
-        task = progress.add_task("train", total=steps)
+    with user_errors(), progress_bar("train", total=steps) as advance:
 
         def on_step(record: dict) -> None:
             if record["kind"] == "train":
-                progress.update(task, completed=record["step"], description=f"train loss {record['loss']:.4f}")
+                advance(completed=record["step"], description=f"train loss {record['loss']:.4f}")
             else:
                 shown = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float))
-                progress.console.print(f"eval @ {record['step']}: {shown}", highlight=False)
+                console.print(f"eval @ {record['step']}: {shown}", highlight=False)
 
         final = run_train(settings, on_step=on_step)
     _print_summary(final)

@@ -287,3 +287,13 @@ def test_kd_on_cuda_with_bf16_autocast_and_compile(world, tmp_path):
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", local_files_only=True)
     assert next(student.parameters()).dtype == torch.float32
+
+
+def test_an_error_found_after_the_checks_is_still_one_line(world, tmp_path):
+    # Found while opening the data (inside the progress bar's block): no spinner line before it.
+    env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "LOGITCACHE_DEBUG"}
+    done = subprocess.run(_cli(tmp_path / "out", world.caches["sample"], "--eval-windows", "100000"),
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: holdout=100000 windows does not fit"), done.stderr
