@@ -93,11 +93,11 @@ class BuildSettings:
              f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})"),
             (not (self.overwrite and self.num_workers > 1),
              "--overwrite with several workers would delete each other's shards; empty the folder first"),
-            (Path(self.corpus).exists(), f"corpus {self.corpus} does not exist"),  # before the teacher loads
         ]
         for ok, message in rules:
             if not ok:
                 raise LogitcacheError(message)
+        Corpus.open(self.corpus, self.text_field)  # a missing or unreadable corpus fails before the teacher loads
 
 
 def load_teacher(settings: BuildSettings):

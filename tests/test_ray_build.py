@@ -59,5 +59,7 @@ def test_workers_ask_for_one_replica_of_gpus(tmp_path):
 
 def test_missing_ray_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)
+    corpus = tmp_path / "corpus.txt"  # settings are checked first, the corpus among them
+    corpus.write_text("some text\n")
     with pytest.raises(LogitcacheError, match=r"pip install 'logitcache\[ray\]'"):
-        run_ray_build(BuildSettings(teacher=tmp_path, corpus=tmp_path, out=tmp_path, num_workers=2, ray=True))
+        run_ray_build(BuildSettings(teacher=tmp_path, corpus=corpus, out=tmp_path, num_workers=2, ray=True))
