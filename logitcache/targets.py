@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from logitcache import native
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -62,7 +64,8 @@ class RowTargets:
     """Sparse targets for ``R`` rows, padded to ``L`` ids per row (``lengths`` says how many are real).
 
     ids ``[R, L] int64``, logprobs ``[R, L] float32`` (descending within the real part),
-    counts ``[R, L] int64`` or None, lengths ``[R] int64``, tail_logprob ``[R] float32`` or None.
+    counts ``[R, L] int64`` or None, lengths ``[R] int64``, tail_logprob ``[R] float32`` or None
+    (ids, counts and lengths are int32 where :mod:`logitcache.native` made them).
     """
 
     ids: torch.Tensor
@@ -242,10 +245,14 @@ def row_bytes(spec: TargetSpec, vocab: int) -> int:
 def row_targets(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, spec: TargetSpec) -> tuple[RowTargets, torch.Tensor]:
     """Targets and gold log-probabilities ``[R]`` from raw teacher logits ``[R, V] float32``.
 
-    ``topk`` takes one fused log-softmax pass and may overwrite its output; ``sample`` never forms
+    float32 rows on CPU go to the compiled kernels (:mod:`logitcache.native`) when they are
+    available: the same targets to float32 rounding, ids and counts as int32. Otherwise ``topk``
+    takes one fused log-softmax pass and may overwrite its output; ``sample`` never forms
     log-probabilities for the whole vocabulary: it draws from ``exp(logits - max)`` and normalises
     the drawn ids and the gold token only.
     """
+    if native.usable(logits):
+        return _native_row_targets(logits, labels, keys, spec)
     if spec.method == "topk":
         logprobs = torch.log_softmax(logits, dim=-1)
         gold = logprobs.gather(1, labels[:, None])[:, 0]
@@ -254,3 +261,14 @@ def row_targets(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, 
     targets.logprobs.sub_(log_partition[:, None])
     gold = logits.gather(1, labels[:, None])[:, 0] - log_partition
     return targets, gold
+
+
+def _native_row_targets(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
+                        spec: TargetSpec) -> tuple[RowTargets, torch.Tensor]:
+    if spec.method == "topk":
+        ids, logprobs, tail, gold = native.topk(logits, labels, spec.k)
+        lengths = torch.full((logits.shape[0],), spec.k, dtype=torch.int32)
+        return RowTargets(ids=ids, logprobs=logprobs, lengths=lengths, tail_logprob=tail), gold
+    block = _block_size(logits.shape[1], spec.samples)
+    ids, logprobs, counts, lengths, gold = native.sample(logits, labels, keys, spec.samples, spec.proposal_temperature, block)
+    return RowTargets(ids=ids, logprobs=logprobs, lengths=lengths, counts=counts), gold

@@ -1,0 +1,148 @@
+"""Compiled CPU kernels for the build's targets (``native_targets.c``), with torch as the fallback.
+
+On CPU, :func:`logitcache.targets.row_targets` spends more time in torch's passes over
+``[rows, V]`` (log-softmax, ``torch.topk``, the sampler's block sums and scans) than a small
+teacher spends in its output head. The C kernels do each row in two passes while it sits in L1.
+They are compiled on first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``) into ``$LOGITCACHE_CACHE_DIR`` (default ``~/.cache/logitcache``), keyed by the source,
+compiler, flags and CPU, and loaded with ctypes (calls release the GIL, so CPU streams run them in
+parallel). Without a compiler, or with ``LOGITCACHE_NATIVE=0``, the torch path runs instead; the
+two agree to float32 rounding (see the C file's header).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_targets.c")
+FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared", "-std=c99")
+ARCH_FLAGS = ("-march=native",)  # tried first, dropped where the compiler does not take it
+ENV_SWITCH = "LOGITCACHE_NATIVE"
+
+
+def cache_dir() -> Path:
+    if env := os.environ.get("LOGITCACHE_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "logitcache"
+
+
+def _compiler() -> str | None:
+    candidates = [os.environ.get("CC"), "cc", "gcc", "clang"]
+    return next((path for c in candidates if c and (path := shutil.which(c))), None)
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags (a shared cache folder
+    may be read from machines with different CPUs)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
+    except OSError:
+        return platform.processor()
+
+
+def _compile(compiler: str, out: Path) -> Path:
+    """Compile the kernels to ``out`` (atomically: concurrent workers may race on a cold cache)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for arch in (ARCH_FLAGS, ()):
+        with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so.tmp", delete=False) as tmp:
+            tmp_path = Path(tmp.name)
+        command = [compiler, *FLAGS, *arch, str(SOURCE), "-o", str(tmp_path), "-lm"]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            os.replace(tmp_path, out)
+            return out
+        tmp_path.unlink(missing_ok=True)
+        errors.append(f"{' '.join(command)}: {done.stderr.strip()[-500:]}")
+    raise OSError("; ".join(errors))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (torch fallback) when disabled or when no compiler can build them."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.info("no C compiler found: building targets with torch (slower on CPU; set CC to use one)")
+        return None
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, *ARCH_FLAGS, _cpu_signature()]).encode())
+    path = cache_dir() / f"native_targets-{key.hexdigest()[:16]}.so"
+    try:
+        if not path.is_file():
+            _compile(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        log.info("cannot build the CPU target kernels (%s): building targets with torch instead", exc)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.lc_topk.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.lc_topk.restype = None
+    lib.lc_sample.argtypes = [ptr, i64, i64, i64, ctypes.c_float, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.lc_sample.restype = None
+    return lib
+
+
+def usable(logits: torch.Tensor) -> bool:
+    """Whether the kernels can take these logits: float32 on CPU, and the library is available."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and library() is not None
+
+
+def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.contiguous()
+    labels = labels.to(torch.int64).contiguous()
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}): the rows' vocabulary")
+    return logits, labels
+
+
+def topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Top-``k`` of ``logits [R, V] float32`` (CPU): ids ``[R, k] int32`` and log-softmax ``[R, k]
+    float32`` (descending; equal logits by lower id), log of the mass outside them ``[R]`` and the
+    log-softmax at ``labels [R]``."""
+    logits, labels = _rows(logits, labels)
+    rows, vocab = logits.shape
+    ids = torch.empty(rows, k, dtype=torch.int32)
+    logprobs = torch.empty(rows, k)
+    tail, gold = torch.empty(rows), torch.empty(rows)
+    library().lc_topk(_pointer(logits), rows, vocab, k, _pointer(labels),
+                      _pointer(ids), _pointer(logprobs), _pointer(tail), _pointer(gold))
+    return ids, logprobs, tail, gold
+
+
+def sample(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n: int, temperature: float,
+           block_size: int) -> tuple[torch.Tensor, ...]:
+    """``n`` draws per row of ``logits [R, V] float32`` (CPU) at ``temperature``, grouped: ids, log-softmax
+    and counts ``[R, n]`` (int32, float32, int32; padded after ``lengths [R] int32`` entries), and the
+    log-softmax at ``labels [R]``. Draws are those of :func:`logitcache.targets.draw` for the same
+    ``keys [R] int64`` and ``block_size``, up to float32 rounding."""
+    logits, labels = _rows(logits, labels)
+    rows, vocab = logits.shape
+    keys = keys.to(torch.int64).contiguous()
+    ids = torch.empty(rows, n, dtype=torch.int32)
+    logprobs = torch.empty(rows, n)
+    counts = torch.empty(rows, n, dtype=torch.int32)
+    lengths = torch.empty(rows, dtype=torch.int32)
+    gold = torch.empty(rows)
+    library().lc_sample(_pointer(logits), rows, vocab, n, 1.0 / temperature, block_size, _pointer(keys), _pointer(labels),
+                        _pointer(ids), _pointer(logprobs), _pointer(counts), _pointer(lengths), _pointer(gold))
+    return ids, logprobs, counts, lengths, gold
