@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import torch
 from logitcache.build import BuildSettings, load_teacher, run_build
 from logitcache.shards import read_shard
 from logitcache.summary import summarize
-from logitcache.targets import row_keys, sample_targets, topk_targets
+from logitcache import native
+from logitcache.targets import TargetSpec, row_keys, row_targets
 
 
 def small_corpus(corpus: Path, out: Path, approx_bytes: int) -> Path:
@@ -95,6 +97,7 @@ def build_table(args, work: Path) -> list[str]:
 
         fresh_build()
         cases[method] = fresh_build
+        cases[f"{method}-torch"] = torch_targets_only(fresh_build)
     manifest = json.loads((work / "build-topk" / "manifest.json").read_text())
     windows = np.concatenate([read_shard(work / "build-topk" / s["file"]).input_ids for s in manifest["shards"]]).astype(np.int64)
     tokens = windows.size
@@ -114,20 +117,50 @@ def build_table(args, work: Path) -> list[str]:
                     f"{fwd / best['forward-streams']:.2f} |")
     for method, label in (("topk", "build topk k=32"), ("sample", "build sample N=50")):
         rows.append(f"| {label} (whole `run_build`) | {tokens / best[method]:,.0f} | {fwd / best[method]:.2f} |")
+        torch_only = best[f"{method}-torch"]
+        rows.append(f"| {label}, torch targets (`LOGITCACHE_NATIVE=0`) | {tokens / torch_only:,.0f} | {fwd / torch_only:.2f} |")
     return rows
 
 
+def torch_targets_only(fn):
+    """``fn`` run with the compiled target kernels switched off (the torch path of ``row_targets``)."""
+
+    def run():
+        os.environ[native.ENV_SWITCH] = "0"
+        native.library.cache_clear()
+        try:
+            return fn()
+        finally:
+            del os.environ[native.ENV_SWITCH]
+            native.library.cache_clear()
+
+    return run
+
+
 def sampler_table(vocabs: list[int], rows_per_call: int) -> list[str]:
-    out = ["| vocab | rows/s `sample_targets` N=50 | rows/s `torch.multinomial` N=50 | speed-up | rows/s `topk_targets` k=32 |",
-           "|---:|---:|---:|---:|---:|"]
+    """Rows/s of ``row_targets`` (raw logits in, a build's per-row targets out) on one thread: the torch
+    path and the compiled kernels, and the bare ``torch.multinomial`` draw a user would write."""
+    out = ["| vocab | sample N=50, torch rows/s | sample N=50, compiled rows/s | speed-up | topk k=32, torch rows/s | "
+           "topk k=32, compiled rows/s | speed-up | `torch.multinomial` N=50 rows/s |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thread-CPU clock: torch's own worker threads would go uncounted
     for vocab in vocabs:
-        lp = torch.log_softmax(torch.randn(rows_per_call, vocab, generator=torch.Generator().manual_seed(0)) * 3, -1)
+        logits = torch.randn(rows_per_call, vocab, generator=torch.Generator().manual_seed(0)) * 3
+        labels = torch.arange(rows_per_call) % vocab
         keys = row_keys(0, torch.zeros(rows_per_call, dtype=torch.long), torch.arange(rows_per_call))
-        ours = timed(lambda: sample_targets(lp, keys, 50))
+        times = {}
+        for method in ("sample", "topk"):
+            spec = TargetSpec(method, k=32, samples=50)
+            compiled = lambda spec=spec: row_targets(logits, labels, keys, spec)  # noqa: E731
+            torch_path = torch_targets_only(lambda spec=spec: row_targets(logits.clone(), labels, keys, spec))
+            times[method] = (timed(torch_path, clock=time.thread_time), timed(compiled, clock=time.thread_time))
         # What users write: multinomial on the probabilities (counting ids afterwards is extra and not timed).
-        theirs = timed(lambda: torch.multinomial(lp.exp(), 50, replacement=True))
-        topk = timed(lambda: topk_targets(lp, 32))
-        out.append(f"| {vocab} | {rows_per_call / ours:,.0f} | {rows_per_call / theirs:,.0f} | {theirs / ours:.2f} | {rows_per_call / topk:,.0f} |")
+        theirs = timed(lambda: torch.multinomial(torch.softmax(logits, -1), 50, replacement=True), clock=time.thread_time)
+        cells = [f"{rows_per_call / t:,.0f}" for t in times["sample"]] + [f"{times['sample'][0] / times['sample'][1]:.1f}"]
+        cells += [f"{rows_per_call / t:,.0f}" for t in times["topk"]] + [f"{times['topk'][0] / times['topk'][1]:.1f}"]
+        out.append(f"| {vocab} | {' | '.join(cells)} | {rows_per_call / theirs:,.0f} |")
+    torch.set_num_threads(threads)
     return out
 
 

@@ -92,9 +92,9 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lc_topk.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
-    lib.lc_topk.restype = None
+    lib.lc_topk.restype = i64  # labels outside the vocabulary
     lib.lc_sample.argtypes = [ptr, i64, i64, i64, ctypes.c_float, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.lc_sample.restype = None
+    lib.lc_sample.restype = i64
     return lib
 
 
@@ -108,11 +108,12 @@ def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
 
 
 def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = logits.contiguous()
-    labels = labels.to(torch.int64).contiguous()
-    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[1]:
-        raise ValueError(f"labels must lie in [0, {logits.shape[1]}): the rows' vocabulary")
-    return logits, labels
+    return logits.contiguous(), labels.to(torch.int64).contiguous()
+
+
+def _check_labels(bad: int, vocab: int) -> None:
+    if bad:
+        raise ValueError(f"{bad} labels lie outside [0, {vocab}): the rows' vocabulary")
 
 
 def topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -124,8 +125,9 @@ def topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tens
     ids = torch.empty(rows, k, dtype=torch.int32)
     logprobs = torch.empty(rows, k)
     tail, gold = torch.empty(rows), torch.empty(rows)
-    library().lc_topk(_pointer(logits), rows, vocab, k, _pointer(labels),
-                      _pointer(ids), _pointer(logprobs), _pointer(tail), _pointer(gold))
+    bad = library().lc_topk(_pointer(logits), rows, vocab, k, _pointer(labels),
+                            _pointer(ids), _pointer(logprobs), _pointer(tail), _pointer(gold))
+    _check_labels(bad, vocab)
     return ids, logprobs, tail, gold
 
 
@@ -143,6 +145,8 @@ def sample(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n: in
     counts = torch.empty(rows, n, dtype=torch.int32)
     lengths = torch.empty(rows, dtype=torch.int32)
     gold = torch.empty(rows)
-    library().lc_sample(_pointer(logits), rows, vocab, n, 1.0 / temperature, block_size, _pointer(keys), _pointer(labels),
-                        _pointer(ids), _pointer(logprobs), _pointer(counts), _pointer(lengths), _pointer(gold))
+    bad = library().lc_sample(_pointer(logits), rows, vocab, n, 1.0 / temperature, block_size, _pointer(keys),
+                              _pointer(labels), _pointer(ids), _pointer(logprobs), _pointer(counts), _pointer(lengths),
+                              _pointer(gold))
+    _check_labels(bad, vocab)
     return ids, logprobs, counts, lengths, gold

@@ -277,19 +277,30 @@ static double mass_outside(const float *x, int64_t V, float shift, const entry *
     return rest + (double)ties * exp_nonpos(last - shift);
 }
 
+/* log-softmax at the row's label; NaN (and counted in *bad) for a label outside [0, V) */
+static float gold_logprob(const float *x, int64_t V, int64_t label, double lse, int64_t *bad) {
+    if (label < 0 || label >= V) {
+        ++*bad;
+        return NAN;
+    }
+    return (float)((double)x[label] - lse);
+}
+
 /* Top-k of each row by (logit desc, id asc), its log-softmax, the log of the mass outside it and
-   the log-softmax at the row's label. ids/logprobs [rows, k]; tail/gold [rows]. */
-void lc_topk(const float *logits, int64_t rows, int64_t V, int64_t k, const int64_t *labels,
+   the log-softmax at the row's label. ids/logprobs [rows, k]; tail/gold [rows]. Returns the number
+   of labels outside [0, V). */
+int64_t lc_topk(const float *logits, int64_t rows, int64_t V, int64_t k, const int64_t *labels,
              int32_t *ids, float *logprobs, float *tail, float *gold) {
     topk_plan plan = plan_topk(V, k);
     entry *best = malloc((size_t)k * sizeof(entry));
+    float *best_v = malloc((size_t)k * sizeof(float));
+    int64_t bad = 0;
     for (int64_t r = 0; r < rows; r++) {
         const float *x = logits + r * V;
         select_topk(x, V, k, &plan, best);
         float top = best[0].v;
-        double total = sum_exp(x, V, top, 1.0f, NULL), covered = 0.0;
-        for (int64_t j = 0; j < k; j++) covered += exp_nonpos(best[j].v - top);
-        double rest = total - covered;
+        for (int64_t j = 0; j < k; j++) best_v[j] = best[j].v;
+        double total = sum_exp(x, V, top, 1.0f, NULL), rest = total - sum_exp(best_v, k, top, 1.0f, NULL);
         if (!(rest > TAIL_EXACT_BELOW * total)) rest = mass_outside(x, V, top, best, k); /* no cancellation */
         double lse = (double)top + log(total);
         for (int64_t j = 0; j < k; j++) {
@@ -297,10 +308,12 @@ void lc_topk(const float *logits, int64_t rows, int64_t V, int64_t k, const int6
             logprobs[r * k + j] = (float)((double)best[j].v - lse);
         }
         tail[r] = rest > 0.0 ? (float)log(rest / total) : (total == total ? -INFINITY : NAN);
-        gold[r] = (float)((double)x[labels[r]] - lse);
+        gold[r] = gold_logprob(x, V, labels[r], lse, &bad);
     }
     free(best);
+    free(best_v);
     free_plan(&plan);
+    return bad;
 }
 
 /* ---- sampling ------------------------------------------------------------------------------- */
@@ -356,8 +369,9 @@ static void sort_drawn(drawn *a, int64_t n, drawn *scratch) {
 /* n draws per row from softmax(logits / T), by a two-level inverse CDF over `blocks` strided
    blocks of `width` ids (block j holds ids j, j + blocks, ...; targets._draw_weights), grouped
    into distinct ids with counts and ordered by descending log-softmax. keys [rows] (targets.row_keys);
-   ids/logprobs/counts [rows, n] padded with 0 / -inf / 0 after lengths[r] entries; gold [rows]. */
-void lc_sample(const float *logits, int64_t rows, int64_t V, int64_t n, float inv_temperature, int64_t width,
+   ids/logprobs/counts [rows, n] padded with 0 / -inf / 0 after lengths[r] entries; gold [rows].
+   Returns the number of labels outside [0, V). */
+int64_t lc_sample(const float *logits, int64_t rows, int64_t V, int64_t n, float inv_temperature, int64_t width,
                const uint64_t *keys, const int64_t *labels, int32_t *ids, float *logprobs, int32_t *counts,
                int32_t *lengths, float *gold) {
     int64_t blocks = (V + width - 1) / width, padded = blocks * width;
@@ -367,6 +381,7 @@ void lc_sample(const float *logits, int64_t rows, int64_t V, int64_t n, float in
     double *inner = malloc((size_t)width * sizeof(double));
     int32_t *draws = malloc((size_t)n * sizeof(int32_t));
     drawn *found = malloc((size_t)n * sizeof(drawn)), *scratch = malloc((size_t)n * sizeof(drawn));
+    int64_t bad = 0;
     for (int64_t r = 0; r < rows; r++) {
         const float *x = logits + r * V;
         float top = row_max(x, V);
@@ -432,7 +447,7 @@ void lc_sample(const float *logits, int64_t rows, int64_t V, int64_t n, float in
             counts[r * n + j] = real ? found[j].count : 0;
         }
         lengths[r] = (int32_t)distinct;
-        gold[r] = (float)((double)x[labels[r]] - lse);
+        gold[r] = gold_logprob(x, V, labels[r], lse, &bad);
     }
     free(w);
     free(mass);
@@ -442,4 +457,5 @@ void lc_sample(const float *logits, int64_t rows, int64_t V, int64_t n, float in
     free(draws);
     free(found);
     free(scratch);
+    return bad;
 }

@@ -265,6 +265,8 @@ def _to_host(rows: RowTargets, gold: torch.Tensor, logprob_bits: int = FLOAT16_M
 def _compact(part: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """A chunk's host results as numpy, per-id columns without their padding (``lengths`` per row)."""
     lengths = part["lengths"].numpy()
+    if lengths.size and lengths.min() == part["ids"].shape[1]:  # top-k: every row full, nothing to drop
+        return {name: tensor.numpy().reshape(-1) for name, tensor in part.items()}
     real = np.arange(part["ids"].shape[1])[None, :] < lengths[:, None]
     return {name: tensor.numpy()[real] if tensor.ndim == 2 else tensor.numpy() for name, tensor in part.items()}
 

@@ -100,8 +100,11 @@ def test_nan_logits_give_nan_results():
 
 
 def test_labels_outside_the_vocabulary_are_refused():
-    with pytest.raises(ValueError, match="labels"):
-        native.topk(random_logits(2, 100, seed=0), torch.tensor([3, 100]), 4)
+    z, labels = random_logits(3, 100, seed=0), torch.tensor([3, 100, -1])
+    with pytest.raises(ValueError, match="2 labels lie outside"):
+        native.topk(z, labels, 4)
+    with pytest.raises(ValueError, match="2 labels lie outside"):
+        native.sample(z, labels, keys_for(3), 10, 1.0, 8)
 
 
 @pytest.mark.parametrize("vocab,n,temperature", [(2048, 50, 1.0), (3001, 50, 1.0), (500, 200, 0.7), (12, 5, 1.5)])
