@@ -18,9 +18,11 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -40,9 +42,12 @@ def cache_dir() -> Path:
     return Path(base) / "logitcache"
 
 
-def _compiler() -> str | None:
-    candidates = [os.environ.get("CC"), "cc", "gcc", "clang"]
-    return next((path for c in candidates if c and (path := shutil.which(c))), None)
+def _compiler() -> list[str] | None:
+    """The compiler command (``$CC`` may hold several words, e.g. ``ccache gcc``), or None."""
+    if env := os.environ.get("CC"):
+        words = shlex.split(env)
+        return words if words and shutil.which(words[0]) else None
+    return next(([path] for c in ("cc", "gcc", "clang") if (path := shutil.which(c))), None)
 
 
 def _cpu_signature() -> str:
@@ -55,47 +60,76 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _compile(compiler: str, out: Path) -> Path:
-    """Compile the kernels to ``out`` (atomically: concurrent workers may race on a cold cache)."""
+ELF_MAGIC = b"\x7fELF"
+
+
+def _compile(compiler: list[str], out: Path) -> Path:
+    """Compile the kernels to ``out``: written under a temporary name, checked, fsynced and renamed,
+    so that concurrent workers racing on a cold cache, or a crash, never leave a partial library."""
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for arch in (ARCH_FLAGS, ()):
         with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so.tmp", delete=False) as tmp:
             tmp_path = Path(tmp.name)
-        command = [compiler, *FLAGS, *arch, str(SOURCE), "-o", str(tmp_path), "-lm"]
+        command = [*compiler, *FLAGS, *arch, str(SOURCE), "-o", str(tmp_path), "-lm"]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode == 0:
+        if done.returncode == 0 and _looks_like_a_library(tmp_path):
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            tmp_path.chmod(0o755)  # temporaries are 0600; a shared cache folder serves every user
             os.replace(tmp_path, out)
             return out
         tmp_path.unlink(missing_ok=True)
-        errors.append(f"{' '.join(command)}: {done.stderr.strip()[-500:]}")
+        errors.append(f"{' '.join(command)}: exit {done.returncode} {done.stderr.strip()[-500:]}")
     raise OSError("; ".join(errors))
+
+
+def _looks_like_a_library(path: Path) -> bool:
+    """Catches a "compiler" that exits 0 without output (``CC=true``); ELF platforms only (Mach-O passes)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return len(head) == 4 and (head == ELF_MAGIC or platform.system() != "Linux")
+
+
+_lock = threading.Lock()
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None (torch fallback) when disabled or when no compiler can build them."""
+    """The loaded kernels, or None (torch fallback) when disabled or when no compiler can build them.
+
+    One compile per process whatever the threads; a cached file that fails to load is rebuilt once."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     compiler = _compiler()
     if compiler is None:
         log.info("no C compiler found: building targets with torch (slower on CPU; set CC to use one)")
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, *ARCH_FLAGS, _cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *compiler, *FLAGS, *ARCH_FLAGS, _cpu_signature()]).encode())
     path = cache_dir() / f"native_targets-{key.hexdigest()[:16]}.so"
-    try:
-        if not path.is_file():
-            _compile(compiler, path)
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        log.info("cannot build the CPU target kernels (%s): building targets with torch instead", exc)
-        return None
+    with _lock:
+        try:
+            lib = _load(compiler, path)
+        except OSError as exc:
+            log.info("cannot build the CPU target kernels (%s): building targets with torch instead", exc)
+            return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.lc_topk.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.lc_topk.restype = i64  # labels outside the vocabulary
     lib.lc_sample.argtypes = [ptr, i64, i64, i64, ctypes.c_float, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.lc_sample.restype = i64
     return lib
+
+
+def _load(compiler: list[str], path: Path) -> ctypes.CDLL:
+    if path.is_file():
+        try:
+            if _looks_like_a_library(path):
+                return ctypes.CDLL(str(path))
+        except OSError:
+            pass
+        path.unlink(missing_ok=True)  # unreadable or foreign: rebuild it
+    return ctypes.CDLL(str(_compile(compiler, path)))
 
 
 def usable(logits: torch.Tensor) -> bool:
@@ -107,8 +141,16 @@ def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(tensor.data_ptr())
 
 
-def _rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return logits.contiguous(), labels.to(torch.int64).contiguous()
+def _rows(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Contiguous inputs of the right dtypes, with shapes checked: the C side trusts them."""
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be [rows, vocab] with vocab >= 1, not {list(logits.shape)}")
+    rows = logits.shape[0]
+    for name, tensor in (("labels", labels), ("keys", keys)):
+        if tensor is not None and tensor.shape != (rows,):
+            raise ValueError(f"{name} must be [rows] = [{rows}], not {list(tensor.shape)}")
+    out = [logits.contiguous(), labels.to(torch.int64).contiguous()]
+    return (*out, keys.to(torch.int64).contiguous()) if keys is not None else tuple(out)
 
 
 def _check_labels(bad: int, vocab: int) -> None:
@@ -122,6 +164,8 @@ def topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[torch.Tens
     log-softmax at ``labels [R]``."""
     logits, labels = _rows(logits, labels)
     rows, vocab = logits.shape
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k = {k}: need 1 <= k <= vocab ({vocab})")
     ids = torch.empty(rows, k, dtype=torch.int32)
     logprobs = torch.empty(rows, k)
     tail, gold = torch.empty(rows), torch.empty(rows)
@@ -137,9 +181,10 @@ def sample(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n: in
     and counts ``[R, n]`` (int32, float32, int32; padded after ``lengths [R] int32`` entries), and the
     log-softmax at ``labels [R]``. Draws are those of :func:`logitcache.targets.draw` for the same
     ``keys [R] int64`` and ``block_size``, up to float32 rounding."""
-    logits, labels = _rows(logits, labels)
+    logits, labels, keys = _rows(logits, labels, keys)
     rows, vocab = logits.shape
-    keys = keys.to(torch.int64).contiguous()
+    if n < 1 or block_size < 1 or not temperature > 0:
+        raise ValueError(f"need n >= 1, block_size >= 1 and temperature > 0, not {n}, {block_size}, {temperature}")
     ids = torch.empty(rows, n, dtype=torch.int32)
     logprobs = torch.empty(rows, n)
     counts = torch.empty(rows, n, dtype=torch.int32)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,11 @@ from logitcache.build import BuildSettings, run_build
 from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
 
 torch.set_num_threads(1)
+
+# The compiled target kernels go to a folder of this session, not ~/.cache (subprocesses inherit it).
+_KERNELS = tempfile.mkdtemp(prefix="logitcache-kernels-")
+os.environ.setdefault("LOGITCACHE_CACHE_DIR", _KERNELS)
+atexit.register(shutil.rmtree, _KERNELS, True)
 
 TEACHER_VOCAB = 512
 SEQ_LEN = 32

@@ -61,11 +61,13 @@ def test_topk_matches_torch(vocab, k):
     torch.testing.assert_close(gold.double(), lp.gather(1, labels[:, None])[:, 0], rtol=0, atol=2e-5)
 
 
-def test_topk_tail_is_accurate_when_tiny():
-    """Peaked rows (tail mass 1e-4 .. 1e-9) get their tail summed directly, not as 1 - covered."""
+@pytest.mark.parametrize("bump", [18.0, 110.0])
+def test_topk_tail_is_accurate_when_tiny(bump):
+    """Peaked rows get their tail summed directly, not as 1 - covered: tails of e^-9 .. e^-21, and of
+    ~e^-100, far below what float32 exp(x - max) can hold."""
     vocab, rows = 2048, 32
     z = random_logits(rows, vocab, seed=5, scale=1.0)
-    z[:, :4] += torch.linspace(18, 30, rows)[:, None]  # four ids take almost all the mass
+    z[:, :4] += torch.linspace(bump, bump + 12, rows)[:, None]  # four ids take almost all the mass
     ids, _, tail, _ = native.topk(z, labels_for(rows, vocab), 4)
     expected = reference_tail(z, ids)
     assert expected.max() < math.log(1e-4)
@@ -105,6 +107,29 @@ def test_labels_outside_the_vocabulary_are_refused():
         native.topk(z, labels, 4)
     with pytest.raises(ValueError, match="2 labels lie outside"):
         native.sample(z, labels, keys_for(3), 10, 1.0, 8)
+
+
+@pytest.mark.parametrize("call", [
+    lambda z, y, key: native.topk(z, y, 0),
+    lambda z, y, key: native.topk(z, y, 101),
+    lambda z, y, key: native.topk(z, y[:2], 4),
+    lambda z, y, key: native.sample(z, y, key[:2], 10, 1.0, 8),
+    lambda z, y, key: native.sample(z, y, key, 0, 1.0, 8),
+    lambda z, y, key: native.sample(z, y, key, 10, 1.0, 0),
+    lambda z, y, key: native.sample(z, y, key, 10, 0.0, 8),
+    lambda z, y, key: native.topk(z[0], y, 4),
+])
+def test_bad_arguments_are_refused_before_the_c_code(call):
+    """The C side trusts its arguments: k outside [1, V], short labels or keys, n, block or temperature
+    below 1 or 0, and a 1-D row are refused in Python (ASan found the out-of-bounds reads)."""
+    with pytest.raises(ValueError):
+        call(random_logits(3, 100, seed=0), torch.tensor([1, 2, 3]), keys_for(3))
+
+
+def test_no_rows():
+    ids, _, _, gold = native.topk(torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), 5)
+    assert ids.shape == (0, 5) and gold.shape == (0,)
+    assert native.sample(torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), keys_for(0), 5, 1.0, 8)[3].shape == (0,)
 
 
 @pytest.mark.parametrize("vocab,n,temperature", [(2048, 50, 1.0), (3001, 50, 1.0), (500, 200, 0.7), (12, 5, 1.5)])
@@ -161,7 +186,10 @@ def test_results_do_not_depend_on_the_chunk():
     parts = [native.sample(z[s:s + 77], labels[s:s + 77], keys[s:s + 77], 40, 1.0, 8) for s in range(0, 300, 77)]
     for got, pieces in zip(whole, zip(*parts)):
         assert torch.equal(got, torch.cat(pieces))
-    assert torch.equal(native.topk(z, labels, 16)[0], torch.cat([native.topk(z[s:s + 77], labels[s:s + 77], 16)[0] for s in range(0, 300, 77)]))
+    whole = native.topk(z, labels, 16)
+    parts = [native.topk(z[s:s + 77], labels[s:s + 77], 16) for s in range(0, 300, 77)]
+    for got, pieces in zip(whole, zip(*parts)):
+        assert torch.equal(got, torch.cat(pieces))
 
 
 @pytest.mark.parametrize("method", ["topk", "sample"])
@@ -184,12 +212,18 @@ def test_row_targets_uses_the_kernels_and_agrees_with_torch(method, monkeypatch)
     assert same.float().mean() >= 0.99
     torch.testing.assert_close(fast_gold, slow_gold, rtol=0, atol=2e-5)
     torch.testing.assert_close(fast.logprobs[same], slow.logprobs[same], rtol=0, atol=2e-5)
+    if method == "topk":
+        torch.testing.assert_close(fast.tail_logprob, slow.tail_logprob, rtol=0, atol=1e-4)
+    else:
+        assert torch.equal(fast.counts[same].long(), slow.counts[same]) and torch.equal(fast.lengths.long()[same], slow.lengths[same])
 
 
-def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog):
-    """A compiler that fails leaves the torch path in charge, with a note saying so; nothing is cached."""
+@pytest.mark.parametrize("compiler", ["false", "true"])
+def test_a_failing_compiler_falls_back_to_torch(compiler, tmp_path, monkeypatch, caplog):
+    """A compiler that fails, or exits 0 without writing a library (CC=true), leaves the torch path in
+    charge with a note saying so, and nothing in the cache."""
     monkeypatch.setenv("LOGITCACHE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("CC", compiler)
     native.library.cache_clear()
     try:
         with caplog.at_level(logging.INFO, logger="logitcache.native"):
@@ -201,17 +235,24 @@ def test_no_compiler_falls_back_to_torch(tmp_path, monkeypatch, caplog):
         native.library.cache_clear()
 
 
-def test_compiles_into_the_cache_folder(tmp_path, monkeypatch):
-    """A cold cache compiles once into LOGITCACHE_CACHE_DIR and later loads reuse the file."""
+def test_compiles_into_the_cache_folder_once(tmp_path, monkeypatch):
+    """A cold cache compiles once into LOGITCACHE_CACHE_DIR (readable by all); later loads reuse the
+    file; an empty or foreign file in its place is rebuilt, not loaded."""
     monkeypatch.setenv("LOGITCACHE_CACHE_DIR", str(tmp_path))
     native.library.cache_clear()
     try:
         assert native.library() is not None
         built = list(tmp_path.glob("native_targets-*.so"))
-        assert len(built) == 1
+        assert len(built) == 1 and built[0].stat().st_mode & 0o755 == 0o755
         stamp = built[0].stat().st_mtime_ns
         native.library.cache_clear()
         assert native.library() is not None and built[0].stat().st_mtime_ns == stamp
+        for junk in (b"", b"not a library at all"):
+            built[0].unlink()  # a new file: truncating the loaded library in place would crash this process
+            built[0].write_bytes(junk)
+            native.library.cache_clear()
+            assert native.library() is not None and built[0].read_bytes()[:4] == native.ELF_MAGIC
+        assert [p.name for p in tmp_path.iterdir()] == [built[0].name]
     finally:
         native.library.cache_clear()
 
