@@ -331,9 +331,9 @@ def _cpu_streams(teacher, requested: int | None) -> Iterator[ThreadPoolExecutor 
 
     Small models leave cores idle inside one forward pass (many small ops, threads waiting at each),
     and the targets and Parquet work would otherwise run between forwards; independent streams fill
-    those gaps. Each batch is computed exactly as without streams (the shards are byte-identical for 1,
-2 or 3 streams in tests/test_build.py). Yields None (no streams)
-    on accelerators, which overlap through asynchronous queues instead.
+    those gaps. Each batch is computed exactly as without streams (the shards are byte-identical for
+    1, 2 or 3 streams in tests/test_build.py). Yields None (no streams) on accelerators, which
+    overlap through asynchronous queues instead.
     """
     import torch
 

@@ -141,7 +141,7 @@ typedef struct {
 } topk_plan;
 
 #define RANK_MAX 256 /* candidates ranked by counting (vectorised, O(c^2)) up to this many, else a heap */
-#define TAIL_EXACT_BELOW 1e-3 /* tail mass (relative) under which the tail is summed directly, not subtracted */
+#define TAIL_EXACT_BELOW 1e-3 /* tail mass under which it is summed directly, not subtracted (as targets.TAIL_EXACT_BELOW) */
 
 static topk_plan plan_topk(int64_t V, int64_t k) {
     topk_plan p;
