@@ -125,8 +125,9 @@ def _draw_weights(weights: torch.Tensor, keys: torch.Tensor, n: int) -> torch.Te
 
     Returns the drawn ids ``[R, n] int64``, equal ids adjacent within a row. Exact two-level
     inverse CDF over ``nb`` blocks of ``B`` ids, block ``j`` being the ids ``j, j + nb, j + 2nb, …``
-    (strided, so that block sums and the in-block scans are contiguous vector adds): a draw first picks a block by the float64 prefix sum of block masses,
-    then an id inside it by the prefix sum of that block alone, scaled by its own total. Each id is
+    (strided, so that block sums and the in-block scans are contiguous vector adds): a draw first
+    picks a block by the float64 prefix sum of block masses, then an id inside it by the prefix sum
+    of that block alone, scaled by its own total. Each id is
     drawn with its float32 weight divided by the row total, up to float64 rounding; ids of weight 0
     are never drawn. Cost per row is ``O(V + n*B)``.
     """
