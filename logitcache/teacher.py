@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +26,8 @@ import torch
 from logitcache.errors import LogitcacheError
 from logitcache.shards import FLOAT16_MANTISSA_BITS, WindowTargets, round_float16
 from logitcache.targets import RowTargets, TargetSpec, row_bytes, row_keys, row_targets
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FULL_HASH_LIMIT = 256 << 20
@@ -78,10 +83,39 @@ def head_chunk_rows(chunk_mib: int, vocab_size: int, spec: TargetSpec | None = N
     return max(1, (chunk_mib << 20) // per_row)
 
 
+ONEDNN_SWITCH = "LOGITCACHE_ONEDNN"
+_onednn_failed = False
+
+
+def _onednn_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(hidden, weight, None, "none", [], "")
+
+
+def linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``hidden @ weight.T``; float32 on x86 CPUs through oneDNN rather than torch's default BLAS.
+
+    torch's CPU ``linear`` calls MKL, which runs its AVX2 kernels on AMD processors; oneDNN (shipped
+    inside torch, the kernels torch.compile uses on CPU) uses AVX-512 where the CPU has it: 2.5×
+    faster for the demo teacher's head on this project's AMD machine (benchmarks/RESULTS.md).
+    Results agree to float32 rounding. ``LOGITCACHE_ONEDNN=0``, a torch without oneDNN, or an op that
+    fails once (a future torch changing it) fall back to ``torch.nn.functional.linear``.
+    """
+    global _onednn_failed
+    if (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and hidden.ndim == 2
+            and not _onednn_failed and os.environ.get(ONEDNN_SWITCH) != "0" and platform.machine() in ("x86_64", "AMD64")
+            and torch.backends.mkldnn.is_available()):
+        try:
+            return _onednn_linear(hidden, weight)
+        except (RuntimeError, AttributeError, TypeError) as exc:
+            _onednn_failed = True
+            log.info("oneDNN linear unavailable (%s); the output head uses torch.nn.functional.linear", exc)
+    return torch.nn.functional.linear(hidden, weight)
+
+
 def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
     """Output head on ``[R, H]`` hidden states → ``[R, V] float32`` logits, with the model's logit scaling
     (``logit_scale``) and soft-capping (``final_logit_softcapping``)."""
-    logits = torch.nn.functional.linear(hidden, weight).float()
+    logits = linear(hidden, weight).float()
     scale = getattr(config, "logit_scale", None)
     if scale is not None:
         logits = logits * scale

@@ -419,6 +419,40 @@ def test_head_chunks_budget_the_samplers_scratch():
     assert head_chunk_rows(1, 1 << 20, topk) == 1  # never 0 rows
 
 
+def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
+    import platform
+
+    from logitcache import teacher
+
+    g = torch.Generator().manual_seed(0)
+    onednn = platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
+    for rows, hidden, vocab in ((1, 8, 5), (37, 100, 2000), (256, 128, 2048)):
+        h = torch.randn(rows, hidden, generator=g)
+        w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+        ref = torch.nn.functional.linear(h, w)
+        ours = teacher.linear(h, w)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        if onednn:  # the oneDNN op is what ran, not the fallback
+            assert torch.equal(ours, teacher._onednn_linear(h, w)) and not teacher._onednn_failed
+    assert torch.equal(teacher.linear(h.bfloat16(), w.bfloat16()), torch.nn.functional.linear(h.bfloat16(), w.bfloat16()))
+    monkeypatch.setenv(teacher.ONEDNN_SWITCH, "0")
+    assert torch.equal(teacher.linear(h, w), ref)
+
+
+def test_output_head_falls_back_when_onednn_fails(monkeypatch):
+    from logitcache import teacher
+
+    def missing(hidden, weight):
+        raise RuntimeError("No such operator mkldnn::_linear_pointwise")
+
+    monkeypatch.setattr(teacher, "_onednn_linear", missing)
+    monkeypatch.setattr(teacher, "_onednn_failed", False)
+    monkeypatch.setattr(teacher.platform, "machine", lambda: "x86_64")
+    h, w = torch.randn(4, 16), torch.randn(32, 16)
+    assert torch.equal(teacher.linear(h, w), torch.nn.functional.linear(h, w))
+    assert teacher._onednn_failed or not torch.backends.mkldnn.is_available()
+
+
 def test_null_text_is_an_empty_document_in_every_format(tmp_path):
     from logitcache.corpus import Corpus
 
