@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -265,23 +266,41 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
         "tokenizer_fingerprint": plan.tokenizer["fingerprint"],
     }
     records = []
-    shards = _background(_batched(itertools.chain([first], windows), settings.shard_size))
+    # vLLM schedules its own batches: hand it a whole shard at once (it splits into memory-bounded calls).
+    piece = settings.shard_size if settings.backend == "vllm" else settings.batch_size
+    pieces = _background(_pieces(itertools.chain([first], windows), settings.shard_size, piece),
+                         depth=max(1, settings.shard_size // piece))
     with _frozen_heap(), ThreadPoolExecutor(max_workers=2) as host, _cpu_streams(teacher, settings.cpu_streams) as streams:
         write: Future | None = None
-        for index, chunk in enumerate(shards):
+        in_flight: deque[Future] = deque()
+        batches: list[Future] = []
+        rows, todo = 0, False
+        for index, part, last in pieces:
             if index % settings.num_workers != settings.worker_index:
                 continue
             path = out / shard_name(index)
             first_id = index * settings.shard_size
-            if not _shard_complete(path, plan):
-                batches = _queue_shard(teacher, chunk, first_id, settings, host, streams)
+            if rows == 0:  # the shard's first piece
+                todo = not _shard_complete(path, plan)
+            if todo:
+                batch = np.stack(part)
+                ids = np.arange(first_id + rows, first_id + rows + len(batch), dtype=np.int64)
+                batches.append(_queue_batch(teacher, batch, ids, settings.spec, host, streams))
+                in_flight.append(batches[-1])
+                if len(in_flight) > IN_FLIGHT:
+                    in_flight.popleft().result()
+            rows += len(part)
+            if on_windows is not None:
+                on_windows(len(part))
+            if not last:
+                continue
+            if todo:
                 meta = {**shard_meta, "shard_index": index, "first_sequence_id": first_id}
                 if write is not None:
                     write.result()
                 write = host.submit(_write_shard, path, batches, meta)
-            records.append((path, index, len(chunk), first_id))
-            if on_windows is not None:
-                on_windows(len(chunk))
+            records.append((path, index, rows, first_id))
+            batches, rows = [], 0
         if write is not None:
             write.result()
     shards = [_shard_record(p, i, rows, settings.seq_len, fid) for p, i, rows, fid in records]
@@ -300,9 +319,18 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _batched(windows: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
-    while chunk := list(itertools.islice(windows, size)):
-        yield chunk
+def _pieces(windows: Iterator[np.ndarray], shard_size: int, size: int) -> Iterator[tuple[int, list[np.ndarray], bool]]:
+    """``(shard index, up to size windows, last piece of its shard?)``: shards cut into batches that
+    never cross a shard boundary, so the teacher starts on a shard before all of it is tokenized."""
+    for index in itertools.count():
+        shard = itertools.islice(windows, shard_size)
+        piece = list(itertools.islice(shard, size))
+        if not piece:
+            return
+        while piece:
+            following = list(itertools.islice(shard, size))
+            yield index, piece, not following
+            piece = following
 
 
 def _background(items: Iterator, depth: int = 1) -> Iterator:
@@ -352,27 +380,19 @@ def _cpu_streams(teacher, requested: int | None) -> Iterator[ThreadPoolExecutor 
         torch.set_num_threads(threads)
 
 
-def _queue_shard(teacher, windows: list[np.ndarray], first_id: int, settings: BuildSettings, host: ThreadPoolExecutor,
-                 streams: ThreadPoolExecutor | None = None) -> list[Future]:
-    """Queue a shard's batches on the teacher; host threads turn each into numpy as its copies land.
+def _queue_batch(teacher, batch: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec, host: ThreadPoolExecutor,
+                 streams: ThreadPoolExecutor | None = None) -> Future:
+    """Queue one batch of windows on the teacher; the future gives its :class:`WindowTargets`.
 
-    At most ``IN_FLIGHT`` batches wait on the host at once, which bounds pinned memory and lets the
-    device run ahead of the host by that many batches. With CPU ``streams`` each batch runs whole
-    (forward, targets, numpy) on one stream; ``IN_FLIGHT + 1`` batches outstanding keep two streams busy.
+    Without CPU ``streams`` the device work is queued now and a host thread turns it into numpy as
+    its copies land; the caller keeps at most ``IN_FLIGHT`` batches outstanding, which bounds pinned
+    memory and lets the device run ahead of the host by that many batches. With ``streams`` the
+    batch runs whole (forward, targets, numpy) on one stream; ``IN_FLIGHT + 1`` batches outstanding
+    keep two streams busy.
     """
-    futures: list[Future] = []
-    # vLLM schedules its own batches: hand it the whole shard (it splits into memory-bounded calls).
-    step = len(windows) if settings.backend == "vllm" else settings.batch_size
-    for start in range(0, len(windows), step):
-        batch = np.stack(windows[start : start + step])
-        ids = np.arange(first_id + start, first_id + start + len(batch), dtype=np.int64)
-        if streams is None:
-            futures.append(host.submit(teacher.compute_async(batch, ids, settings.spec).result))
-        else:
-            futures.append(streams.submit(teacher.compute, batch, ids, settings.spec))
-        if len(futures) > IN_FLIGHT:
-            futures[-IN_FLIGHT - 1].result()
-    return futures
+    if streams is None:
+        return host.submit(teacher.compute_async(batch, sequence_ids, spec).result)
+    return streams.submit(teacher.compute, batch, sequence_ids, spec)
 
 
 def _write_shard(path: Path, batches: list[Future], metadata: dict) -> None:
