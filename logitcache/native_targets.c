@@ -337,14 +337,43 @@ static inline uint64_t splitmix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
+/* -log(1 - v) = -log1p(-v) for v in [0, 1), within 2 ulp of libm's log1p; branch-free and libm-free
+   so that the loop calling it vectorises (libm's log1p took ~85 % of the uniforms' time). 1 - v is
+   exact: v is a multiple of 2^-53. log(2^e m) = e ln 2 + 2 atanh((m - 1) / (m + 1)) with m folded
+   into [sqrt(1/2), sqrt(2)), so |s| < 0.172 and the atanh series is exact to double precision by
+   its s^23 term; ln 2 in two parts keeps e ln 2 exact. */
+static inline double neg_log1m(double v) {
+    double x = 1.0 - v;
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int64_t e = (int64_t)(bits >> 52) - 1023; /* x is positive and normal: at least 2^-53 */
+    bits = (bits & 0x000FFFFFFFFFFFFFULL) | 0x3FF0000000000000ULL;
+    double m;
+    memcpy(&m, &bits, sizeof m);
+    int64_t fold = m > 1.4142135623730951;
+    m = fold ? m * 0.5 : m;
+    double ef = (double)(e + fold), s = (m - 1.0) / (m + 1.0), z = s * s;
+    double p = 1.0 / 23;
+    p = p * z + 1.0 / 21;
+    p = p * z + 1.0 / 19;
+    p = p * z + 1.0 / 17;
+    p = p * z + 1.0 / 15;
+    p = p * z + 1.0 / 13;
+    p = p * z + 1.0 / 11;
+    p = p * z + 1.0 / 9;
+    p = p * z + 1.0 / 7;
+    p = p * z + 1.0 / 5;
+    p = p * z + 1.0 / 3;
+    double log_m = 2.0 * s + 2.0 * s * z * p;
+    return -(ef * 6.93147180369123816490e-01 + (ef * 1.90821492927058770002e-10 + log_m));
+}
+
 /* n sorted uniforms of a row: S_j / S_n over running sums of n + 1 exponentials (targets.sorted_uniforms) */
 static void sorted_uniforms(uint64_t key, int64_t n, double *u) {
+    for (int64_t j = 0; j <= n; j++) /* independent: vectorised */
+        u[j] = neg_log1m((double)(splitmix64(key * GOLDEN + (uint64_t)j) >> 11) * (1.0 / 9007199254740992.0));
     double sum = 0.0;
-    for (int64_t j = 0; j <= n; j++) {
-        double v = (double)(splitmix64(key * GOLDEN + (uint64_t)j) >> 11) * (1.0 / 9007199254740992.0);
-        sum += -log1p(-v);
-        u[j] = sum;
-    }
+    for (int64_t j = 0; j <= n; j++) u[j] = sum += u[j];
     double last = u[n] > 0x1p-1000 ? u[n] : 0x1p-1000;
     for (int64_t j = 0; j < n; j++) u[j] /= last;
 }
