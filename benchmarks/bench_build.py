@@ -2,7 +2,7 @@
 
     python benchmarks/bench_build.py --teacher demo-out/teacher-run/student --corpus demo-out/corpus.jsonl
 
-Prints four tables (markdown); results with the command are kept in benchmarks/RESULTS.md.
+Prints five tables (markdown); results with the command are kept in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -175,6 +175,27 @@ def sampler_table(vocabs: list[int], rows_per_call: int) -> list[str]:
     return out
 
 
+def head_table(rows: int) -> list[str]:
+    """Rows/s of the output head on one thread (thread-CPU clock): torch's ``linear`` (MKL) against
+    the build's ``teacher.linear`` (oneDNN on x86 CPUs), random float32 weights of each shape."""
+    from logitcache.teacher import linear
+
+    out = ["| hidden | vocab | `torch.nn.functional.linear` rows/s | build's head rows/s | speed-up | max abs difference |",
+           "|---:|---:|---:|---:|---:|---:|"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    for hidden, vocab in ((128, 2048), (512, 8192), (768, 32768)):
+        h = torch.randn(rows, hidden, generator=g)
+        w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+        theirs = timed(partial(torch.nn.functional.linear, h, w), clock=time.thread_time)
+        ours = timed(partial(linear, h, w), clock=time.thread_time)
+        gap = float((linear(h, w) - torch.nn.functional.linear(h, w)).abs().max())
+        out.append(f"| {hidden} | {vocab} | {rows / theirs:,.0f} | {rows / ours:,.0f} | {theirs / ours:.1f} | {gap:.1e} |")
+    torch.set_num_threads(threads)
+    return out
+
+
 def storage_table(args, work: Path) -> list[str]:
     corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
     out = ["| method | bytes/token | stored entries/position | bytes/entry (all columns) |", "|---|---:|---:|---:|"]
@@ -235,8 +256,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--sampler-rows", type=int, default=2048)
+    parser.add_argument("--head-rows", type=int, default=512, help="head table: rows per call")
     parser.add_argument("--rounds", type=int, default=5, help="build table: timed rounds over all cases, best kept")
-    parser.add_argument("--tables", default="build,sampler,storage,memory", help="which tables to print, comma-separated")
+    parser.add_argument("--tables", default="build,sampler,head,storage,memory", help="which tables to print, comma-separated")
     parser.add_argument("--memory-samples", default="50,5000,20000", help="memory table: the N of each build")
     parser.add_argument("--chunk-mib", type=int, default=None, help="head chunk bound passed to the build (default: the teacher's)")
     parser.add_argument("--make-teacher", metavar="PRESET", help="make a random-initialised teacher of this preset "
@@ -257,6 +279,8 @@ def main() -> None:
         if "sampler" in tables:
             vocab = json.loads((args.teacher / "config.json").read_text())["vocab_size"]
             print("\n## Sampler\n\n" + "\n".join(sampler_table(sorted({vocab, 8192, 32768}), args.sampler_rows)), flush=True)
+        if "head" in tables:
+            print("\n## Output head\n\n" + "\n".join(head_table(args.head_rows)), flush=True)
         if "storage" in tables:
             print("\n## Storage\n\n" + "\n".join(storage_table(args, work)), flush=True)
         if "memory" in tables:

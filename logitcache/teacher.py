@@ -95,8 +95,8 @@ def linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight.T``; float32 on x86 CPUs through oneDNN rather than torch's default BLAS.
 
     torch's CPU ``linear`` calls MKL, which runs its AVX2 kernels on AMD processors; oneDNN (shipped
-    inside torch, the kernels torch.compile uses on CPU) uses AVX-512 where the CPU has it: 2.5×
-    faster for the demo teacher's head on this project's AMD machine (benchmarks/RESULTS.md).
+    inside torch, the kernels torch.compile uses on CPU) uses AVX-512 where the CPU has it: 2.1-2.3×
+    faster on this project's AMD machine (``bench_build.py --tables head``, benchmarks/RESULTS.md).
     Results agree to float32 rounding. ``LOGITCACHE_ONEDNN=0``, a torch without oneDNN, or an op that
     fails once (a future torch changing it) fall back to ``torch.nn.functional.linear``.
     """
