@@ -185,14 +185,16 @@ def head_table(rows: int) -> list[str]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
-    for hidden, vocab in ((128, 2048), (512, 8192), (768, 32768)):
-        h = torch.randn(rows, hidden, generator=g)
-        w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
-        theirs = timed(partial(torch.nn.functional.linear, h, w), clock=time.thread_time)
-        ours = timed(partial(linear, h, w), clock=time.thread_time)
-        gap = float((linear(h, w) - torch.nn.functional.linear(h, w)).abs().max())
-        out.append(f"| {hidden} | {vocab} | {rows / theirs:,.0f} | {rows / ours:,.0f} | {theirs / ours:.1f} | {gap:.1e} |")
-    torch.set_num_threads(threads)
+    try:
+        for hidden, vocab in ((128, 2048), (512, 8192), (768, 32768)):
+            h = torch.randn(rows, hidden, generator=g)
+            w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
+            theirs = timed(partial(torch.nn.functional.linear, h, w), clock=time.thread_time)
+            ours = timed(partial(linear, h, w), clock=time.thread_time)
+            gap = float((linear(h, w) - torch.nn.functional.linear(h, w)).abs().max())
+            out.append(f"| {hidden} | {vocab} | {rows / theirs:,.0f} | {rows / ours:,.0f} | {theirs / ours:.1f} | {gap:.1e} |")
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -12,6 +12,7 @@ vocabulary (a 128k vocabulary gives 10 rows per chunk on CPU).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -84,31 +85,44 @@ def head_chunk_rows(chunk_mib: int, vocab_size: int, spec: TargetSpec | None = N
 
 
 ONEDNN_SWITCH = "LOGITCACHE_ONEDNN"
-_onednn_failed = False
 
 
 def _onednn_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(hidden, weight, None, "none", [], "")
 
 
+@functools.cache
+def onednn_usable() -> bool:
+    """Whether this process's torch runs oneDNN's linear: decided once, by a small probe against
+    ``torch.nn.functional.linear``, so that a build never mixes the two heads across its shards."""
+    if platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available():
+        return False
+    probe = torch.linspace(-1.0, 1.0, 3 * 16).reshape(3, 16)
+    try:
+        with torch.inference_mode():
+            ok = torch.allclose(_onednn_linear(probe, probe), torch.nn.functional.linear(probe, probe), rtol=1e-5, atol=1e-5)
+    except (RuntimeError, AttributeError, TypeError) as exc:  # a torch without the op, or with another signature
+        log.warning("oneDNN linear is unavailable (%s); the CPU output head uses torch.nn.functional.linear", exc)
+        return False
+    if not ok:
+        log.warning("oneDNN linear disagrees with torch.nn.functional.linear; the CPU output head uses the latter")
+    return ok
+
+
 def linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``hidden @ weight.T``; float32 on x86 CPUs through oneDNN rather than torch's default BLAS.
 
     torch's CPU ``linear`` calls MKL, which runs its AVX2 kernels on AMD processors; oneDNN (shipped
-    inside torch, the kernels torch.compile uses on CPU) uses AVX-512 where the CPU has it: 2.1-2.3×
-    faster on this project's AMD machine (``bench_build.py --tables head``, benchmarks/RESULTS.md).
-    Results agree to float32 rounding. ``LOGITCACHE_ONEDNN=0``, a torch without oneDNN, or an op that
-    fails once (a future torch changing it) fall back to ``torch.nn.functional.linear``.
+    inside torch) uses AVX-512 where the CPU has it: 2.1-2.3× faster on this project's AMD machine
+    (``bench_build.py --tables head``, benchmarks/RESULTS.md). Results agree to float32 rounding,
+    not bit for bit. Inference only (the op has no gradient): anything needing one, other dtypes and
+    devices, ``LOGITCACHE_ONEDNN=0``, ``torch.backends.mkldnn.enabled = False`` and a torch without
+    the op (:func:`onednn_usable`) take ``torch.nn.functional.linear``.
     """
-    global _onednn_failed
     if (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and hidden.ndim == 2
-            and not _onednn_failed and os.environ.get(ONEDNN_SWITCH) != "0" and platform.machine() in ("x86_64", "AMD64")
-            and torch.backends.mkldnn.is_available()):
-        try:
-            return _onednn_linear(hidden, weight)
-        except (RuntimeError, AttributeError, TypeError) as exc:
-            _onednn_failed = True
-            log.info("oneDNN linear unavailable (%s); the output head uses torch.nn.functional.linear", exc)
+            and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+            and os.environ.get(ONEDNN_SWITCH) != "0" and torch.backends.mkldnn.enabled and onednn_usable()):
+        return _onednn_linear(hidden, weight)
     return torch.nn.functional.linear(hidden, weight)
 
 

@@ -420,37 +420,53 @@ def test_head_chunks_budget_the_samplers_scratch():
 
 
 def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
-    import platform
+    from types import SimpleNamespace
 
     from logitcache import teacher
 
+    monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
+    calls = []
+    real = teacher._onednn_linear
+    monkeypatch.setattr(teacher, "_onednn_linear", lambda h, w: calls.append(h.shape) or real(h, w))
+    onednn = teacher.onednn_usable()
     g = torch.Generator().manual_seed(0)
-    onednn = platform.machine() in ("x86_64", "AMD64") and torch.backends.mkldnn.is_available()
     for rows, hidden, vocab in ((1, 8, 5), (37, 100, 2000), (256, 128, 2048)):
         h = torch.randn(rows, hidden, generator=g)
         w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
-        ref = torch.nn.functional.linear(h, w)
-        ours = teacher.linear(h, w)
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-        if onednn:  # the oneDNN op is what ran, not the fallback
-            assert torch.equal(ours, teacher._onednn_linear(h, w)) and not teacher._onednn_failed
-    assert torch.equal(teacher.linear(h.bfloat16(), w.bfloat16()), torch.nn.functional.linear(h.bfloat16(), w.bfloat16()))
+        ours = teacher.output_head(h, w, SimpleNamespace())
+        torch.testing.assert_close(ours, torch.nn.functional.linear(h, w), rtol=1e-5, atol=1e-5)
+        assert calls[-1:] == ([h.shape] if onednn else [])  # the head went through oneDNN wherever it can
+    made = len(calls)
+    half = teacher.linear(h.bfloat16(), w.bfloat16())
+    with torch.enable_grad():
+        needs_grad = h.clone().requires_grad_()
+        teacher.linear(needs_grad, w).sum().backward()  # the oneDNN op has no gradient: torch's linear runs
+    assert needs_grad.grad is not None and half.dtype == torch.bfloat16 and len(calls) == made
     monkeypatch.setenv(teacher.ONEDNN_SWITCH, "0")
-    assert torch.equal(teacher.linear(h, w), ref)
+    assert torch.equal(teacher.linear(h, w), torch.nn.functional.linear(h, w)) and len(calls) == made
 
 
-def test_output_head_falls_back_when_onednn_fails(monkeypatch):
+@pytest.mark.parametrize("broken", ["raises", "disagrees"])
+def test_output_head_falls_back_when_onednn_is_unusable(monkeypatch, caplog, broken):
     from logitcache import teacher
 
-    def missing(hidden, weight):
-        raise RuntimeError("No such operator mkldnn::_linear_pointwise")
+    def op(hidden, weight):
+        if broken == "raises":
+            raise RuntimeError("No such operator mkldnn::_linear_pointwise")
+        return torch.nn.functional.linear(hidden, weight) + 1.0
 
-    monkeypatch.setattr(teacher, "_onednn_linear", missing)
-    monkeypatch.setattr(teacher, "_onednn_failed", False)
+    monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
+    monkeypatch.setattr(teacher, "_onednn_linear", op)
     monkeypatch.setattr(teacher.platform, "machine", lambda: "x86_64")
-    h, w = torch.randn(4, 16), torch.randn(32, 16)
-    assert torch.equal(teacher.linear(h, w), torch.nn.functional.linear(h, w))
-    assert teacher._onednn_failed or not torch.backends.mkldnn.is_available()
+    teacher.onednn_usable.cache_clear()
+    try:
+        h, w = torch.randn(4, 16), torch.randn(32, 16)
+        assert torch.equal(teacher.linear(h, w), torch.nn.functional.linear(h, w))
+        assert not teacher.onednn_usable()
+        if torch.backends.mkldnn.is_available():
+            assert "the CPU output head uses" in caplog.text
+    finally:
+        teacher.onednn_usable.cache_clear()
 
 
 def test_null_text_is_an_empty_document_in_every_format(tmp_path):
