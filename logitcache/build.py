@@ -232,8 +232,9 @@ def _shard_complete(path: Path, plan: _Plan) -> bool:
 def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None = None, teacher=None) -> dict:
     """Run (or resume) a build and return its manifest (or this worker's partial manifest).
 
-    ``on_windows(n)`` is called as windows are queued on the teacher or found already on disk. ``teacher``: an
-    already loaded teacher to reuse (benchmarks, long-lived workers); loaded from settings if None.
+    ``on_windows(n)`` is called as windows are queued on the teacher or found already on disk.
+    ``teacher``: an already loaded teacher to reuse (benchmarks, long-lived workers); loaded from
+    settings if None.
     """
     settings.check()
     if settings.ray:

@@ -340,10 +340,10 @@ static inline uint64_t splitmix64(uint64_t z) {
 /* -log(1 - v) = -log1p(-v) for v in [0, 1), within 2 ulp of libm's log1p; branch-free and libm-free
    so that the loop calling it vectorises where the CPU converts 64-bit integers in vectors (AVX-512DQ:
    ~6x faster than log1p, which took over 80 % of the uniforms' time; GCC leaves it scalar on AVX2,
-   where it costs about what log1p does). 1 - v is
-   exact: v is a multiple of 2^-53. log(2^e m) = e ln 2 + 2 atanh((m - 1) / (m + 1)) with m folded
-   into [sqrt(1/2), sqrt(2)), so |s| < 0.172 and the atanh series is exact to double precision by
-   its s^23 term; ln 2 in two parts keeps e ln 2 exact. */
+   where it costs about what log1p does). 1 - v is exact: v is a multiple of 2^-53.
+   log(2^e m) = e ln 2 + 2 atanh((m - 1) / (m + 1)) with m folded into [sqrt(1/2), sqrt(2)), so
+   |s| < 0.172 and the atanh series is exact to double precision by its s^23 term; ln 2 in two parts
+   keeps e ln 2 exact. */
 static inline double neg_log1m(double v) {
     double x = 1.0 - v;
     uint64_t bits;
