@@ -27,6 +27,7 @@ from logitcache.shards import read_shard
 from logitcache.summary import summarize
 from logitcache import native
 from logitcache.targets import TargetSpec, row_keys, row_targets
+from logitcache.teacher import ONEDNN_SWITCH
 
 
 def small_corpus(corpus: Path, out: Path, approx_bytes: int) -> Path:
@@ -53,23 +54,25 @@ def timed(fn, repeat: int = 3, clock=time.perf_counter, warmup: bool = True) -> 
     return best
 
 
-def forward_pass(teacher, windows: np.ndarray, batch: int, streams: int = 1, build_head: bool = False):
+def forward_pass(teacher, windows: np.ndarray, batch: int, streams: int = 1, model=None):
     """The bare teacher: ``model(input_ids).logits`` on the same batches, nothing else.
 
-    ``streams > 1``: that many batches at once from a thread pool, each on an equal share of torch's
-    threads (the best a hand-written CPU forward loop can do, and what ``build --cpu-streams`` does).
-    ``build_head``: the decoder, then the build's output head (``teacher.head``: oneDNN on x86 CPUs)
-    on every position, so the build's own overhead can be read apart from its faster head.
+    ``model``: the Hugging Face model as a user would load it (torch's own linears); None runs the
+    build's own forward instead: ``teacher.hidden_states`` then ``teacher.head`` on every position,
+    whose linears go through oneDNN on x86 CPUs, so the build's own overhead can be read apart
+    from its faster linears. ``streams > 1``: that many batches at once from a thread pool, each on
+    an equal share of torch's threads (the best a hand-written CPU forward loop can do, and what
+    ``build --cpu-streams`` does).
     """
 
     def one(i):
         ids = torch.from_numpy(windows[i : i + batch]).to(teacher.device)
         with torch.inference_mode():
-            if build_head:
+            if model is None:
                 hidden = teacher.hidden_states(ids)
                 teacher.head(hidden.reshape(-1, hidden.shape[-1]))
             else:
-                teacher.model(input_ids=ids).logits
+                model(input_ids=ids).logits
 
     def run():
         starts = range(0, len(windows), batch)
@@ -85,6 +88,14 @@ def forward_pass(teacher, windows: np.ndarray, batch: int, streams: int = 1, bui
             torch.cuda.synchronize()
 
     return run
+
+
+def plain_model(teacher):
+    """The teacher's checkpoint loaded the way a user's script would: ``AutoModelForCausalLM``, nothing rerouted."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher.path), dtype=teacher.torch_dtype, local_files_only=True)
+    return model.to(teacher.device).eval()
 
 
 def build_table(args, work: Path) -> list[str]:
@@ -105,14 +116,16 @@ def build_table(args, work: Path) -> list[str]:
 
         fresh_build()
         cases[method] = fresh_build
-        cases[f"{method}-torch"] = torch_targets_only(fresh_build)
+        cases[f"{method}-torch"] = switched_off(fresh_build, native.ENV_SWITCH, native.library.cache_clear)
+        cases[f"{method}-linear"] = switched_off(fresh_build, ONEDNN_SWITCH)
     manifest = json.loads((work / "build-topk" / "manifest.json").read_text())
     windows = np.concatenate([read_shard(work / "build-topk" / s["file"]).input_ids for s in manifest["shards"]]).astype(np.int64)
     tokens = windows.size
-    cases = {"forward": forward_pass(teacher, windows, args.batch_size),
-             "forward-head": forward_pass(teacher, windows, args.batch_size, build_head=True), **cases}
+    model = plain_model(teacher)
+    cases = {"forward": forward_pass(teacher, windows, args.batch_size, model=model),
+             "forward-head": forward_pass(teacher, windows, args.batch_size), **cases}
     if teacher.device.type == "cpu" and torch.get_num_threads() > 1:
-        cases["forward-streams"] = forward_pass(teacher, windows, args.batch_size, streams=2)
+        cases["forward-streams"] = forward_pass(teacher, windows, args.batch_size, streams=2, model=model)
     # Rounds interleave the cases, so a slow spell on a shared machine hits all of them; best of the rounds.
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(args.rounds):
@@ -123,29 +136,33 @@ def build_table(args, work: Path) -> list[str]:
     def row(label: str, seconds: float) -> str:
         return f"| {label} | {tokens / seconds:,.0f} | {fwd / seconds:.2f} | {fwd_head / seconds:.2f} |"
 
-    rows = ["| stage | tokens/s | ratio to bare forward | ratio to bare forward with the build's head |",
+    rows = ["| stage | tokens/s | ratio to bare forward | ratio to the build's own forward |",
             "|---|---:|---:|---:|",
-            row("bare forward (`model(ids).logits`, one batch at a time)", fwd),
-            row("bare forward with the build's head (decoder, then `teacher.head` on every position)", fwd_head)]
+            row("bare forward (`model(ids).logits`, the model as `AutoModelForCausalLM` loads it)", fwd),
+            row("the build's own forward (`teacher.hidden_states`, then `teacher.head` on every position)", fwd_head)]
     if "forward-streams" in best:
         rows.append(row("bare forward, 2 batches at once on 1 thread each", best["forward-streams"]))
     for method, label in (("topk", "build topk k=32"), ("sample", "build sample N=50")):
         rows.append(row(f"{label} (whole `run_build`)", best[method]))
+        rows.append(row(f"{label}, torch's linears (`LOGITCACHE_ONEDNN=0`)", best[f"{method}-linear"]))
         rows.append(row(f"{label}, torch targets (`LOGITCACHE_NATIVE=0`)", best[f"{method}-torch"]))
     return rows
 
 
-def torch_targets_only(fn):
-    """``fn`` run with the compiled target kernels switched off (the torch path of ``row_targets``)."""
+def switched_off(fn, switch: str, reset=None):
+    """``fn`` run with the environment switch ``switch`` set to 0 (``reset``: what to call around it
+    so the switch is read again): the compiled target kernels or the oneDNN linears."""
 
     def run():
-        os.environ[native.ENV_SWITCH] = "0"
-        native.library.cache_clear()
+        os.environ[switch] = "0"
+        if reset:
+            reset()
         try:
             return fn()
         finally:
-            del os.environ[native.ENV_SWITCH]
-            native.library.cache_clear()
+            del os.environ[switch]
+            if reset:
+                reset()
 
     return run
 
@@ -165,7 +182,8 @@ def sampler_table(vocabs: list[int], rows_per_call: int) -> list[str]:
         times = {}
         for method in ("sample", "topk"):
             targets = partial(row_targets, logits, labels, keys, TargetSpec(method, k=32, samples=50))
-            times[method] = (timed(torch_targets_only(targets), clock=time.thread_time), timed(targets, clock=time.thread_time))
+            torch_path = switched_off(targets, native.ENV_SWITCH, native.library.cache_clear)
+            times[method] = (timed(torch_path, clock=time.thread_time), timed(targets, clock=time.thread_time))
         # What users write: multinomial on the probabilities (counting ids afterwards is extra and not timed).
         theirs = timed(partial(torch.multinomial, torch.softmax(logits, -1), 50, replacement=True), clock=time.thread_time)
         cells = [f"{rows_per_call / t:,.0f}" for t in times["sample"]] + [f"{times['sample'][0] / times['sample'][1]:.1f}"]

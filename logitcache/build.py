@@ -18,11 +18,11 @@ import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
-from threading import Thread
+from queue import Full, Queue
+from threading import Event, Thread
 
 import numpy as np
 
@@ -271,7 +271,8 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     piece = settings.shard_size if settings.backend == "vllm" else settings.batch_size
     pieces = _background(_pieces(itertools.chain([first], windows), settings.shard_size, piece),
                          depth=max(1, settings.shard_size // piece))
-    with _frozen_heap(), ThreadPoolExecutor(max_workers=2) as host, _cpu_streams(teacher, settings.cpu_streams) as streams:
+    with (closing(pieces), _frozen_heap(), ThreadPoolExecutor(max_workers=2) as host,
+          _cpu_streams(teacher, settings.cpu_streams) as streams):
         write: Future | None = None
         in_flight: deque[Future] = deque()
         batches: list[Future] = []
@@ -334,24 +335,45 @@ def _pieces(windows: Iterator[np.ndarray], shard_size: int, size: int) -> Iterat
             piece = following
 
 
+TOKENIZER_THREAD = "logitcache-tokenizer"
+
+
 def _background(items: Iterator, depth: int = 1) -> Iterator:
-    """Run ``items`` (tokenization and packing) in a thread, ``depth`` items ahead of the consumer."""
+    """Run ``items`` (tokenization and packing) in a thread, ``depth`` items ahead of the consumer.
+
+    A consumer that stops early (an error in the build) stops the thread too: it would otherwise
+    stay blocked on the full queue for the life of the process, holding the corpus open.
+    """
     queue: Queue = Queue(maxsize=depth)
     done = object()
+    stop = Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                queue.put(item)
-            queue.put(done)
+                if not hand_over(item):
+                    return
+            hand_over(done)
         except BaseException as exc:  # handed to the consumer, raised there
-            queue.put(exc)
+            hand_over(exc)
 
-    Thread(target=produce, daemon=True).start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    Thread(target=produce, name=TOKENIZER_THREAD, daemon=True).start()
+    try:
+        while (item := queue.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 @contextmanager

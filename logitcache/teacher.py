@@ -87,14 +87,14 @@ def head_chunk_rows(chunk_mib: int, vocab_size: int, spec: TargetSpec | None = N
 ONEDNN_SWITCH = "LOGITCACHE_ONEDNN"
 
 
-def _onednn_linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(hidden, weight, None, "none", [], "")
+def _onednn_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(hidden, weight, bias, "none", [], "")
 
 
 @functools.cache
 def onednn_usable() -> bool:
     """Whether this process's torch runs oneDNN's linear: decided once, by a small probe against
-    ``torch.nn.functional.linear``, so that a build never mixes the two heads across its shards."""
+    ``torch.nn.functional.linear``, so that a build never mixes the two kinds of linears across its shards."""
     if platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkldnn.is_available():
         return False
     probe = torch.linspace(-1.0, 1.0, 3 * 16).reshape(3, 16)
@@ -102,28 +102,45 @@ def onednn_usable() -> bool:
         with torch.inference_mode():
             ok = torch.allclose(_onednn_linear(probe, probe), torch.nn.functional.linear(probe, probe), rtol=1e-5, atol=1e-5)
     except (RuntimeError, AttributeError, TypeError) as exc:  # a torch without the op, or with another signature
-        log.warning("oneDNN linear is unavailable (%s); the CPU output head uses torch.nn.functional.linear", exc)
+        log.warning("oneDNN linear is unavailable (%s); CPU teachers use torch.nn.functional.linear", exc)
         return False
     if not ok:
-        log.warning("oneDNN linear disagrees with torch.nn.functional.linear; the CPU output head uses the latter")
+        log.warning("oneDNN linear disagrees with torch.nn.functional.linear; CPU teachers use the latter")
     return ok
 
 
-def linear(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``hidden @ weight.T``; float32 on x86 CPUs through oneDNN rather than torch's default BLAS.
+def linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``hidden @ weight.T (+ bias)``; float32 on x86 CPUs through oneDNN rather than torch's default BLAS.
 
     torch's CPU ``linear`` calls MKL, which runs its AVX2 kernels on AMD processors; oneDNN (shipped
-    inside torch) uses AVX-512 where the CPU has it: 2.1-2.3× faster on this project's AMD machine
-    (``bench_build.py --tables head``, benchmarks/RESULTS.md). Results agree to float32 rounding,
+    inside torch) uses AVX-512 where the CPU has it: 2.1-2.3× faster for output heads on this
+    project's AMD machine (``bench_build.py --tables head``, benchmarks/RESULTS.md). Results agree to float32 rounding,
     not bit for bit. Inference only (the op has no gradient): anything needing one, other dtypes and
     devices, ``LOGITCACHE_ONEDNN=0``, ``torch.backends.mkldnn.enabled = False`` and a torch without
     the op (:func:`onednn_usable`) take ``torch.nn.functional.linear``.
     """
-    if (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32 and hidden.ndim == 2
-            and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+    if (hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
             and os.environ.get(ONEDNN_SWITCH) != "0" and torch.backends.mkldnn.enabled and onednn_usable()):
-        return _onednn_linear(hidden, weight)
-    return torch.nn.functional.linear(hidden, weight)
+        return _onednn_linear(hidden, weight, bias)
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def _linear_forward(module: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    return linear(hidden, module.weight, module.bias)
+
+
+def route_linears(model: torch.nn.Module) -> int:
+    """Run every plain ``nn.Linear`` of an inference-only CPU ``model`` through :func:`linear`; returns how many.
+
+    The decoder's projections are most of a small teacher's compute and hit the same AVX2 path as
+    the output head. Subclasses (quantised layers and the like) keep their own forward.
+    """
+    layers = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    for layer in layers:
+        layer.forward = functools.partial(_linear_forward, layer)
+    return len(layers)
 
 
 def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
@@ -184,6 +201,8 @@ class HFTeacher:
         except Exception as exc:
             raise LogitcacheError(f"cannot load teacher from {self.path}: {exc}") from exc
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu" and self.torch_dtype == torch.float32:
+            route_linears(self.model)  # oneDNN on x86 (see linear); the model is only ever run for inference here
         self.config = model.config
         self.head_weight = model.get_output_embeddings().weight
         self.vocab_size = int(self.head_weight.shape[0])

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import zstandard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import SEQ_LEN, build_cache
-from logitcache.build import BuildSettings, run_build
+from logitcache.build import TOKENIZER_THREAD, BuildSettings, run_build
 from logitcache.errors import LogitcacheError
 from logitcache.manifest import read_manifest
 from logitcache.shards import read_shard
@@ -360,6 +361,21 @@ def test_a_teacher_giving_nan_is_refused_before_writing(teacher_dir, corpus_file
         assert not list((tmp_path / method).glob("shard-*.parquet"))
 
 
+def test_a_failed_build_stops_its_tokenizer_thread(teacher_dir, corpus_file, tmp_path):
+    def poison(model, tokenizer):
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+
+    broken = _edited_teacher(teacher_dir, tmp_path / "nan-teacher", poison)
+    # one window per batch and two per shard: the corpus's windows are far more than the thread's queue holds
+    with pytest.raises(LogitcacheError, match="NaN"):
+        build_cache(broken, corpus_file, tmp_path / "out", batch_size=1, shard_size=2)
+    tokenizers = [t for t in threading.enumerate() if t.name == TOKENIZER_THREAD]
+    for thread in tokenizers:
+        thread.join(timeout=30)  # a thread blocked on its queue for good would still be alive
+    assert not [t for t in tokenizers if t.is_alive()]
+
+
 def test_nan_targets_are_named_by_sequence(topk_cache):
     from logitcache.build import check_finite
 
@@ -427,7 +443,7 @@ def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
     monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
     calls = []
     real = teacher._onednn_linear
-    monkeypatch.setattr(teacher, "_onednn_linear", lambda h, w: calls.append(h.shape) or real(h, w))
+    monkeypatch.setattr(teacher, "_onednn_linear", lambda h, w, b=None: calls.append(h.shape) or real(h, w, b))
     onednn = teacher.onednn_usable()
     g = torch.Generator().manual_seed(0)
     for rows, hidden, vocab in ((1, 8, 5), (37, 100, 2000), (256, 128, 2048)):
@@ -450,10 +466,10 @@ def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
 def test_output_head_falls_back_when_onednn_is_unusable(monkeypatch, caplog, broken):
     from logitcache import teacher
 
-    def op(hidden, weight):
+    def op(hidden, weight, bias=None):
         if broken == "raises":
             raise RuntimeError("No such operator mkldnn::_linear_pointwise")
-        return torch.nn.functional.linear(hidden, weight) + 1.0
+        return torch.nn.functional.linear(hidden, weight, bias) + 1.0
 
     monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
     monkeypatch.setattr(teacher, "_onednn_linear", op)
@@ -464,9 +480,40 @@ def test_output_head_falls_back_when_onednn_is_unusable(monkeypatch, caplog, bro
         assert torch.equal(teacher.linear(h, w), torch.nn.functional.linear(h, w))
         assert not teacher.onednn_usable()
         if torch.backends.mkldnn.is_available():
-            assert "the CPU output head uses" in caplog.text
+            assert "CPU teachers use" in caplog.text
     finally:
         teacher.onednn_usable.cache_clear()
+
+
+def test_cpu_teacher_runs_its_decoder_linears_through_onednn(monkeypatch, teacher_dir):
+    from transformers import AutoModelForCausalLM
+
+    from logitcache import teacher
+    from logitcache.teacher import HFTeacher
+
+    monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
+    onednn = teacher.onednn_usable()  # its probe, if it runs now, is not the model's
+    calls = []
+    real = teacher._onednn_linear
+    monkeypatch.setattr(teacher, "_onednn_linear", lambda h, w, b=None: calls.append(w.shape) or real(h, w, b))
+    ours = HFTeacher(teacher_dir, device="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(str(teacher_dir), local_files_only=True).eval()
+    linears = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.randint(0, ours.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        routed = ours.hidden_states(ids)
+        reference = plain.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+        logits = ours.model(input_ids=ids).logits
+    torch.testing.assert_close(routed, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, plain(input_ids=ids).logits.detach(), rtol=1e-4, atol=1e-4)
+    if onednn:  # every projection of the decoder and the model's lm_head went through oneDNN
+        assert len(linears) > 2 and len(calls) == 2 * len(linears) - 1
+    made = len(calls)
+    ours.model(input_ids=ids).logits.sum().backward()  # outside inference mode with trainable weights: torch's linear
+    assert len(calls) == made and all(p.grad is not None for p in ours.model.get_decoder().parameters() if p.requires_grad)
+    monkeypatch.setenv(teacher.ONEDNN_SWITCH, "0")
+    with torch.inference_mode():
+        assert torch.equal(ours.hidden_states(ids), reference) and len(calls) == made
 
 
 def test_null_text_is_an_empty_document_in_every_format(tmp_path):
