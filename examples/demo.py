@@ -71,7 +71,8 @@ def main() -> None:
     logitcache(
         "train", "--corpus", corpus, "--tokenizer", out / "tokenizer", "--init-from", out / "teacher-init",
         "--out", out / "teacher-run", "--seq-len", args.seq_len, "--steps", args.teacher_steps,
-        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 50, "--eval-every", args.teacher_steps, "--save-every", args.teacher_steps,
+        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", min(50, args.teacher_steps - 1),
+        "--eval-every", args.teacher_steps, "--save-every", args.teacher_steps,
     )
     teacher = out / "teacher-run" / "student"
 
@@ -88,7 +89,8 @@ def main() -> None:
         logitcache(
             "train", "--cache", out / "cache-sample", "--loss", loss, "--out", out / f"student-{loss}",
             "--student", args.student_preset, "--steps", args.student_steps, "--batch-size", 16, "--lr", 3e-3,
-            "--warmup-steps", 20, "--eval-every", args.student_steps, "--save-every", args.student_steps,
+            "--warmup-steps", min(20, args.student_steps - 1), "--eval-every", args.student_steps,
+            "--save-every", args.student_steps,
         )
 
     summary = json.loads(subprocess.run(

@@ -202,7 +202,8 @@ def train(
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step; a step takes batch-size x grad-accum x processes windows (the global batch).")] = 1,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 6e-4,
     min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at lr x this ratio.")] = 0.1,
-    warmup_steps: Annotated[int, typer.Option(help="Steps of linear warmup from 0 to --lr.")] = 100,
+    warmup_steps: Annotated[int | None, typer.Option(
+        help="Steps of linear warmup to --lr; below --steps. Default: 100, or a tenth of --steps if that is less.")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices (not norms or biases).")] = 0.1,
     clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: no clipping).")] = 1.0,
     alpha: Annotated[float, typer.Option(help="Weight of CE on gold tokens: loss = (1 - alpha) x kd + alpha x ce.")] = 0.0,

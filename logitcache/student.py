@@ -22,7 +22,7 @@ import torch
 
 from logitcache.errors import LogitcacheError
 from logitcache.loader import check_student_vocab
-from logitcache.teacher import tokenizer_fingerprint
+from logitcache.teacher import context_length, tokenizer_fingerprint
 from logitcache.tiny import MODEL_PRESETS, llama_config
 
 
@@ -106,12 +106,19 @@ def logits_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
-def check_student(model, manifest: Mapping | None, tokenizer=None) -> None:
+def check_student(model, manifest: Mapping | None, tokenizer=None, seq_len: int | None = None) -> None:
     """Refuse a student that cannot learn from the data.
 
     With a cache (``manifest``): the logits dimension must equal the cache's ``vocab_size`` and a
-    given tokenizer must be the cache's. From raw text: one logit at least per tokenizer id.
+    given tokenizer must be the cache's. From raw text: one logit at least per tokenizer id. Its
+    context (as its config states it) must hold windows of ``seq_len`` tokens.
     """
+    context = context_length(model.config)
+    if seq_len is not None and context is not None and context < seq_len:
+        raise LogitcacheError(
+            f"the student takes at most {context} positions (its config) but the windows are {seq_len} tokens; "
+            "give it a longer context (max_position_embeddings, n_positions, ...) or train on shorter windows"
+        )
     size = logits_size(model)
     if manifest is not None:
         fingerprint = None if tokenizer is None else tokenizer_fingerprint(tokenizer)

@@ -218,7 +218,7 @@ class HFTeacher:
     def describe(self) -> dict:
         return {
             "backend": self.backend,
-            "path": str(self.path),
+            "path": str(self.path.resolve()),  # train finds the tokenizer here, from any folder
             "name": self.path.name,
             "architecture": (self.config.architectures or [type(self.model).__name__])[0],
             "dtype": self.dtype,

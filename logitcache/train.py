@@ -65,7 +65,7 @@ from torch.nn.parallel import DistributedDataParallel
 from logitcache.atomic import TMP_SUFFIX, fsync_path, write_atomic
 from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
 from logitcache.errors import LogitcacheError
-from logitcache.fused import fused_loss, output_head, student_hidden, supports
+from logitcache.fused import default_chunk_rows, fused_loss, output_head, student_hidden, supports
 from logitcache.loader import CacheDataset, collate
 from logitcache.losses import LOSSES, LossOutput, ce_loss, check_options, default_temperature, get_loss
 from logitcache.manifest import read_manifest
@@ -114,7 +114,7 @@ class TrainSettings:
     grad_accum: int = 1
     lr: float = 6e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: default_warmup(steps)
     weight_decay: float = 0.1
     clip: float = 1.0
     alpha: float = 0.0
@@ -163,7 +163,8 @@ class TrainSettings:
             (self.grad_accum >= 1, f"--grad-accum {self.grad_accum}: must be at least 1"),
             (self.lr > 0, f"--lr {self.lr}: must be positive"),
             (0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio {self.min_lr_ratio}: must lie in [0, 1]"),
-            (self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0"),
+            (self.warmup_steps is None or 0 <= self.warmup_steps < self.steps,
+             f"--warmup-steps {self.warmup_steps}: must be >= 0 and below --steps {self.steps} (else the LR never decays)"),
             (self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0"),
             (self.clip >= 0, f"--clip {self.clip}: must be >= 0 (0 turns clipping off)"),
             (0 <= self.alpha <= 1, f"--alpha {self.alpha}: must lie in [0, 1] ((1 - alpha) * kd + alpha * ce)"),
@@ -184,6 +185,11 @@ class TrainSettings:
             if self.eval_cache is not None and self.eval_every:
                 make_loss(self, read_manifest(self.eval_cache), 0.0, source="--eval-cache")
 
+    @property
+    def warmup(self) -> int:
+        """``--warmup-steps``, else :func:`default_warmup` of ``--steps``."""
+        return default_warmup(self.steps) if self.warmup_steps is None else self.warmup_steps
+
     def loss_options(self) -> dict[str, float | str]:
         """The loss-specific options given (``skew``, ``k``, ...), as the loss's keyword arguments."""
         given = {field: getattr(self, field) for field in LOSS_OPTIONS}
@@ -192,6 +198,11 @@ class TrainSettings:
     def to_json(self) -> dict:
         """The settings as JSON values (paths as strings)."""
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def default_warmup(steps: int) -> int:
+    """Warmup steps when ``--warmup-steps`` is not given: 100, or a tenth of the run if that is less."""
+    return min(100, steps // 10)
 
 
 def _enforce(rules: list[tuple[bool, str]]) -> None:
@@ -427,7 +438,7 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _cache_tokenizer(settings: TrainSettings, manifest: Mapping):
+def _cache_tokenizer(settings: TrainSettings, manifest: Mapping, world: World):
     """``--tokenizer``, else the teacher folder's if it is still there and is the cache's; else None."""
     if settings.tokenizer is not None:
         return load_tokenizer(settings.tokenizer)
@@ -439,11 +450,12 @@ def _cache_tokenizer(settings: TrainSettings, manifest: Mapping):
             tokenizer = None
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) == manifest["tokenizer"]["fingerprint"]:
             return tokenizer
-    log.info("no tokenizer for the student: pass --tokenizer to save one beside it")
+    if world.main:
+        log.info("no tokenizer for the student: pass --tokenizer to save one beside it")
     return None
 
 
-def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int) -> tuple[list[Batch], dict]:
+def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int, world: World) -> tuple[list[Batch], dict]:
     """The first ``eval_windows`` windows of ``--eval-cache`` (or the cache's held-out split), in order,
     and the manifest of the cache they come from."""
     source = settings.eval_cache or settings.cache
@@ -457,7 +469,10 @@ def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int
             f"--eval-cache {source} has vocab_size {other['vocab_size']} and another tokenizer than --cache "
             f"{settings.cache} (vocab_size {manifest['vocab_size']}); evaluate on a cache built with the same tokenizer"
         )
-    windows = itertools.islice(dataset, settings.eval_windows)
+    windows = list(itertools.islice(dataset, settings.eval_windows))
+    if len(windows) < settings.eval_windows and world.main:
+        log.info("--eval-cache %s has %d windows, fewer than --eval-windows %d: evaluating on those",
+                 source, len(windows), settings.eval_windows)
     return [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)], other
 
 
@@ -465,6 +480,12 @@ def open_cache(settings: TrainSettings, step_windows: int, world: World, lanes: 
     """Train stream (this process's part of global batches of ``step_windows``) and eval batches from
     ``--cache`` (eval: ``--eval-cache`` or a held-out split; every process holds all of them)."""
     holdout = settings.eval_windows if settings.eval_every and settings.eval_cache is None else 0
+    sequences = read_manifest(settings.cache)["totals"]["sequences"]
+    if holdout >= sequences:
+        raise LogitcacheError(
+            f"--eval-windows {holdout} holds out that many windows of --cache {settings.cache} for eval, but it has "
+            f"{sequences}; lower --eval-windows, or evaluate on another cache with --eval-cache"
+        )
     dataset = CacheDataset(
         settings.cache, seed=settings.seed, global_batch_size=step_windows, lanes=lanes,
         rank=world.rank, world_size=world.size, holdout=holdout,
@@ -475,7 +496,7 @@ def open_cache(settings: TrainSettings, step_windows: int, world: World, lanes: 
             f"--cache {settings.cache} has {manifest['totals']['sequences'] - holdout} training windows "
             f"({holdout} held out for eval), fewer than one step's --batch-size x --grad-accum x processes = {step_windows}"
         )
-    eval_batches, eval_manifest = _eval_cache_batches(settings, manifest, holdout) if settings.eval_every else ([], manifest)
+    eval_batches, eval_manifest = _eval_cache_batches(settings, manifest, holdout, world) if settings.eval_every else ([], manifest)
     return Data(
         train=CacheStream(dataset),
         eval_batches=eval_batches,
@@ -483,7 +504,7 @@ def open_cache(settings: TrainSettings, step_windows: int, world: World, lanes: 
         eval_manifest=eval_manifest,
         vocab_size=manifest["vocab_size"],
         seq_len=manifest["seq_len"],
-        tokenizer=_cache_tokenizer(settings, manifest),
+        tokenizer=_cache_tokenizer(settings, manifest, world),
         eos_token_id=manifest["tokenizer"]["eos_token_id"],
     )
 
@@ -620,14 +641,34 @@ def eval_share(batches: list[Batch], world: World) -> list[tuple[Batch, bool]]:
     return [(batch, True) for batch in mine] + [(batches[0], False)] * padding
 
 
+def head_stats(hidden_rows: Tensor, head: torch.nn.Linear, labels: Tensor, chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(cross-entropy at labels, top-1 probability, top-1 id)``, each ``[R]``, of the logits
+    ``head(hidden_rows [R, H])``, made ``chunk_rows`` rows at a time: the ``[R, V]`` logits never exist."""
+    losses, confidences, predictions = [], [], []
+    for start in range(0, hidden_rows.shape[0], chunk_rows):
+        logits = head(hidden_rows[start : start + chunk_rows]).float()
+        lse = logits.logsumexp(-1)
+        top, prediction = logits.max(-1)
+        gold = logits.gather(-1, labels[start : start + chunk_rows, None]).squeeze(-1)
+        losses.append(lse - gold)
+        confidences.append((top - lse).exp())
+        predictions.append(prediction)
+    if not losses:
+        return (hidden_rows.new_zeros(0, dtype=torch.float32),) * 2 + (labels.new_zeros(0),)
+    return torch.cat(losses), torch.cat(confidences), torch.cat(predictions)
+
+
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: Data, kd_loss: Callable | None, device: torch.device, autocast, world: World = World()
+    model: torch.nn.Module, data: Data, kd_loss: Callable | None, device: torch.device, autocast, world: World = World(),
+    head: torch.nn.Linear | None = None,
 ) -> dict:
     """Mean LM loss on gold tokens, mean KD loss, ECE and top-1 agreement with the teacher.
 
     Over the counted positions of ``data.eval_batches``, split over the processes and summed;
-    ``kd_loss`` None skips the KD loss; the agreement needs a teacher (a cache).
+    ``kd_loss`` None skips the KD loss; the agreement needs a teacher (a cache). With ``head``
+    (the fused loss's) the logits are made in chunks of rows from the final hidden states, as in
+    training, and ``kd_loss`` takes hidden states; else from the model's ``[B, T, V]`` logits.
     """
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # LM loss, KD loss, agreement, positions
@@ -635,16 +676,26 @@ def evaluate(
     for batch, counts in eval_share(data.eval_batches, world):
         batch = to_device(batch, device)
         with autocast:
-            logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+            if head is not None:
+                outputs = student_hidden(model, batch["input_ids"])[:, :-1]
+            else:
+                outputs = model(input_ids=batch["input_ids"]).logits[:, :-1]
         if not counts:
             continue
-        logits = logits.float()
         keep = batch["position_mask"]
-        confidence, prediction = logits[keep].softmax(-1).max(-1)
+        if head is not None:
+            chunk_rows = default_chunk_rows(head.weight.shape[0], head.weight.shape[1], device)
+            with autocast:
+                lm, confidence, prediction = head_stats(outputs[keep], head, batch["labels"][keep], chunk_rows)
+            sums[0] += lm.double().sum()
+        else:
+            outputs = outputs.float()
+            confidence, prediction = outputs[keep].softmax(-1).max(-1)
+            sums[0] += ce_loss(outputs, batch).total.double()
         bins += calibration_bins(confidence, prediction == batch["labels"][keep])
-        sums[0] += ce_loss(logits, batch).total.double()
         if kd_loss is not None:
-            sums[1] += kd_loss(logits, batch).total.double()
+            with autocast if head is not None else nullcontext():  # the fused loss's matmuls as in training
+                sums[1] += kd_loss(outputs, batch).total.double()
         if data.manifest is not None:
             sums[2] += (prediction == teacher_top_ids(batch)[keep]).sum()
         sums[3] += keep.sum()
@@ -782,6 +833,8 @@ def _comparable(settings: Mapping) -> dict:
     values = {k: str(Path(v).resolve()) if k in paths and v is not None else v for k, v in settings.items()}
     if values.get("temperature") is None and values.get("loss") in LOSSES:
         values["temperature"] = default_temperature(values["loss"])
+    if values.get("warmup_steps") is None and isinstance(values.get("steps"), int):
+        values["warmup_steps"] = default_warmup(values["steps"])
     return values
 
 
@@ -807,6 +860,11 @@ def prepare_out(settings: TrainSettings, world: World = World()) -> tuple[Path |
     found = find_checkpoint(out)
     if found is not None and not settings.resume:
         raise LogitcacheError(f"--out {out} holds a training run ({found.name}/); pass --resume to continue it or choose another --out")
+    if found is None and (out / STUDENT_NAME / "config.json").is_file():  # its checkpoint deleted to save space
+        raise LogitcacheError(
+            f"--out {out} holds a trained student ({STUDENT_NAME}/) and no checkpoint to resume it from; "
+            f"choose another --out (or delete {out / STUDENT_NAME} to train there from scratch)"
+        )
     state = None
     if settings.resume and found is not None:
         state = torch.load(found / TRAINER_STATE, map_location="cpu", weights_only=True)
@@ -901,12 +959,12 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
             vocab_size=data.vocab_size, max_positions=max(1024, data.seq_len),
             eos_token_id=data.eos_token_id, pad_token_id=getattr(data.tokenizer, "pad_token_id", None),
         )
-    check_student(student, data.manifest, data.tokenizer)
+    check_student(student, data.manifest, data.tokenizer, data.seq_len)
     if settings.fsdp and world.size == 1:
         log.info("--fsdp on one process: nothing to shard, the student stays whole")
     model = distribute(student, world, device, settings.fsdp)
     optimizer = make_optimizer(student, settings, device)
-    schedule = partial(lr_factor, warmup_steps=settings.warmup_steps, steps=settings.steps, min_lr_ratio=settings.min_lr_ratio)
+    schedule = partial(lr_factor, warmup_steps=settings.warmup, steps=settings.steps, min_lr_ratio=settings.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     step = 0
     if checkpoint is not None:
@@ -923,7 +981,7 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
             log.info("this student's logits are not its head applied to its hidden states: plain loss")
     train_loss = make_loss(settings, data.manifest, settings.alpha, head)
     # The eval KD loss reads the eval cache's targets by that cache's own build (its proposal temperature).
-    kd_loss = make_loss(settings, data.eval_manifest, 0.0, source="--eval-cache") if settings.loss not in (None, "ce") else None
+    kd_loss = make_loss(settings, data.eval_manifest, 0.0, head, source="--eval-cache") if settings.loss not in (None, "ce") else None
     forward = torch.compile(model) if settings.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     if device.type == "cuda":
@@ -979,7 +1037,7 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
             record({"kind": "train", "step": step, "loss": (step_loss / step_tokens).item(), "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens": int(step_tokens)})
             if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
-                record({"kind": "eval", "step": step, **evaluate(student, data, kd_loss, device, autocast, world)})
+                record({"kind": "eval", "step": step, **evaluate(student, data, kd_loss, device, autocast, world, head)})
             if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
                 state = {"step": step, "optimizer": optimizer_state(student, optimizer, world, settings.fsdp),
                          "scheduler": scheduler.state_dict(), "data": data.train.state_dict(), "rng": rng_state(),

@@ -528,3 +528,10 @@ def test_null_text_is_an_empty_document_in_every_format(tmp_path):
 def test_run_build_rejects_bad_settings(teacher_dir, corpus_file, tmp_path):
     with pytest.raises(LogitcacheError, match="worker-index"):
         run_build(BuildSettings(teacher=teacher_dir, corpus=corpus_file, out=tmp_path, num_workers=2, worker_index=2))
+
+
+def test_the_manifest_names_the_teacher_by_an_absolute_path(teacher_dir, monkeypatch):
+    from logitcache.teacher import HFTeacher
+
+    monkeypatch.chdir(teacher_dir.parent)  # train looks the tokenizer up by this path, from wherever it runs
+    assert HFTeacher(Path(teacher_dir.name), device="cpu").describe()["path"] == str(teacher_dir.resolve())

@@ -42,7 +42,7 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LOGITCACHE_DEBUG": "1",
 
 def _small(out: Path, **options) -> TrainSettings:
     """Settings of a few-step nano run on the CPU; ``options`` override."""
-    defaults = dict(student="nano", steps=8, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=4,
+    defaults = dict(student="nano", steps=8, batch_size=4, lr=3e-3, warmup_steps=None, eval_every=4,
                     eval_windows=8, save_every=0, device="cpu")
     return TrainSettings(out=out, **{**defaults, **options})
 
@@ -180,6 +180,66 @@ def test_a_folder_holding_a_run_needs_resume(world):
         run_train(replace(world.teacher_run, steps=31, resume=True))
 
 
+def test_a_finished_student_whose_checkpoint_was_deleted_is_not_overwritten(world, tmp_path):
+    import shutil
+
+    settings = _small(tmp_path, cache=world.caches["topk"], loss="kl", steps=2, eval_every=0)
+    run_train(settings)
+    shutil.rmtree(tmp_path / "checkpoint")  # what a user does to save the optimizer's disk space
+    kept = {p: p.read_bytes() for p in [tmp_path / "metrics.jsonl", *(tmp_path / "student").iterdir()]}
+    for again in (settings, replace(settings, resume=True), replace(settings, seed=1)):
+        with pytest.raises(LogitcacheError, match="holds a trained student"):
+            run_train(again)
+    assert {p: p.read_bytes() for p in kept} == kept
+
+
+def test_a_student_whose_context_is_shorter_than_the_windows_is_refused(world, tmp_path):
+    import json
+
+    config = tmp_path / "gpt2.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "n_positions": 16, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                  "vocab_size": VOCAB}))
+    out = tmp_path / "out"
+    with pytest.raises(LogitcacheError, match=f"at most 16 positions .* windows are {SEQ_LEN} tokens"):
+        run_train(_small(out, cache=world.caches["topk"], loss="kl", student=None, student_config=config))
+    assert not out.exists()
+
+
+def test_evaluation_with_the_fused_head_makes_logits_by_chunks_of_rows(world, tmp_path):
+    from contextlib import nullcontext
+
+    from logitcache.fused import default_chunk_rows, output_head
+    from logitcache.student import build_student
+    from logitcache.train import World, evaluate, make_loss, open_cache
+
+    settings = _small(tmp_path, cache=world.caches["topk"], loss="topk-ghost", batch_size=24, eval_windows=48)
+    data = open_cache(settings, 24, World(), 1)
+    torch.manual_seed(0)
+    student = build_student(preset="nano", config_file=None, init_from=None, vocab_size=VOCAB, max_positions=1024,
+                            eos_token_id=data.eos_token_id)
+    head = output_head(student, torch.arange(8)[None])
+    rows = default_chunk_rows(VOCAB, head.weight.shape[1], "cpu")
+    assert head is not None and 24 * (SEQ_LEN - 1) > rows  # one eval batch's rows take several chunks
+    made = []
+    head.register_forward_hook(lambda module, inputs, output: made.append(output.shape[:-1].numel()))
+    cpu = torch.device("cpu")
+    plain = evaluate(student, data, make_loss(settings, data.manifest, 0.0), cpu, nullcontext())
+    assert max(made) == 24 * SEQ_LEN  # the plain path's [B, T, V] logits: what the check below would catch
+    made.clear()
+    chunked = evaluate(student, data, make_loss(settings, data.manifest, 0.0, head), cpu, nullcontext(), head=head)
+    assert made and max(made) <= rows
+    assert chunked.keys() == plain.keys() and chunked["tokens"] == plain["tokens"] == 48 * (SEQ_LEN - 1)
+    for key in ("lm_loss", "kd_loss", "ece", "top1_agreement"):
+        assert chunked[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+
+
+def test_a_short_eval_cache_is_noted(world, tmp_path, caplog):
+    caplog.set_level("INFO", logger="logitcache")
+    run_train(_small(tmp_path, cache=world.caches["topk"], loss="kl", eval_cache=world.caches["topk"], steps=1,
+                     eval_every=1, eval_windows=100_000))
+    assert "has " in caplog.text and "fewer than --eval-windows 100000: evaluating on those" in caplog.text
+
+
 def test_settings_are_checked_before_any_work(tmp_path):
     cases = [
         (dict(), "--cache"),
@@ -197,6 +257,7 @@ def test_settings_are_checked_before_any_work(tmp_path):
         (dict(cache=tmp_path, loss="rlkd", rank_temperature=-1.0), "rank_temperature=-1.0 must be > 0"),
         (dict(cache=tmp_path, loss="rlkd", rlkd_base="nope"), "unknown rlkd base loss 'nope'"),
         (dict(cache=tmp_path, loss="topk-ghost", temperature=2.0), "topk-ghost has no temperature"),
+        (dict(cache=tmp_path, loss="kl", warmup_steps=8), "--warmup-steps 8: must be >= 0 and below --steps 8"),
     ]
     for options, message in cases:
         with pytest.raises(LogitcacheError, match=message):
@@ -235,6 +296,12 @@ def test_resume_compares_what_the_settings_mean_not_how_they_are_spelled(tmp_pat
         _check_resumable(saved, _small(Path("out"), cache=Path("cache"), loss="bild", temperature=2.0))
     with pytest.raises(LogitcacheError, match="cache="):
         _check_resumable(saved, _small(Path("out"), cache=Path("other"), loss="bild"))
+    # the default warmup is what it resolves to: a checkpoint saved with it spelled out resumes without it
+    spelled = _small(Path("out"), cache=Path("cache"), loss="bild", steps=50, warmup_steps=5).to_json()
+    _check_resumable(spelled, _small(Path("out"), cache=Path("cache"), loss="bild", steps=50, warmup_steps=None))
+    with pytest.raises(LogitcacheError, match="warmup_steps=6 but this run has warmup_steps=5"):
+        _check_resumable({**spelled, "warmup_steps": 6}, _small(Path("out"), cache=Path("cache"), loss="bild", steps=50,
+                                                                warmup_steps=None))
 
 
 @pytest.mark.parametrize("loss, options, keywords", [
@@ -255,6 +322,11 @@ def test_loss_options_reach_the_loss(world, tmp_path, loss, options, keywords):
     bound = make_loss(settings, dataset.manifest, 0.0)(logits, batch).total
     assert bound == get_loss(loss)(logits, batch, **keywords).total
     assert bound != get_loss(loss)(logits, batch).total  # the options change the value, so the check can fail
+
+
+def test_default_warmup_is_a_tenth_of_a_short_run():
+    assert [TrainSettings(out=Path("o"), steps=n).warmup for n in (1, 50, 999, 1000, 5000)] == [0, 5, 99, 100, 100]
+    assert TrainSettings(out=Path("o"), steps=50, warmup_steps=7).warmup == 7
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -296,4 +368,4 @@ def test_an_error_found_after_the_checks_is_still_one_line(world, tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: holdout=100000 windows does not fit"), done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --eval-windows 100000 holds out"), done.stderr

@@ -354,7 +354,7 @@ class VLLMTeacher:
     def describe(self) -> dict:
         return {
             "backend": self.backend,
-            "path": str(self.path),
+            "path": str(self.path.resolve()),
             "name": self.path.name,
             "architecture": (getattr(self.config, "architectures", None) or [type(self.config).__name__])[0],
             "dtype": self.dtype,
