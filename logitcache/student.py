@@ -15,6 +15,7 @@ precision is the trainer's business (autocast).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from logitcache.errors import LogitcacheError
 from logitcache.loader import check_student_vocab
 from logitcache.teacher import context_length, tokenizer_fingerprint
 from logitcache.tiny import MODEL_PRESETS, llama_config
+
+log = logging.getLogger(__name__)
 
 
 def check_source(preset: str | None, config_file: Path | None, init_from: Path | None) -> None:
@@ -106,19 +109,34 @@ def logits_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def check_context(model, seq_len: int) -> None:
+    """Refuse a student with a learned position table shorter than the windows (GPT-2's ``wpe``:
+    an index error in the first step); note a config context shorter than the windows otherwise
+    (rotary positions run past it, as their config does not bound them)."""
+    inputs = model.get_input_embeddings()
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m is not inputs]
+    short = [m.num_embeddings for m in tables if m.num_embeddings < seq_len]
+    context = context_length(model.config)
+    if short:
+        raise LogitcacheError(
+            f"the student's position table holds {min(short)} positions but the windows are {seq_len} tokens; "
+            "give it a longer context (n_positions, max_position_embeddings, ...) or train on shorter windows"
+        )
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if context is not None and context < seq_len and main:
+        log.info("the student's config gives a context of %d positions, shorter than the %d-token windows; "
+                 "its positions are computed past it", context, seq_len)
+
+
 def check_student(model, manifest: Mapping | None, tokenizer=None, seq_len: int | None = None) -> None:
     """Refuse a student that cannot learn from the data.
 
     With a cache (``manifest``): the logits dimension must equal the cache's ``vocab_size`` and a
-    given tokenizer must be the cache's. From raw text: one logit at least per tokenizer id. Its
-    context (as its config states it) must hold windows of ``seq_len`` tokens.
+    given tokenizer must be the cache's. From raw text: one logit at least per tokenizer id. With
+    ``seq_len``: its positions must reach across a window (:func:`check_context`).
     """
-    context = context_length(model.config)
-    if seq_len is not None and context is not None and context < seq_len:
-        raise LogitcacheError(
-            f"the student takes at most {context} positions (its config) but the windows are {seq_len} tokens; "
-            "give it a longer context (max_position_embeddings, n_positions, ...) or train on shorter windows"
-        )
+    if seq_len is not None:
+        check_context(model, seq_len)
     size = logits_size(model)
     if manifest is not None:
         fingerprint = None if tokenizer is None else tokenizer_fingerprint(tokenizer)

@@ -52,7 +52,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -840,12 +840,21 @@ def _comparable(settings: Mapping) -> dict:
 
 def _check_resumable(saved: Mapping, settings: TrainSettings) -> None:
     current, saved = _comparable(settings.to_json()), _comparable(saved)
+    adopted = {"warmup_steps"} if settings.warmup_steps is None else set()  # not given: the checkpoint's (resumed)
     for key, value in saved.items():
-        if key not in RESUMABLE_CHANGES and current.get(key) != value:
+        if key not in RESUMABLE_CHANGES and key not in adopted and current.get(key) != value:
             raise LogitcacheError(
                 f"cannot resume: the checkpoint was trained with {key}={value!r} but this run has "
                 f"{key}={current.get(key)!r}; pass the options of the interrupted run"
             )
+
+
+def resumed(settings: TrainSettings, saved: Mapping) -> TrainSettings:
+    """``settings`` with what a resume takes from the checkpoint's ``saved`` settings when not given:
+    the warmup (a checkpoint from before its default became ``default_warmup`` keeps its 100)."""
+    if settings.warmup_steps is not None:
+        return settings
+    return replace(settings, warmup_steps=_comparable(saved)["warmup_steps"])
 
 
 def prepare_out(settings: TrainSettings, world: World = World()) -> tuple[Path | None, dict | None]:
@@ -942,6 +951,8 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
     """The loop of :func:`run_train` for process ``world.rank`` on ``device``."""
     out = Path(settings.out)
     checkpoint_dir, checkpoint = prepare_out(settings, world)
+    if checkpoint is not None:
+        settings = resumed(settings, checkpoint["settings"])
     check_same_start(world, checkpoint)
     # The order depends on lanes, so a resume keeps the checkpoint's whatever the number of processes.
     lanes = settings.lanes or (checkpoint["data"]["lanes"] if checkpoint is not None else world.size)

@@ -200,9 +200,20 @@ def test_a_student_whose_context_is_shorter_than_the_windows_is_refused(world, t
     config.write_text(json.dumps({"model_type": "gpt2", "n_positions": 16, "n_embd": 32, "n_layer": 1, "n_head": 2,
                                   "vocab_size": VOCAB}))
     out = tmp_path / "out"
-    with pytest.raises(LogitcacheError, match=f"at most 16 positions .* windows are {SEQ_LEN} tokens"):
+    with pytest.raises(LogitcacheError, match=f"position table holds 16 positions but the windows are {SEQ_LEN} tokens"):
         run_train(_small(out, cache=world.caches["topk"], loss="kl", student=None, student_config=config))
     assert not out.exists()
+
+
+def test_a_rotary_student_with_a_short_configured_context_trains_with_a_note(world, tmp_path, caplog):
+    import json
+
+    caplog.set_level("INFO", logger="logitcache")
+    config = tmp_path / "llama.json"
+    config.write_text(json.dumps({**llama_config(VOCAB, "nano", 16).to_dict(), "max_position_embeddings": 16}))
+    final = run_train(_small(tmp_path / "out", cache=world.caches["topk"], loss="kl", student=None, student_config=config,
+                             steps=2, eval_every=0))
+    assert math.isfinite(final["loss"]) and f"context of 16 positions, shorter than the {SEQ_LEN}-token" in caplog.text
 
 
 def test_evaluation_with_the_fused_head_makes_logits_by_chunks_of_rows(world, tmp_path):
@@ -287,7 +298,7 @@ def test_a_missing_tokenizer_folder_is_named(world, tmp_path):
 
 
 def test_resume_compares_what_the_settings_mean_not_how_they_are_spelled(tmp_path, monkeypatch):
-    from logitcache.train import _check_resumable
+    from logitcache.train import _check_resumable, resumed
 
     monkeypatch.chdir(tmp_path)
     saved = _small(Path("out"), cache=Path("cache"), loss="bild").to_json()
@@ -301,7 +312,13 @@ def test_resume_compares_what_the_settings_mean_not_how_they_are_spelled(tmp_pat
     _check_resumable(spelled, _small(Path("out"), cache=Path("cache"), loss="bild", steps=50, warmup_steps=None))
     with pytest.raises(LogitcacheError, match="warmup_steps=6 but this run has warmup_steps=5"):
         _check_resumable({**spelled, "warmup_steps": 6}, _small(Path("out"), cache=Path("cache"), loss="bild", steps=50,
-                                                                warmup_steps=None))
+                                                                warmup_steps=5))
+    # not given: the checkpoint's, even one from before the default (100) became a tenth of a short run
+    old = {**spelled, "warmup_steps": 100}
+    unspecified = _small(Path("out"), cache=Path("cache"), loss="bild", steps=50, warmup_steps=None)
+    _check_resumable(old, unspecified)
+    assert resumed(unspecified, old).warmup == 100 and resumed(unspecified, spelled).warmup == 5
+    assert resumed(replace(unspecified, warmup_steps=3), old).warmup == 3
 
 
 @pytest.mark.parametrize("loss, options, keywords", [
