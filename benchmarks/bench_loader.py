@@ -10,6 +10,7 @@ DataLoader workers); each peak-RSS case runs in a fresh subprocess.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from logitcache import native  # noqa: E402
 from logitcache.loader import CacheDataset  # noqa: E402
 from logitcache.manifest import fingerprint, shard_name, write_manifest  # noqa: E402
 from logitcache.shards import FORMAT_VERSION, WindowTargets, write_shard  # noqa: E402
@@ -79,6 +81,17 @@ def stream_tokens(cache: Path) -> int:
     return sum(batch["input_ids"].numel() for batch in dataset.dataloader(num_workers=0))
 
 
+def stream_tokens_numpy(cache: Path) -> int:
+    """:func:`stream_tokens` with the compiled collate switched off (``LOGITCACHE_NATIVE=0``: numpy)."""
+    os.environ[native.ENV_SWITCH] = "0"
+    native.library.cache_clear()
+    try:
+        return stream_tokens(cache)
+    finally:
+        del os.environ[native.ENV_SWITCH]
+        native.library.cache_clear()
+
+
 def read_table_tokens(cache: Path) -> int:
     """Read every shard with a plain ``pq.read_table``, one at a time; return the tokens read."""
     return sum(pq.read_table(path).num_rows * SEQ_LEN for path in sorted(cache.glob("shard-*.parquet")))
@@ -90,14 +103,16 @@ def whole_cache_tokens(cache: Path) -> int:
     return sum(table.num_rows for table in tables) * SEQ_LEN
 
 
-def tokens_per_second(read: Callable[[Path], int], cache: Path, repeats: int = 2) -> float:
-    """Best of ``repeats`` runs: the machine is shared, the fastest run is the least disturbed."""
-    rates = []
+def tokens_per_second(reads: dict[str, Callable[[Path], int]], cache: Path, repeats: int = 3) -> dict[str, float]:
+    """Best of ``repeats`` rounds for each read, interleaved: the machine is shared, so a slow spell
+    hits every read, and the fastest run of each is the least disturbed."""
+    rates = {name: 0.0 for name in reads}
     for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = read(cache)
-        rates.append(tokens / (time.perf_counter() - start))
-    return max(rates)
+        for name, read in reads.items():
+            start = time.perf_counter()
+            tokens = read(cache)
+            rates[name] = max(rates[name], tokens / (time.perf_counter() - start))
+    return rates
 
 
 RSS_CASES: dict[str, Callable[[Path], int]] = {
@@ -131,10 +146,12 @@ def report(shards: int, rows: int) -> None:
         full, single = make_caches(Path(tmp), shards, rows)
         megabytes = sum(p.stat().st_size for p in full.glob("*.parquet")) / 2**20
         print(f"cache: {shards} shards x {rows} windows x {SEQ_LEN} tokens, {megabytes:.0f} MiB on disk\n")
-        loader, plain = tokens_per_second(stream_tokens, full), tokens_per_second(read_table_tokens, full)
-        print("| read | tokens/s | ratio |\n|---|---|---|")
-        print(f"| pq.read_table | {plain:,.0f} | 1.00 |")
-        print(f"| CacheDataset + collate | {loader:,.0f} | {loader / plain:.2f} |\n")
+        rates = tokens_per_second({"plain": read_table_tokens, "loader": stream_tokens, "numpy": stream_tokens_numpy}, full)
+        plain = rates["plain"]
+        print("| read | tokens/s | ratio |\n|---|---:|---:|")
+        print(f"| `pq.read_table` of the same files | {plain:,.0f} | 1.00 |")
+        print(f"| `CacheDataset` + `collate` (dense `[B, T-1, K]` tensors) | {rates['loader']:,.0f} | {rates['loader'] / plain:.2f} |")
+        print(f"| the same, numpy collate (`LOGITCACHE_NATIVE=0`) | {rates['numpy']:,.0f} | {rates['numpy'] / plain:.2f} |\n")
         print("| peak RSS (fresh process) | MiB |\n|---|---|")
         for label, case, cache in [
             ("import only", "import", single),

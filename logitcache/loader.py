@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from logitcache import native
 from logitcache.errors import LogitcacheError
 from logitcache.manifest import read_manifest
 from logitcache.partition import (
@@ -321,6 +322,24 @@ def _scatter(values: np.ndarray, slots: np.ndarray, shape: tuple[int, ...], dtyp
     return out.reshape(shape)
 
 
+def _dense(lengths: np.ndarray, width: int, ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray,
+           covered: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Dense ``[..., width]`` ids (int64), logprobs, weights and mask of flat per-id columns, and the
+    per-position sum of ``covered`` (None without it): compiled in one pass (``native.dense_rows``),
+    the same arrays by numpy where the library is unavailable."""
+    done = native.dense_rows(lengths, width, ids, logprobs, weights, covered)
+    if done is not None:
+        return done if covered is not None else (*done, None)
+    mask = np.arange(width) < lengths[..., None]
+    slots = np.flatnonzero(mask)  # where each flat entry goes, found once for every column
+    mass = None
+    if covered is not None:
+        mass = np.bincount(slots // max(width, 1), weights=covered, minlength=lengths.size).reshape(lengths.shape)
+    dense = (_scatter(values, slots, mask.shape, dtype) for values, dtype in ((ids, np.int64), (logprobs, np.float32),
+                                                                               (weights, np.float32)))
+    return (*dense, mask, mass)
+
+
 def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, torch.Tensor]:
     """The dense batch of docs/CONTRACTS.md for ``B`` windows of ``T`` tokens (``P = T - 1``).
 
@@ -333,26 +352,27 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
     batch = WindowTargets.concat(list(samples))
     lengths = batch.target_lengths
     width = int(lengths.max(initial=0))
-    mask = np.arange(width) < lengths[..., None]
-    slots = np.flatnonzero(mask)  # where each flat entry goes, found once for every column
     logprobs = batch.target_logprobs.astype(np.float32)
+    covered = None
     if batch.method == "sample":
         weights = batch.target_counts.astype(np.float32) / np.float32(manifest["params"]["samples"])
         covered = np.exp(batch.target_logprobs.astype(np.float64))
-        mass = np.bincount(slots // max(width, 1), weights=covered, minlength=lengths.size).reshape(lengths.shape)
+    else:
+        weights = np.exp(logprobs)
+    ids, logprobs, weights, mask, mass = _dense(lengths, width, batch.target_ids, logprobs, weights, covered)
+    if mass is not None:
         with np.errstate(divide="ignore"):
             tail = np.log(np.maximum(1.0 - mass, 0.0)).astype(np.float32)
     else:
-        weights = np.exp(logprobs)
         tail = batch.tail_logprob.astype(np.float32)
     dense = {
         "input_ids": batch.input_ids.astype(np.int64),
         "labels": batch.input_ids[:, 1:].astype(np.int64),
         "sequence_id": batch.sequence_ids.astype(np.int64),
-        "target_ids": _scatter(batch.target_ids, slots, mask.shape, np.int64),
+        "target_ids": ids,
         "target_mask": mask,
-        "target_logprobs": _scatter(logprobs, slots, mask.shape, np.float32),
-        "target_weights": _scatter(weights, slots, mask.shape, np.float32),
+        "target_logprobs": logprobs,
+        "target_weights": weights,
         "tail_logprob": tail,
         "gold_logprob": batch.gold_logprob.astype(np.float32),
         "position_mask": lengths > 0,

@@ -1,4 +1,5 @@
-"""Compiled CPU kernels for the build's targets (``native_targets.c``), with torch as the fallback.
+"""Compiled CPU kernels for the build's targets and the loader's dense batches (``native_targets.c``),
+with torch (numpy for the loader) as the fallback.
 
 On CPU, :func:`logitcache.targets.row_targets` spends more time in torch's passes over
 ``[rows, V]`` (log-softmax, ``torch.topk``, the sampler's block sums and scans) than a small
@@ -25,6 +26,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -118,6 +120,8 @@ def library() -> ctypes.CDLL | None:
     lib.lc_topk.restype = i64  # labels outside the vocabulary
     lib.lc_sample.argtypes = [ptr, i64, i64, i64, ctypes.c_float, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     lib.lc_sample.restype = i64
+    lib.lc_collate.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.lc_collate.restype = None
     return lib
 
 
@@ -195,3 +199,35 @@ def sample(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n: in
                               _pointer(gold))
     _check_labels(bad, vocab)
     return ids, logprobs, counts, lengths, gold
+
+
+def _address(array: np.ndarray | None) -> ctypes.c_void_p | None:
+    return None if array is None else ctypes.c_void_p(array.ctypes.data)
+
+
+def dense_rows(lengths: np.ndarray, width: int, ids: np.ndarray, logprobs: np.ndarray, weights: np.ndarray,
+               covered: np.ndarray | None = None) -> tuple[np.ndarray, ...] | None:
+    """The loader's dense layout of flat per-id columns in one pass, or None without the library.
+
+    ``lengths [...]`` entries per position (any shape; the outputs are ``lengths.shape + (width,)``),
+    ``ids`` int32, ``logprobs`` and ``weights`` float32 ``[S]``; returns ids int64, logprobs, weights,
+    mask bool (0 / False after each position's entries) and, with ``covered [S]`` float64, the
+    per-position sum of it (``lengths.shape``, added in entry order like ``numpy.bincount``).
+    """
+    lib = library()
+    if lib is None:
+        return None
+    flat = np.ascontiguousarray(lengths, dtype=np.uint16).reshape(-1)
+    entries = int(flat.sum(dtype=np.int64))
+    columns = [np.ascontiguousarray(a, dtype=t) for a, t in ((ids, np.int32), (logprobs, np.float32), (weights, np.float32))]
+    if covered is not None:
+        columns.append(np.ascontiguousarray(covered, dtype=np.float64))
+    if any(len(c) != entries for c in columns) or (flat.size and int(flat.max()) > width):
+        raise ValueError(f"lengths add up to {entries} entries of at most {int(flat.max(initial=0))} per position; "
+                         f"got columns of {[len(c) for c in columns]} and width {width}")
+    shape = (*lengths.shape, width)
+    out = (np.empty(shape, np.int64), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.bool_))
+    mass = np.empty(lengths.shape, np.float64) if covered is not None else None
+    lib.lc_collate(_address(flat), flat.size, width, *(_address(c) for c in columns[:3]),
+                   _address(columns[3] if covered is not None else None), *(_address(a) for a in out), _address(mass))
+    return (*out, mass) if covered is not None else out

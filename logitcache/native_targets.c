@@ -500,3 +500,36 @@ int64_t lc_sample(const float *logits, int64_t rows, int64_t V, int64_t n, float
     free(scratch);
     return bad;
 }
+
+/* ---- the loader's dense batch ----------------------------------------------------------------- */
+
+/* Flat per-id columns (entries position-major, lengths[p] of them for position p, the first
+   positions * width slots) into dense [positions, width] rows, 0 after each position's entries
+   (loader.collate): ids widened to int64, logprobs and weights as given, mask 1 where an entry is
+   stored. With covered (float64, one per entry): mass[p] = the sum of its position's covered in
+   entry order, as numpy's bincount adds them. The caller checks lengths[p] <= width and that the
+   lengths add up to the entries given. */
+void lc_collate(const uint16_t *lengths, int64_t positions, int64_t width, const int32_t *ids,
+                const float *logprobs, const float *weights, const double *covered, int64_t *out_ids,
+                float *out_logprobs, float *out_weights, uint8_t *out_mask, double *mass) {
+    int64_t e = 0;
+    for (int64_t p = 0; p < positions; p++) {
+        int64_t n = lengths[p], at = p * width;
+        for (int64_t j = 0; j < n; j++) {
+            out_ids[at + j] = ids[e + j];
+            out_logprobs[at + j] = logprobs[e + j];
+            out_weights[at + j] = weights[e + j];
+        }
+        memset(out_mask + at, 1, (size_t)n);
+        memset(out_ids + at + n, 0, (size_t)(width - n) * sizeof *out_ids);
+        memset(out_logprobs + at + n, 0, (size_t)(width - n) * sizeof *out_logprobs);
+        memset(out_weights + at + n, 0, (size_t)(width - n) * sizeof *out_weights);
+        memset(out_mask + at + n, 0, (size_t)(width - n));
+        if (covered != NULL) {
+            double sum = 0.0;
+            for (int64_t j = 0; j < n; j++) sum += covered[e + j];
+            mass[p] = sum;
+        }
+        e += n;
+    }
+}

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from logitcache import native
 from logitcache.errors import LogitcacheError
 from logitcache.loader import CacheDataset, check_student_vocab, collate
 from logitcache.manifest import fingerprint, read_manifest, shard_name, write_manifest
@@ -94,15 +95,31 @@ def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def collate_path(request, monkeypatch) -> str:
+    """Each collate test runs with the compiled dense layout and with its numpy fallback (LOGITCACHE_NATIVE=0)."""
+    if request.param == "numpy":
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    native.library.cache_clear()
+    request.addfinalizer(native.library.cache_clear)
+    if request.param == "compiled" and native.library() is None:
+        pytest.skip("no C compiler: the numpy collate is the only one")
+    return request.param
+
+
 @pytest.mark.parametrize("method", ["topk", "sample"])
-def test_collated_batch_reproduces_stored_values(tmp_path: Path, method: str) -> None:
+def test_collated_batch_reproduces_stored_values(tmp_path: Path, method: str, collate_path: str, monkeypatch) -> None:
     source = make_cache(tmp_path, method=method, shard_rows=(30, 12))
     dataset = CacheDataset(tmp_path, seed=5, global_batch_size=7)
+    calls = []
+    real = native.dense_rows
+    monkeypatch.setattr(native, "dense_rows", lambda *a: calls.append(a) or real(*a))
     for batch in stream(dataset, workers=0):
         widest = max(int(source.target_lengths[sid].max()) for sid in batch["sequence_id"].tolist())
         assert batch["target_ids"].shape == (7, SEQ_LEN - 1, widest)
         for row, sid in enumerate(batch["sequence_id"].tolist()):
             check_window(batch, row, source, sid, method)
+    assert calls and (native.library() is not None) == (collate_path == "compiled")  # the path under test ran
 
 
 def check_window(batch: dict[str, torch.Tensor], row: int, source: WindowTargets, sid: int, method: str) -> None:
@@ -143,7 +160,7 @@ def test_collate_of_iterated_windows_equals_the_dataloader_batch(synthetic_cache
     }  # fmt: skip
 
 
-def test_sample_tail_is_minus_infinity_once_the_stored_mass_reaches_one() -> None:
+def test_sample_tail_is_minus_infinity_once_the_stored_mass_reaches_one(collate_path: str) -> None:
     window = WindowTargets(
         sequence_ids=np.array([0]),
         input_ids=np.array([[1, 2, 3]], dtype=np.int32),

@@ -262,3 +262,22 @@ def test_gpu_and_half_rows_stay_on_torch():
     targets, gold = row_targets(torch.zeros(4, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long), keys_for(4),
                                 TargetSpec("topk", k=2))
     assert isinstance(targets, RowTargets) and targets.ids.dtype == torch.int64 and np.allclose(gold, -math.log(8))
+
+
+def test_dense_rows_lays_out_flat_columns_and_refuses_what_does_not_add_up():
+    lengths = np.array([[2, 0], [1, 3]], dtype=np.uint16)
+    ids = np.arange(1, 7, dtype=np.int32)
+    logprobs, weights = -np.arange(6, dtype=np.float32), np.linspace(0.1, 0.6, 6, dtype=np.float32)
+    covered = np.exp(logprobs.astype(np.float64))
+    dense_ids, dense_logprobs, dense_weights, mask, mass = native.dense_rows(lengths, 3, ids, logprobs, weights, covered)
+    assert dense_ids.tolist() == [[[1, 2, 0], [0, 0, 0]], [[3, 0, 0], [4, 5, 6]]] and dense_ids.dtype == np.int64
+    assert mask.tolist() == [[[True, True, False], [False] * 3], [[True, False, False], [True] * 3]]
+    assert dense_logprobs[1, 1].tolist() == [-3.0, -4.0, -5.0] and dense_weights[0, 1].tolist() == [0.0] * 3
+    assert mass.tolist() == [[covered[0] + covered[1], 0.0], [covered[2], covered[3] + covered[4] + covered[5]]]
+    assert len(native.dense_rows(lengths, 3, ids, logprobs, weights)) == 4  # no covered: no mass
+    empty = native.dense_rows(np.zeros((0, 4), np.uint16), 0, ids[:0], logprobs[:0], weights[:0])
+    assert empty[0].shape == (0, 4, 0)
+    for bad in (dict(width=2), dict(ids=ids[:5]), dict(covered=covered[:5])):  # a position wider than the rows; short
+        args = dict(width=3, ids=ids, logprobs=logprobs, weights=weights, covered=covered) | bad
+        with pytest.raises(ValueError):
+            native.dense_rows(lengths, **args)
