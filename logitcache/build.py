@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,8 @@ from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_n
 from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, WindowTargets, shard_metadata, write_shard
 from logitcache.targets import SAMPLE_LOGPROB_BITS, TargetSpec
 from logitcache.teacher import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
 
 BUILD_MARKER = "build.json"
 IN_FLIGHT = 2
@@ -95,11 +98,20 @@ class BuildSettings:
              f"--worker-index {self.worker_index} must be in [0, --num-workers {self.num_workers})"),
             (not (self.overwrite and self.num_workers > 1),
              "--overwrite with several workers would delete each other's shards; empty the folder first"),
+            (0 < self.gpu_memory_utilization <= 1, f"--gpu-memory-utilization {self.gpu_memory_utilization}: a fraction in (0, 1]"),
+            (self.tensor_parallel_size >= 1, f"--tensor-parallel-size {self.tensor_parallel_size}: must be at least 1"),
+            (self.max_num_seqs is None or self.max_num_seqs >= 1, f"--max-num-seqs {self.max_num_seqs}: must be at least 1"),
         ]
         for ok, message in rules:
             if not ok:
                 raise LogitcacheError(message)
         Corpus.open(self.corpus, self.text_field)  # a missing or unreadable corpus fails before the teacher loads
+        corpus, out = Path(self.corpus).resolve(), Path(self.out).resolve()
+        if corpus.is_dir() and (out == corpus or corpus in out.parents):
+            raise LogitcacheError(
+                f"--out {self.out} lies inside --corpus {self.corpus}: a re-run (a resume) would read the cache's own "
+                "shards as corpus documents; write the cache outside the corpus folder"
+            )
 
 
 def load_teacher(settings: BuildSettings):
@@ -187,6 +199,10 @@ def _prepare_out(settings: BuildSettings, plan: _Plan) -> None:
         marker = out / BUILD_MARKER
         manifest = out / MANIFEST_NAME
         recorded = _recorded_fingerprint(marker) or _recorded_fingerprint(manifest)
+        if recorded is not None and not manifest.exists() and not any(out.glob("shard-*.parquet")):
+            if recorded != plan.fingerprint:  # a build that failed before its first shard: nothing to keep
+                log.info("--out %s held a build that wrote no shard; this build takes its place", out)
+            recorded = plan.fingerprint
         if recorded != plan.fingerprint:
             if not settings.overwrite:
                 what = "a different build" if recorded else "files that are not a logitcache build in progress"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -38,6 +39,11 @@ def user_errors():
     try:
         yield
     except LogitcacheError as exc:
+        if os.environ.get("LOGITCACHE_DEBUG"):
+            raise
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a full disk, a file size limit, a folder that cannot be made: the system's own words
         if os.environ.get("LOGITCACHE_DEBUG"):
             raise
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -173,7 +179,9 @@ def inspect(
     with user_errors():
         summary = summarize(cache)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        # Strict JSON: an infinite perplexity (a broken teacher) is null, as non-Python parsers reject Infinity.
+        typer.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()},
+                              indent=2, allow_nan=False))
     else:
         _print_summary(summary)
 

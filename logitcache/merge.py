@@ -23,6 +23,17 @@ def _parts(cache_dir: Path) -> list[tuple[int, int, Path]]:
     return found
 
 
+def _read_part(path: Path) -> dict:
+    try:
+        part = json.loads(path.read_text())
+    except ValueError as exc:
+        part = exc
+    if not isinstance(part, dict) or not isinstance(part.get("shards"), list) or not isinstance(part.get("totals"), dict):
+        raise LogitcacheError(f"{path}: not a partial manifest a worker wrote ({part if isinstance(part, Exception) else 'fields missing'}); "
+                              "delete it and re-run that worker to rewrite it")
+    return part
+
+
 def merge_parts(cache_dir: Path, missing_ok: bool = False, num_workers: int | None = None) -> dict | None:
     """Write ``manifest.json`` once every worker's part is present; return it (None if parts are missing and ``missing_ok``).
 
@@ -48,7 +59,7 @@ def merge_parts(cache_dir: Path, missing_ok: bool = False, num_workers: int | No
         if missing_ok:
             return None
         raise LogitcacheError(f"{cache_dir}: workers {missing} of {workers} have not finished; resume them, then merge")
-    parts = [json.loads(ours[i].read_text()) for i in range(workers)]
+    parts = [_read_part(ours[i]) for i in range(workers)]
     if len({p["fingerprint"] for p in parts}) != 1:
         raise LogitcacheError(f"{cache_dir}: partial manifests come from different builds (fingerprints differ)")
     manifest = dict(parts[0])

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from logitcache.errors import LogitcacheError
-from logitcache.manifest import read_manifest
+from logitcache.manifest import check_complete, read_manifest
 
 
 def _column_values(path: Path, column: str) -> np.ndarray:
@@ -38,6 +38,7 @@ def summarize(cache_dir: Path) -> dict:
     """Statistics of a cache; reads only the small per-position columns."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
+    check_complete(manifest, cache_dir)
     positions = entries = 0
     gold_sum = covered_sum = 0.0
     for entry in manifest["shards"]:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from logitcache.atomic import sha256_file
 from logitcache.errors import LogitcacheError
-from logitcache.manifest import read_manifest
+from logitcache.manifest import check_complete, read_manifest
 from logitcache.shards import from_table, shard_metadata, shard_schema
 
 
@@ -82,6 +82,10 @@ def validate_cache(cache_dir: Path, deep: bool = True) -> list[str]:
     """Every problem found, as one line each; an empty list means the cache is sound."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
+    try:
+        check_complete(manifest, cache_dir)
+    except LogitcacheError as exc:
+        return [str(exc)]
     problems = []
     for entry in manifest["shards"]:
         problems += _check_shard(cache_dir, entry, manifest, deep)

@@ -182,6 +182,11 @@ def bad_inputs(teacher_dir, corpus_file, topk_cache, tmp_path):
     damaged.write_bytes(packed[: len(packed) // 2] + bytes(64) + packed[len(packed) // 2 + 64 :])
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"body": list(range(100))}), numbers)
+    folder = tmp_path / "corpus-folder"
+    folder.mkdir()
+    (folder / "docs.jsonl").write_bytes(corpus_file.read_bytes())
+    a_file = tmp_path / "a-file"
+    a_file.touch()
     return {
         "missing teacher": (["--teacher", str(tmp_path / "nope")], "not a directory"),
         "teacher without config": (["--teacher", str(tmp_path)], "no config.json"),
@@ -198,6 +203,11 @@ def bad_inputs(teacher_dir, corpus_file, topk_cache, tmp_path):
         "chunk-mib 0": (["--chunk-mib", "0"], "must be at least 1"),
         "damaged zst": (["--corpus", str(damaged)], "not a readable zstd stream"),
         "numbers as text": (["--corpus", str(numbers), "--text-field", "body"], "holds int64, not text"),
+        "out inside the corpus": (["--corpus", str(folder), "--out", str(folder / "cache")], "lies inside --corpus"),
+        "out under a file": (["--out", str(a_file / "cache")], "Not a directory"),
+        "gpu memory 5": (["--gpu-memory-utilization", "5"], "a fraction in (0, 1]"),
+        "tensor parallel 0": (["--tensor-parallel-size", "0"], "must be at least 1"),
+        "max seqs 0": (["--max-num-seqs", "0"], "must be at least 1"),
         **({} if torch.cuda.is_available() else {"no cuda": (["--device", "cuda"], "has no CUDA device")}),
     }
 
@@ -308,10 +318,64 @@ def test_error_lines_keep_square_brackets(tmp_path):
     assert result.returncode == 1 and f"{tmp_path / 'runs[old]' / 'manifest.json'} not found" in result.stdout + result.stderr
 
 
-def test_teacher_perplexity_past_float64_is_infinite_not_an_error():
+def test_teacher_perplexity_past_float64_is_infinite_not_an_error(topk_cache, tmp_path):
+    import shutil
+
+    from logitcache.shards import shard_metadata, write_shard
     from logitcache.summary import _perplexity
 
     assert _perplexity(1.0) == pytest.approx(np.e) and _perplexity(5000.0) == float("inf")
+    broken = tmp_path / "broken"
+    shutil.copytree(topk_cache, broken)
+    for shard in broken.glob("shard-*.parquet"):  # gold log-probs of a broken teacher: float16's lowest
+        targets, meta = read_shard(shard), shard_metadata(shard)
+        targets.gold_logprob = np.full_like(targets.gold_logprob, -65504)
+        write_shard(shard, targets, meta)
+    result = run_cli("inspect", str(broken), "--json")
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(result.stdout, parse_constant=refuse)["teacher_perplexity"] is None  # strict JSON: null
+
+
+def test_a_manifest_missing_what_builds_write_is_named(topk_cache, tmp_path):
+    import shutil
+
+    from logitcache.merge import merge_parts
+
+    edited = tmp_path / "edited"
+    shutil.copytree(topk_cache, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    del manifest["shards"][1]["target_entries"]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    assert validate_cache(edited) == [f"{edited / 'manifest.json'}: no shards[1].target_entries, which every build "
+                                      "writes (edited by hand or damaged?); rebuild the cache, or `logitcache merge` "
+                                      "it again from its partial manifests"]
+    result = run_cli("inspect", str(edited))
+    assert result.returncode == 1 and "no shards[1].target_entries" in result.stderr and "Traceback" not in result.stderr
+    (edited / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(LogitcacheError, match="not a logitcache manifest"):
+        read_manifest(edited)
+    part = tmp_path / "parts" / "manifest.part-00000-of-00001.json"
+    part.parent.mkdir()
+    part.write_text('{"shards": [')  # damaged
+    with pytest.raises(LogitcacheError, match="not a partial manifest a worker wrote"):
+        merge_parts(part.parent)
+
+
+def test_a_build_that_wrote_no_shard_does_not_block_the_next(teacher_dir, documents, tmp_path):
+    # 300 short documents (the tokenizer reads 256 at a time): the bad line is met before a shard completes
+    lines = [json.dumps({"text": doc[:40]}) + "\n" for doc in documents[:300]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines[:290]) + "not json\n" + "".join(lines[290:]))
+    with pytest.raises(LogitcacheError, match="bad.jsonl:291: not valid JSON"):
+        build_cache(teacher_dir, bad, tmp_path / "out", shard_size=256)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["build.json"]
+    bad.write_text("".join(lines))  # fixed: another corpus fingerprint, so another build
+    build_cache(teacher_dir, bad, tmp_path / "out", shard_size=256)
+    assert validate_cache(tmp_path / "out") == []
 
 
 def test_inspect_of_a_cache_missing_a_shard_is_one_error_line(topk_cache, tmp_path):

@@ -91,7 +91,8 @@ def write_synthetic_cache(cache_dir: Path, method: str, params: dict, *, windows
         path = cache_dir / shard_name(index)
         write_shard(path, targets, {"format_version": FORMAT_VERSION, "method": method, "build_fingerprint": build})
         entries += int(targets.target_lengths.sum())
-        shards.append({"file": path.name, "rows": rows, "tokens": rows * seq_len, "bytes": path.stat().st_size,
+        shards.append({"file": path.name, "index": index, "rows": rows, "tokens": rows * seq_len,
+                       "target_entries": int(targets.target_lengths.sum()), "bytes": path.stat().st_size,
                        "sha256": sha256_file(path), "first_sequence_id": first})
     manifest = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "logitcache_version": logitcache.__version__,

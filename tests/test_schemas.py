@@ -152,6 +152,16 @@ def test_manifest_schema_is_valid_and_describes_every_key(jsonschema):
     assert _undescribed(MANIFEST_SCHEMA) == []
 
 
+def test_the_keys_validate_and_inspect_require_are_the_schemas():
+    from logitcache.manifest import REQUIRED_KEYS, REQUIRED_NESTED, REQUIRED_SHARD_KEYS
+
+    properties = MANIFEST_SCHEMA["properties"]
+    assert list(REQUIRED_KEYS) == MANIFEST_SCHEMA["required"]
+    assert {key: list(keys) for key, keys in REQUIRED_NESTED.items()} == {
+        key: properties[key]["required"] for key in REQUIRED_NESTED}
+    assert list(REQUIRED_SHARD_KEYS) == properties["shards"]["items"]["required"]
+
+
 def test_documented_example_manifest_is_valid(jsonschema):
     manifest = _doc_example_manifest()
     jsonschema.validate(manifest, MANIFEST_SCHEMA)
