@@ -350,9 +350,9 @@ def test_a_manifest_missing_what_builds_write_is_named(topk_cache, tmp_path):
     manifest = json.loads((edited / "manifest.json").read_text())
     del manifest["shards"][1]["target_entries"]
     (edited / "manifest.json").write_text(json.dumps(manifest))
-    assert validate_cache(edited) == [f"{edited / 'manifest.json'}: no shards[1].target_entries, which every build "
-                                      "writes (edited by hand or damaged?); rebuild the cache, or `logitcache merge` "
-                                      "it again from its partial manifests"]
+    assert validate_cache(edited) == [(f"{edited / 'manifest.json'}: no shards[1].target_entries, which every build "
+                                       "writes (edited by hand or damaged?); rebuild the cache, or `logitcache merge` "
+                                       "it again from its partial manifests")]
     result = run_cli("inspect", str(edited))
     assert result.returncode == 1 and "no shards[1].target_entries" in result.stderr and "Traceback" not in result.stderr
     (edited / "manifest.json").write_text("[1, 2]")

@@ -277,7 +277,7 @@ def test_dense_rows_lays_out_flat_columns_and_refuses_what_does_not_add_up():
     assert len(native.dense_rows(lengths, 3, ids, logprobs, weights)) == 4  # no covered: no mass
     empty = native.dense_rows(np.zeros((0, 4), np.uint16), 0, ids[:0], logprobs[:0], weights[:0])
     assert empty[0].shape == (0, 4, 0)
-    for bad in (dict(width=2), dict(ids=ids[:5]), dict(covered=covered[:5])):  # a position wider than the rows; short
-        args = dict(width=3, ids=ids, logprobs=logprobs, weights=weights, covered=covered) | bad
+    for bad in ({"width": 2}, {"ids": ids[:5]}, {"covered": covered[:5]}):  # a position wider than the rows; short
+        args = {"width": 3, "ids": ids, "logprobs": logprobs, "weights": weights, "covered": covered} | bad
         with pytest.raises(ValueError):
             native.dense_rows(lengths, **args)
