@@ -45,6 +45,7 @@ from transformers.utils import logging as hf_logging
 
 from logitcache.build import BuildSettings, run_build
 from logitcache.corpus import Corpus
+from logitcache.errors import LogitcacheError
 from logitcache.loader import CacheDataset
 from logitcache.student import load_student
 from logitcache.summary import summarize
@@ -360,4 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LogitcacheError as exc:  # a missing corpus, a bad flag value: one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
