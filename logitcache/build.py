@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import itertools
 import json
-import logging
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,8 +34,6 @@ from logitcache.manifest import FORMAT_NAME, MANIFEST_NAME, fingerprint, shard_n
 from logitcache.shards import FORMAT_VERSION, MAX_IDS_PER_POSITION, METHODS, WindowTargets, shard_metadata, write_shard
 from logitcache.targets import SAMPLE_LOGPROB_BITS, TargetSpec
 from logitcache.teacher import tokenizer_fingerprint
-
-log = logging.getLogger(__name__)
 
 BUILD_MARKER = "build.json"
 IN_FLIGHT = 2
@@ -199,13 +196,13 @@ def _prepare_out(settings: BuildSettings, plan: _Plan) -> None:
         marker = out / BUILD_MARKER
         manifest = out / MANIFEST_NAME
         recorded = _recorded_fingerprint(marker) or _recorded_fingerprint(manifest)
-        if recorded is not None and not manifest.exists() and not any(out.glob("shard-*.parquet")):
-            if recorded != plan.fingerprint:  # a build that failed before its first shard: nothing to keep
-                log.info("--out %s held a build that wrote no shard; this build takes its place", out)
-            recorded = plan.fingerprint
         if recorded != plan.fingerprint:
             if not settings.overwrite:
                 what = "a different build" if recorded else "files that are not a logitcache build in progress"
+                if recorded and not manifest.exists() and not any(out.glob("shard-*.parquet")):
+                    # A build still running before its first shard looks the same as one that failed there.
+                    what = ("a different build that has written no shard yet (one still running, or one that failed "
+                            f"early: then delete {marker} or pass --overwrite)")
                 raise LogitcacheError(f"--out {out} holds {what}; pass --overwrite to replace it")
             for path in itertools.chain(out.glob("shard-*.parquet*"), out.glob("manifest*.json*"), (out / p for p in ours)):
                 if path.is_file():

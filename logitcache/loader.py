@@ -335,6 +335,7 @@ def _dense(lengths: np.ndarray, width: int, ids: np.ndarray, logprobs: np.ndarra
     mass = None
     if covered is not None:
         mass = np.bincount(slots // max(width, 1), weights=covered, minlength=lengths.size).reshape(lengths.shape)
+        mass = mass.astype(np.float64, copy=False)  # bincount gives int64 zeros when there are no entries
     dense = (_scatter(values, slots, mask.shape, dtype) for values, dtype in ((ids, np.int64), (logprobs, np.float32),
                                                                                (weights, np.float32)))
     return (*dense, mask, mass)

@@ -28,7 +28,8 @@ def _read_part(path: Path) -> dict:
         part = json.loads(path.read_text())
     except ValueError as exc:
         part = exc
-    if not isinstance(part, dict) or not isinstance(part.get("shards"), list) or not isinstance(part.get("totals"), dict):
+    if (not isinstance(part, dict) or "fingerprint" not in part or not isinstance(part.get("shards"), list)
+            or not isinstance(part.get("totals"), dict) or any(key not in part["totals"] for key in _SUMMED)):
         raise LogitcacheError(f"{path}: not a partial manifest a worker wrote ({part if isinstance(part, Exception) else 'fields missing'}); "
                               "delete it and re-run that worker to rewrite it")
     return part

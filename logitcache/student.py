@@ -110,20 +110,24 @@ def logits_size(model) -> int:
 
 
 def check_context(model, seq_len: int) -> None:
-    """Refuse a student with a learned position table shorter than the windows (GPT-2's ``wpe``:
-    an index error in the first step); note a config context shorter than the windows otherwise
-    (rotary positions run past it, as their config does not bound them)."""
-    inputs = model.get_input_embeddings()
-    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m is not inputs]
-    short = [m.num_embeddings for m in tables if m.num_embeddings < seq_len]
+    """Refuse a student that cannot take windows of ``seq_len`` tokens; note one that runs past its config.
+
+    Where the config's context (``max_position_embeddings``, ``n_positions``, ...) is shorter than
+    the windows, one window goes through the model: a learned position table (GPT-2's ``wpe``,
+    OPT's) fails there, and rotary positions run past the config, as they are computed.
+    """
     context = context_length(model.config)
-    if short:
+    if context is None or context >= seq_len:
+        return
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, seq_len, dtype=torch.long, device=model.device))
+    except (IndexError, RuntimeError, ValueError) as exc:
         raise LogitcacheError(
-            f"the student's position table holds {min(short)} positions but the windows are {seq_len} tokens; "
-            "give it a longer context (n_positions, max_position_embeddings, ...) or train on shorter windows"
-        )
-    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if context is not None and context < seq_len and main:
+            f"the student takes at most {context} positions (its config) but the windows are {seq_len} tokens, and a "
+            f"window fails in its forward ({type(exc).__name__}); give it a longer context or train on shorter windows"
+        ) from exc
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         log.info("the student's config gives a context of %d positions, shorter than the %d-token windows; "
                  "its positions are computed past it", context, seq_len)
 

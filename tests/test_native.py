@@ -277,7 +277,12 @@ def test_dense_rows_lays_out_flat_columns_and_refuses_what_does_not_add_up():
     assert len(native.dense_rows(lengths, 3, ids, logprobs, weights)) == 4  # no covered: no mass
     empty = native.dense_rows(np.zeros((0, 4), np.uint16), 0, ids[:0], logprobs[:0], weights[:0])
     assert empty[0].shape == (0, 4, 0)
-    for bad in ({"width": 2}, {"ids": ids[:5]}, {"covered": covered[:5]}):  # a position wider than the rows; short
+    # a position wider than the rows; short columns; columns not flat (the C side would read past them)
+    for bad in ({"width": 2}, {"ids": ids[:5]}, {"covered": covered[:5]}, {"ids": np.zeros((6, 0), np.int32)},
+                {"logprobs": logprobs.reshape(3, 2)}, {"width": -1}):
         args = {"width": 3, "ids": ids, "logprobs": logprobs, "weights": weights, "covered": covered} | bad
         with pytest.raises(ValueError):
             native.dense_rows(lengths, **args)
+    for bad_lengths in (np.array([[-65530, 0], [1, 3]]), lengths.astype(np.float32), np.array([[2, 0], [1, 70000]])):
+        with pytest.raises(ValueError, match="lengths must be integers"):
+            native.dense_rows(bad_lengths, 3, ids, logprobs, weights)

@@ -193,14 +193,18 @@ def test_a_finished_student_whose_checkpoint_was_deleted_is_not_overwritten(worl
     assert {p: p.read_bytes() for p in kept} == kept
 
 
-def test_a_student_whose_context_is_shorter_than_the_windows_is_refused(world, tmp_path):
+@pytest.mark.parametrize("config, context", [
+    ({"model_type": "gpt2", "n_positions": 16, "n_embd": 32, "n_layer": 1, "n_head": 2}, 16),
+    ({"model_type": "opt", "max_position_embeddings": SEQ_LEN - 2, "hidden_size": 32, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "ffn_dim": 64, "word_embed_proj_dim": 32}, SEQ_LEN - 2),  # a table with an offset
+])
+def test_a_student_whose_context_is_shorter_than_the_windows_is_refused(world, tmp_path, config, context):
     import json
 
-    config = tmp_path / "gpt2.json"
-    config.write_text(json.dumps({"model_type": "gpt2", "n_positions": 16, "n_embd": 32, "n_layer": 1, "n_head": 2,
-                                  "vocab_size": VOCAB}))
+    (tmp_path / "student.json").write_text(json.dumps({**config, "vocab_size": VOCAB}))
+    config = tmp_path / "student.json"
     out = tmp_path / "out"
-    with pytest.raises(LogitcacheError, match=f"position table holds 16 positions but the windows are {SEQ_LEN} tokens"):
+    with pytest.raises(LogitcacheError, match=f"at most {context} positions .* windows are {SEQ_LEN} tokens, and a window fails"):
         run_train(_small(out, cache=world.caches["topk"], loss="kl", student=None, student_config=config))
     assert not out.exists()
 
