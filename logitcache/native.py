@@ -218,17 +218,18 @@ def dense_rows(lengths: np.ndarray, width: int, ids: np.ndarray, logprobs: np.nd
     if lib is None:
         return None
     lengths = np.asarray(lengths)
-    if lengths.dtype.kind not in "ui" or (lengths.size and not 0 <= int(lengths.min()) <= int(lengths.max()) <= 0xFFFF):
-        raise ValueError(f"lengths must be integers in [0, 65535], not {lengths.dtype} from {lengths.min(initial=0)}")
+    low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 0)
+    if lengths.dtype.kind not in "ui" or not 0 <= low <= high <= 0xFFFF:
+        raise ValueError(f"lengths must be integers in [0, 65535], not {lengths.dtype} from {low} to {high}")
     flat = np.ascontiguousarray(lengths, dtype=np.uint16).reshape(-1)
     entries = int(flat.sum(dtype=np.int64))
     columns = [np.ascontiguousarray(a, dtype=t) for a, t in ((ids, np.int32), (logprobs, np.float32), (weights, np.float32))]
     if covered is not None:
         columns.append(np.ascontiguousarray(covered, dtype=np.float64))
     # The C side reads exactly `entries` values of each column: flat columns of that size only.
-    if any(c.ndim != 1 or c.size != entries for c in columns) or not 0 <= width or (flat.size and int(flat.max()) > width):
-        raise ValueError(f"lengths add up to {entries} entries of at most {int(flat.max(initial=0))} per position; "
-                         f"got columns of {[len(c) for c in columns]} and width {width}")
+    if any(c.ndim != 1 or c.size != entries for c in columns) or not high <= width:
+        raise ValueError(f"lengths add up to {entries} entries of at most {high} per position; "
+                         f"got columns of {[c.shape for c in columns]} and width {width}")
     shape = (*lengths.shape, width)
     out = (np.empty(shape, np.int64), np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.bool_))
     mass = np.empty(lengths.shape, np.float64) if covered is not None else None
