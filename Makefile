@@ -30,9 +30,14 @@ test: install
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
 
+# Every benchmark at its defaults: long on a CPU (benchmarks/README.md: what each measures, quick flags).
+# Without demo-out/ from `make demo`, the first one makes the demo's teacher under /tmp/logitcache-bench.
 bench: install
 	$(BIN)/python benchmarks/bench_build.py
 	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_loss.py
+	$(BIN)/python benchmarks/bench_baseline.py
+	$(BIN)/python benchmarks/bench_storage.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -16,8 +16,8 @@ packed by ``logitcache.corpus``), same batch size:
     dense KL(teacher || student) over the whole vocabulary with the teacher run in the step
     (online KD) or with its full log-probs already in memory (a full-logit cache), against
     logitcache's sparse losses on batches from the caches of (a): ``rs-kd`` (sample) and
-    ``topk-renorm`` (topk), plain (``model(ids).logits`` + ``logitcache.losses``) and, when
-    ``logitcache/fused.py`` exists, fused (``logitcache.fused.fused_loss``: no ``[B, P, V]`` logits).
+    ``topk-renorm`` (topk), plain (``model(ids).logits`` + ``logitcache.losses.sparse``) and fused
+    (``logitcache.losses.fused.fused_loss``: no ``[B, P, V]`` logits).
     Step time excludes loading the batch (see benchmarks/bench_loader.py for the loader).
 
 Every case runs in a fresh subprocess; peak memory is that process's peak RSS (VmHWM of
@@ -34,33 +34,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_build import small_corpus  # noqa: E402
-from bench_storage import DEFAULT_WORK, ensure_teacher  # noqa: E402
+from harness import CLOCKS, DEFAULT_WORK, ensure_teacher, peak_rss, rss, run_fresh, small_corpus
 
 SHARD_WINDOWS = 512
 K, SAMPLES = 32, 50
-
-
-def now(c: dict) -> float:
-    """The case's clock: wall time, or this process's CPU time (all threads; steadier on a shared machine)."""
-    return time.process_time() if c.get("clock") == "cpu" else time.perf_counter()
-
-
-def proc_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 # ---- cases (each runs in its own process) ----------------------------------------------------
@@ -71,7 +52,7 @@ def windows_of(teacher_dir: Path, corpus: Path, seq_len: int):
     import numpy as np
 
     from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
-    from logitcache.teacher import load_tokenizer
+    from logitcache.teacher.folder import load_tokenizer
 
     tok = load_tokenizer(teacher_dir)
     stats = PackingStats()
@@ -80,17 +61,19 @@ def windows_of(teacher_dir: Path, corpus: Path, seq_len: int):
 
 
 def case_build(c: dict) -> dict:
-    from logitcache.build import BuildSettings, load_teacher, run_build
+    from logitcache.build.run import load_teacher, run_build
+    from logitcache.build.settings import BuildSettings
 
     extra = {"k": K} if c["method"] == "topk" else {"samples": SAMPLES}
     settings = BuildSettings(teacher=Path(c["teacher"]), corpus=Path(c["corpus"]), out=Path(c["out"]), method=c["method"],
                              seq_len=c["seq_len"], batch_size=c["batch"], shard_size=SHARD_WINDOWS, overwrite=True, **extra)
-    teacher = load_teacher(settings)
-    setup = proc_status_kib("VmRSS")
-    start = now(c)
+    teacher = load_teacher(settings.teacher, settings.teacher_options())
+    resting, clock = rss(), CLOCKS[c["clock"]]
+    start = clock()
     manifest = run_build(settings, teacher=teacher)
-    seconds = now(c) - start
-    return {"tokens": manifest["totals"]["tokens"], "seconds": seconds, "bytes": manifest["totals"]["bytes"], "setup_kib": setup}
+    seconds = clock() - start
+    totals = manifest["totals"]
+    return {"tokens": totals["tokens"], "seconds": seconds, "bytes": totals["bytes"], "resting_rss": resting}
 
 
 def case_naive(c: dict) -> dict:
@@ -109,8 +92,8 @@ def case_naive(c: dict) -> dict:
         ("target_logprobs", pa.list_(pa.list_(pa.float32()))),
         ("target_mask", pa.list_(pa.list_(pa.int64()))),
     ])  # fmt: skip
-    setup = proc_status_kib("VmRSS")
-    start = now(c)
+    resting, clock = rss(), CLOCKS[c["clock"]]
+    start = clock()
     _, windows = windows_of(Path(c["teacher"]), Path(c["corpus"]), c["seq_len"])
     rows, files, shard = [], [], 0
 
@@ -141,14 +124,15 @@ def case_naive(c: dict) -> dict:
                 if len(rows) == SHARD_WINDOWS:
                     flush()
     flush()
-    seconds = now(c) - start
-    return {"tokens": int(windows.size), "seconds": seconds, "bytes": sum(p.stat().st_size for p in files), "setup_kib": setup}
+    seconds = clock() - start
+    written = sum(p.stat().st_size for p in files)
+    return {"tokens": int(windows.size), "seconds": seconds, "bytes": written, "resting_rss": resting}
 
 
 def _student(c: dict, vocab: int):
     import torch
 
-    from logitcache.student import build_student
+    from logitcache.train.student import build_student
 
     torch.manual_seed(0)
     return build_student(preset=c["student"], config_file=None, init_from=None, vocab_size=vocab,
@@ -159,7 +143,7 @@ def case_step(c: dict) -> dict:
     """One training step, repeated; the batch is ready in memory (loading not timed)."""
     import torch
 
-    from logitcache.loader import CacheDataset
+    from logitcache.loader.dataset import CacheDataset
 
     path = c["path"]
     cache = Path(c["cache_topk"] if c["loss"] == "topk-renorm" else c["cache_sample"])
@@ -178,11 +162,11 @@ def case_step(c: dict) -> dict:
                 teacher_logprobs = [torch.log_softmax(teacher(b["input_ids"]).logits[:, :-1].float(), -1) for b in batches]
             teacher = None
     else:
-        from logitcache.losses import get_loss
+        from logitcache.losses.sparse import get_loss
 
         loss_fn = get_loss(c["loss"])
         if path == "fused":
-            from logitcache.fused import fused_loss
+            from logitcache.losses.fused import fused_loss
 
     def step(i: int) -> None:
         batch = batches[i % len(batches)]
@@ -208,13 +192,13 @@ def case_step(c: dict) -> dict:
 
     for i in range(c["warmup"]):
         step(i)
-    setup = proc_status_kib("VmRSS")
-    start = now(c)
+    resting, clock = rss(), CLOCKS[c["clock"]]
+    start = clock()
     for i in range(c["steps"]):
         step(i)
-    seconds = now(c) - start
+    seconds = clock() - start
     tokens = c["steps"] * int(batches[0]["input_ids"].numel())
-    return {"tokens": tokens, "seconds": seconds, "bytes": None, "setup_kib": setup}
+    return {"tokens": tokens, "seconds": seconds, "bytes": None, "resting_rss": resting}
 
 
 CASES = {"build": case_build, "naive": case_naive, "step": case_step}
@@ -222,14 +206,9 @@ CASES = {"build": case_build, "naive": case_naive, "step": case_step}
 
 def run_case(c: dict, threads: int) -> dict:
     """Run one case in a fresh interpreter; its result plus its peak RSS."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(c), "--threads", str(threads)],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"case {c} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    out = run_fresh(__file__, "--case", json.dumps(c), "--threads", str(threads), env=env)
+    return json.loads([line for line in out.splitlines() if line.startswith("RESULT ")][-1][len("RESULT "):])
 
 
 # ---- driver --------------------------------------------------------------------------------
@@ -237,23 +216,15 @@ def run_case(c: dict, threads: int) -> dict:
 
 def random_teacher(source: Path, out: Path, vocab: int, preset: str) -> Path:
     """A random-initialised Llama with a ``vocab``-row head and ``source``'s tokenizer (for memory scaling)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from logitcache.demo import make_model
 
-    from logitcache.tiny import llama_config
-
-    if (out / "config.json").is_file():
-        return out
-    import torch
-
-    tok = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(llama_config(vocab, preset, 1024, tok)).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    if not (out / "config.json").is_file():
+        make_model(source, out, preset=preset, max_positions=1024, vocab_size=vocab)
     return out
 
 
-def mib(kib: int) -> str:
-    return f"{kib / 1024:,.0f}"
+def mib(size: int) -> str:
+    return f"{size / 2**20:,.0f}"
 
 
 def report(teacher: Path, corpus: Path, work: Path, args, label: str) -> None:
@@ -268,22 +239,20 @@ def report(teacher: Path, corpus: Path, work: Path, args, label: str) -> None:
     for name, extra in builds:
         r = run_case({**base, **extra}, args.threads)
         rows.append(f"| {name} | {r['tokens'] / r['seconds']:,.0f} | {r['bytes'] / r['tokens']:,.1f} | "
-                    f"{mib(r['peak_kib'])} | {mib(r['setup_kib'])} |")
+                    f"{mib(r['peak_rss'])} | {mib(r['resting_rss'])} |")
         print(rows[-1], file=sys.stderr, flush=True)
     vocab = json.loads((teacher / "config.json").read_text())["vocab_size"]
     rows.append(f"| (full-logit cache for the dense step below: float32, not written) | — | {4 * vocab:,} | — | — |")
     print(f"\n## Caching the teacher ({label})\n\n" + "\n".join(rows))
 
-    fused = (Path(__file__).resolve().parents[1] / "logitcache" / "fused.py").is_file()
     steps = [
         ("dense KL, teacher run in the step (online KD)", "dense-online", "kl"),
         ("dense KL, teacher full log-probs in memory (full-logit cache)", "dense-cached", "kl"),
         ("logitcache sparse `rs-kd` (sample cache), plain", "plain", "rs-kd"),
         ("logitcache sparse `topk-renorm` (topk cache), plain", "plain", "topk-renorm"),
+        ("logitcache sparse `rs-kd`, fused head+loss", "fused", "rs-kd"),
+        ("logitcache sparse `topk-renorm`, fused head+loss", "fused", "topk-renorm"),
     ]
-    if fused:
-        steps += [("logitcache sparse `rs-kd`, fused head+loss", "fused", "rs-kd"),
-                  ("logitcache sparse `topk-renorm`, fused head+loss", "fused", "topk-renorm")]
     rows = ["| student step (forward, loss, backward, AdamW) | tokens/s | ms/step | peak RSS MiB | resting RSS MiB |",
             "|---|---:|---:|---:|---:|"]
     for name, path, loss in steps:
@@ -291,7 +260,7 @@ def report(teacher: Path, corpus: Path, work: Path, args, label: str) -> None:
              "warmup": 2, "cache_topk": str(work / "cache-topk"), "cache_sample": str(work / "cache-sample")}
         r = run_case(c, args.threads)
         rows.append(f"| {name} | {r['tokens'] / r['seconds']:,.0f} | {1000 * r['seconds'] / args.steps:,.0f} | "
-                    f"{mib(r['peak_kib'])} | {mib(r['setup_kib'])} |")
+                    f"{mib(r['peak_rss'])} | {mib(r['resting_rss'])} |")
         print(rows[-1], file=sys.stderr, flush=True)
     print(f"\n## One student step, {args.batch_size} × {args.seq_len} tokens, student `{args.student}` ({label})\n\n" + "\n".join(rows))
 
@@ -304,7 +273,7 @@ def main() -> None:
     parser.add_argument("--corpus-bytes", type=int, default=200_000)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--student", default="nano", help="student preset (logitcache.tiny.MODEL_PRESETS)")
+    parser.add_argument("--student", default="nano", help="student preset (logitcache.train.student.MODEL_PRESETS)")
     parser.add_argument("--steps", type=int, default=10, help="timed student steps (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every case")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -319,7 +288,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         c = json.loads(args.case)
         result = CASES[c["kind"]](c)
-        result["peak_kib"] = proc_status_kib("VmHWM")
+        result["peak_rss"] = peak_rss()
         print("RESULT " + json.dumps(result), flush=True)
         return
 

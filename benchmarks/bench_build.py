@@ -2,7 +2,9 @@
 
     python benchmarks/bench_build.py --teacher demo-out/teacher-run/student --corpus demo-out/corpus.jsonl
 
-Prints five tables (markdown); results with the command are kept in benchmarks/RESULTS.md.
+Prints five tables (markdown); results with the command are kept in benchmarks/RESULTS.md. With no
+teacher at ``--teacher`` it makes ``make demo``'s under ``--work`` (once); ``--make-teacher`` makes
+a random-initialised one of any size instead.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,37 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import DEFAULT_WORK, best_time, ensure_teacher, fastest, peak_rss, run_fresh, small_corpus
 
-from logitcache.build import BuildSettings, load_teacher, run_build
-from logitcache.shards import read_shard
-from logitcache.summary import summarize
-from logitcache import native
-from logitcache.targets import TargetSpec, row_keys, row_targets
-from logitcache.teacher import ONEDNN_SWITCH
-
-
-def small_corpus(corpus: Path, out: Path, approx_bytes: int) -> Path:
-    """The first documents of a JSON Lines corpus, about ``approx_bytes`` of it."""
-    lines, size = [], 0
-    for line in corpus.open():
-        lines.append(line)
-        size += len(line)
-        if size >= approx_bytes:
-            break
-    out.write_text("".join(lines))
-    return out
-
-
-def timed(fn, repeat: int = 3, clock=time.perf_counter, warmup: bool = True) -> float:
-    """Best time of ``repeat`` runs of ``fn`` by ``clock`` (wall by default), after one warm-up run."""
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = clock()
-        fn()
-        best = min(best, clock() - start)
-    return best
+from logitcache.build.run import load_teacher, run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.cache.format import read_shard
+from logitcache.cache.summary import summarize
+from logitcache.demo import TeacherSizes, make_teacher, stdlib_docstrings, write_corpus
+from logitcache.native import library as native
+from logitcache.targets.rng import row_keys
+from logitcache.targets.rows import row_targets
+from logitcache.targets.spec import TargetSpec
+from logitcache.teacher.head import ONEDNN_SWITCH
 
 
 def forward_pass(teacher, windows: np.ndarray, batch: int, streams: int = 1, model=None):
@@ -102,7 +83,8 @@ def build_table(args, work: Path) -> list[str]:
     corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
     base = dict(teacher=args.teacher, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512,
                 overwrite=True, chunk_mib=args.chunk_mib)
-    teacher = load_teacher(BuildSettings(out=work / "x", **base))
+    settings = BuildSettings(out=work / "x", **base)
+    teacher = load_teacher(settings.teacher, settings.teacher_options())
     params = sum(p.numel() for p in teacher.model.parameters())
     print(f"teacher {params / 1e6:.0f}M parameters, vocab {teacher.vocab_size}, {teacher.dtype} on {teacher.device}; "
           f"seq_len {args.seq_len}, batch {args.batch_size}")
@@ -126,11 +108,7 @@ def build_table(args, work: Path) -> list[str]:
              "forward-head": forward_pass(teacher, windows, args.batch_size), **cases}
     if teacher.device.type == "cpu" and torch.get_num_threads() > 1:
         cases["forward-streams"] = forward_pass(teacher, windows, args.batch_size, streams=2, model=model)
-    # Rounds interleave the cases, so a slow spell on a shared machine hits all of them; best of the rounds.
-    best = dict.fromkeys(cases, float("inf"))
-    for _ in range(args.rounds):
-        for name, fn in cases.items():
-            best[name] = min(best[name], timed(fn, repeat=1, warmup=False))
+    best = fastest(cases, args.rounds)
     fwd, fwd_head = best["forward"], best["forward-head"]
 
     def row(label: str, seconds: float) -> str:
@@ -183,9 +161,9 @@ def sampler_table(vocabs: list[int], rows_per_call: int) -> list[str]:
         for method in ("sample", "topk"):
             targets = partial(row_targets, logits, labels, keys, TargetSpec(method, k=32, samples=50))
             torch_path = switched_off(targets, native.ENV_SWITCH, native.library.cache_clear)
-            times[method] = (timed(torch_path, clock=time.thread_time), timed(targets, clock=time.thread_time))
+            times[method] = (best_time(torch_path, clock=time.thread_time), best_time(targets, clock=time.thread_time))
         # What users write: multinomial on the probabilities (counting ids afterwards is extra and not timed).
-        theirs = timed(partial(torch.multinomial, torch.softmax(logits, -1), 50, replacement=True), clock=time.thread_time)
+        theirs = best_time(partial(torch.multinomial, torch.softmax(logits, -1), 50, replacement=True), clock=time.thread_time)
         cells = [f"{rows_per_call / t:,.0f}" for t in times["sample"]] + [f"{times['sample'][0] / times['sample'][1]:.1f}"]
         cells += [f"{rows_per_call / t:,.0f}" for t in times["topk"]] + [f"{times['topk'][0] / times['topk'][1]:.1f}"]
         out.append(f"| {vocab} | {' | '.join(cells)} | {rows_per_call / theirs:,.0f} |")
@@ -196,7 +174,7 @@ def sampler_table(vocabs: list[int], rows_per_call: int) -> list[str]:
 def head_table(rows: int) -> list[str]:
     """Rows/s of the output head on one thread (thread-CPU clock): torch's ``linear`` (MKL) against
     the build's ``teacher.linear`` (oneDNN on x86 CPUs), random float32 weights of each shape."""
-    from logitcache.teacher import linear
+    from logitcache.teacher.head import linear
 
     out = ["| hidden | vocab | `torch.nn.functional.linear` rows/s | build's head rows/s | speed-up | max abs difference |",
            "|---:|---:|---:|---:|---:|---:|"]
@@ -207,8 +185,8 @@ def head_table(rows: int) -> list[str]:
         for hidden, vocab in ((128, 2048), (512, 8192), (768, 32768)):
             h = torch.randn(rows, hidden, generator=g)
             w = torch.randn(vocab, hidden, generator=g) / hidden**0.5
-            theirs = timed(partial(torch.nn.functional.linear, h, w), clock=time.thread_time)
-            ours = timed(partial(linear, h, w), clock=time.thread_time)
+            theirs = best_time(partial(torch.nn.functional.linear, h, w), clock=time.thread_time)
+            ours = best_time(partial(linear, h, w), clock=time.thread_time)
             gap = float((linear(h, w) - torch.nn.functional.linear(h, w)).abs().max())
             out.append(f"| {hidden} | {vocab} | {rows / theirs:,.0f} | {rows / ours:,.0f} | {theirs / ours:.1f} | {gap:.1e} |")
     finally:
@@ -223,7 +201,7 @@ def storage_table(args, work: Path) -> list[str]:
     for method, extra in (("topk", {"k": 8}), ("topk", {"k": 32}), ("sample", {"samples": 50})):
         settings = BuildSettings(teacher=args.teacher, corpus=corpus, out=work / f"store-{method}-{extra}", method=method,
                                  seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, **extra)
-        teacher = teacher or load_teacher(settings)
+        teacher = teacher or load_teacher(settings.teacher, settings.teacher_options())
         run_build(settings, teacher=teacher)
         s = summarize(settings.out)
         label = f"topk k={extra['k']}" if method == "topk" else "sample N=50"
@@ -231,15 +209,12 @@ def storage_table(args, work: Path) -> list[str]:
     return out
 
 
-_PEAK_RSS = """
-import resource, sys
-from pathlib import Path
-from logitcache.build import BuildSettings, run_build
-teacher, corpus, out, samples, seq_len, batch = sys.argv[1:7]
-run_build(BuildSettings(teacher=Path(teacher), corpus=Path(corpus), out=Path(out), method="sample", samples=int(samples),
-                        seq_len=int(seq_len), batch_size=int(batch), shard_size=64))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
+def memory_build(case: dict) -> None:
+    """One sample build of the memory table (run in a fresh process); prints the process's peak RSS in bytes."""
+    run_build(BuildSettings(teacher=Path(case["teacher"]), corpus=Path(case["corpus"]), out=Path(case["out"]),
+                            method="sample", samples=case["samples"], seq_len=case["seq_len"],
+                            batch_size=case["batch_size"], shard_size=64))
+    print(peak_rss())
 
 
 def memory_table(args, work: Path) -> list[str]:
@@ -248,30 +223,28 @@ def memory_table(args, work: Path) -> list[str]:
     out = ["| N | peak RSS (MiB) | stored entries/position |", "|---:|---:|---:|"]
     for n in (int(x) for x in args.memory_samples.split(",")):
         cache = work / f"memory-{n}"
-        command = [sys.executable, "-c", _PEAK_RSS, str(args.teacher), str(corpus), str(cache), str(n),
-                   str(args.seq_len), str(args.batch_size)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        peak_mib = int(result.stdout.split()[-1]) / 1024
+        case = {"teacher": str(args.teacher), "corpus": str(corpus), "out": str(cache), "samples": n,
+                "seq_len": args.seq_len, "batch_size": args.batch_size}
+        peak_mib = int(run_fresh(__file__, "--memory-build", json.dumps(case)).split()[-1]) / 2**20
         out.append(f"| {n} | {peak_mib:,.0f} | {summarize(cache)['mean_ids_per_position']:.1f} |")
     return out
 
 
-def make_teacher(preset: str, vocab: int, seq_len: int, repeat: int = 1) -> tuple[Path, Path]:
-    """A random-initialised Llama teacher (tokenizer from stdlib docstrings) and a corpus, under a temp folder."""
-    from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
-
+def random_teacher(preset: str, vocab: int, seq_len: int, repeat: int = 1) -> tuple[Path, Path]:
+    """A random-initialised teacher of ``preset`` with a ``vocab``-row head (the demo recipe with a 4096-id
+    tokenizer) and the stdlib docstrings ``repeat`` times as its corpus, under a temp folder."""
     root = Path(tempfile.mkdtemp(prefix="logitcache-bench-"))
     docs = list(stdlib_docstrings())
     write_corpus(root / "corpus.jsonl", iter(docs * repeat))
-    train_tokenizer(docs, 4096, root / "tokenizer")
-    make_model(root / "tokenizer", root / "teacher", preset=preset, max_positions=max(seq_len, 128), vocab_size=vocab)
-    return root / "teacher", root / "corpus.jsonl"
+    sizes = TeacherSizes(vocab=4096, preset=preset, max_positions=max(seq_len, 128), head_rows=vocab)
+    return make_teacher(root, docs, sizes), root / "corpus.jsonl"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
     parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where a missing teacher is pretrained")
     parser.add_argument("--corpus-bytes", type=int, default=400_000, help="how much of the corpus to build over")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -285,11 +258,15 @@ def main() -> None:
                         "(e.g. base: 12 layers, hidden 768) with --vocab ids instead of using --teacher; for GPU runs")
     parser.add_argument("--vocab", type=int, default=32768, help="output vocabulary of --make-teacher")
     parser.add_argument("--repeat", type=int, default=1, help="with --make-teacher: repeat the corpus this many times")
+    parser.add_argument("--memory-build", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_build:
+        memory_build(json.loads(args.memory_build))
+        return
     if args.make_teacher:
-        args.teacher, args.corpus = make_teacher(args.make_teacher, args.vocab, args.seq_len, args.repeat)
-    if not (args.teacher / "config.json").is_file():
-        raise SystemExit(f"no teacher at {args.teacher}: run `make demo` first or pass --teacher")
+        args.teacher, args.corpus = random_teacher(args.make_teacher, args.vocab, args.seq_len, args.repeat)
+    else:
+        args.teacher, args.corpus = ensure_teacher(args.teacher, args.corpus, args.work)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

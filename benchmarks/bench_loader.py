@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from harness import fastest, peak_rss, run_fresh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from logitcache import native  # noqa: E402
-from logitcache.loader import CacheDataset  # noqa: E402
-from logitcache.manifest import fingerprint, shard_name, write_manifest  # noqa: E402
-from logitcache.shards import FORMAT_VERSION, WindowTargets, write_shard  # noqa: E402
+from logitcache.cache.format import FORMAT_VERSION, WindowTargets, write_shard
+from logitcache.cache.layout import shard_name
+from logitcache.cache.manifest import fingerprint, write_manifest
+from logitcache.loader.dataset import CacheDataset
+from logitcache.native import library as native
 
 SEQ_LEN = 256
 VOCAB = 8192
@@ -103,16 +101,11 @@ def whole_cache_tokens(cache: Path) -> int:
     return sum(table.num_rows for table in tables) * SEQ_LEN
 
 
-def tokens_per_second(reads: dict[str, Callable[[Path], int]], cache: Path, repeats: int = 3) -> dict[str, float]:
-    """Best of ``repeats`` rounds for each read, interleaved: the machine is shared, so a slow spell
-    hits every read, and the fastest run of each is the least disturbed."""
-    rates = {name: 0.0 for name in reads}
-    for _ in range(repeats):
-        for name, read in reads.items():
-            start = time.perf_counter()
-            tokens = read(cache)
-            rates[name] = max(rates[name], tokens / (time.perf_counter() - start))
-    return rates
+def tokens_per_second(reads: dict[str, Callable[[Path], int]], cache: Path, rounds: int = 3) -> dict[str, float]:
+    """Each read's tokens over its fastest of ``rounds`` interleaved rounds (after one untimed read, which counts the tokens)."""
+    tokens = {name: read(cache) for name, read in reads.items()}
+    seconds = fastest({name: partial(read, cache) for name, read in reads.items()}, rounds)
+    return {name: tokens[name] / seconds[name] for name in reads}
 
 
 RSS_CASES: dict[str, Callable[[Path], int]] = {
@@ -124,20 +117,13 @@ RSS_CASES: dict[str, Callable[[Path], int]] = {
 
 def peak_rss_mb(case: str, cache: Path) -> float:
     """Peak RSS of a fresh interpreter running ``case`` (one of :data:`RSS_CASES`)."""
-    command = [sys.executable, __file__, "--rss-case", case, "--cache", str(cache)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True)
-    return float(out.stdout.strip())
+    return float(run_fresh(__file__, "--rss-case", case, "--cache", str(cache)).strip())
 
 
 def rss_case(case: str, cache: Path) -> None:
-    """Run ``case`` and print this process's peak RSS in MiB.
-
-    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
-    fork + exec, so a child of the (large) benchmark process would report the parent's peak.
-    """
+    """Run ``case`` and print this process's peak RSS in MiB."""
     RSS_CASES[case](cache)
-    status = Path("/proc/self/status").read_text()
-    print(int(status.split("VmHWM:")[1].split()[0]) / 1024)
+    print(peak_rss() / 2**20)
 
 
 def report(shards: int, rows: int) -> None:

@@ -3,14 +3,14 @@
     python3 benchmarks/bench_loss.py [--device cpu|cuda] [--preset nano] [--vocab 2048 32768]
                                      [--batch 8] [--seq-len 128] [--losses ce rs-kd ...] [--threads N]
 
-One step is the forward and backward of a Llama student from ``logitcache.tiny.MODEL_PRESETS``
+One step is the forward and backward of a Llama student from ``logitcache.train.student.MODEL_PRESETS``
 (optimizer excluded: it is the same for every loss; parameter gradients are set to None after
 each step, so their allocation is inside the step). Paths:
 
 - plain: ``model(input_ids).logits[:, :-1]`` (the ``[B, T, V]`` logits), then ``get_loss(name)``;
 - fused: ``student_hidden(model, input_ids)[:, :-1]`` (the model's forward with
   ``output_hidden_states=True, logits_to_keep=1``) and ``lm_head.weight`` into
-  ``logitcache.fused.fused_loss`` (the logits exist one chunk of rows at a time);
+  ``logitcache.losses.fused.fused_loss`` (the logits exist one chunk of rows at a time);
 - dense-logits KD: what users do without a cache: the teacher's full log-probs ``[B, P, V]`` are
   part of the batch and the loss is ``KL(teacher || softmax(student))`` over the vocabulary
   (the teacher's forward is not timed).
@@ -36,21 +36,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from harness import CLOCKS, median_time, peak_rss, reset_peak_rss, rss, run_fresh
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from logitcache.fused import default_chunk_rows, fused_loss, student_hidden  # noqa: E402
-from logitcache.losses import LOSSES, get_loss  # noqa: E402
-from logitcache.tiny import MODEL_PRESETS, llama_config  # noqa: E402
+from logitcache.losses.fused import default_chunk_rows, fused_loss, student_hidden
+from logitcache.losses.sparse import LOSSES, get_loss
+from logitcache.train.student import MODEL_PRESETS, llama_config
 
 DENSE = "dense-logits KD"
 
@@ -155,12 +150,7 @@ def make_step(case: dict, model, batch: dict, device: torch.device):
     return step
 
 
-def vm_status(key: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
-
-
-def make_model(case: dict):
+def make_student(case: dict):
     """The case's student (seed 0), on its device, in training mode."""
     from transformers import LlamaForCausalLM
 
@@ -170,7 +160,7 @@ def make_model(case: dict):
 
 def prepared_step(case: dict, model=None):
     """The step closure of the case on its model (made here unless given) and batch."""
-    model = make_model(case) if model is None else model
+    model = make_student(case) if model is None else model
     batch = dense_batch(case, case["device"]) if case["path"] == "dense" else sparse_batch(case, case["device"])
     return make_step(case, model, batch, torch.device(case["device"]))
 
@@ -185,7 +175,7 @@ def run_interleaved(cases: list[dict]) -> list[float]:
     for step in steps:
         for _ in range(cases[0]["warmup"]):
             step()
-    clock = time.process_time if cases[0]["clock"] == "cpu" else time.perf_counter
+    clock = CLOCKS[cases[0]["clock"]]
     times: list[list[float]] = [[] for _ in cases]
     for round_ in range(cases[0]["steps"]):
         for i in [(round_ + j) % len(cases) for j in range(len(cases))]:
@@ -204,8 +194,8 @@ def run_case(case: dict) -> float | tuple[float, float]:
         torch.set_num_threads(case["threads"])
     device = torch.device(case["device"])
     cuda = device.type == "cuda"
-    model = make_model(case)  # resting: the model exists (and the libraries it needs are loaded)
-    resting = torch.cuda.memory_allocated() if cuda else vm_status("VmRSS:")
+    model = make_student(case)  # resting: the model exists (and the libraries it needs are loaded)
+    resting = torch.cuda.memory_allocated() if cuda else rss()
     step = prepared_step(case, model)
     for _ in range(case["warmup"]):
         step()
@@ -215,21 +205,12 @@ def run_case(case: dict) -> float | tuple[float, float]:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            with open("/proc/self/clear_refs", "w") as clear:
-                clear.write("5")  # VmHWM back to the current RSS
-            before = vm_status("VmHWM:")
+            reset_peak_rss()
+            before = peak_rss()
         step()
-        peak = torch.cuda.max_memory_allocated() if cuda else vm_status("VmHWM:")
+        peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
         return (peak - resting) / 2**20, (peak - before) / 2**20
-    clock = time.process_time if case["clock"] == "cpu" else time.perf_counter
-    times = []
-    for _ in range(case["steps"]):
-        start = clock()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(clock() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_time(step, case["steps"], CLOCKS[case["clock"]], torch.cuda.synchronize if cuda else None)
 
 
 # ---- the driver ----------------------------------------------------------------------------
@@ -249,12 +230,9 @@ def cases_for(args: argparse.Namespace, vocab: int) -> list[dict]:
 
 def spawn(case: dict, measure: str) -> list[float]:
     """``run_case`` in a fresh interpreter; for memory with glibc's mmap threshold pinned (freed tensors leave RSS)."""
-    env = dict(os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else {}))
-    command = [sys.executable, __file__, "--case", json.dumps({**case, "measure": measure})]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"case {case['loss']} {case['path']} ({measure}) failed:\n{done.stderr}")
-    return [float(x) for x in done.stdout.strip().splitlines()[-1].split()]
+    env = {"MALLOC_MMAP_THRESHOLD_": "65536"} if measure == "memory" else None
+    out = run_fresh(__file__, "--case", json.dumps({**case, "measure": measure}), env=env)
+    return [float(x) for x in out.strip().splitlines()[-1].split()]
 
 
 def table(vocab: int, args: argparse.Namespace, ms: dict, mib: dict) -> str:

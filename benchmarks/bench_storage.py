@@ -4,8 +4,8 @@
 
 Builds ``topk`` k=32 and ``sample`` N=50 caches with a *trained* teacher (a random-initialised one
 draws ~50 distinct ids at N=50, which changes the per-entry overhead). With no teacher at
-``--teacher`` it pretrains the demo's (micro preset, 600 steps, bit-identical to ``make demo``'s)
-under ``--work`` and reuses it next time. The demo teacher is not very sharp (~30 distinct ids per
+``--teacher`` it makes ``make demo``'s (``logitcache.demo``'s recipe, bit for bit) under ``--work``
+and reuses it next time. The demo teacher is not very sharp (~30 distinct ids per
 position at N=50), so a third cache draws at proposal temperature ``--sharp-tau`` (0.5: ~11 ids
 per position, the regime of real LLM teachers) as a stand-in for a sharper teacher.
 
@@ -32,7 +32,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,58 +43,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+from harness import DEFAULT_WORK, best_time, ensure_teacher, small_corpus
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_build import small_corpus, timed  # noqa: E402
-
-from logitcache import shards as shards_mod  # noqa: E402
-from logitcache.build import BuildSettings, load_teacher, run_build  # noqa: E402
-from logitcache.shards import WindowTargets, read_shard, shard_metadata, to_table  # noqa: E402
-from logitcache.summary import summarize  # noqa: E402
-
-DEFAULT_WORK = Path("/tmp/logitcache-bench")
-
-# ---- a trained teacher ----------------------------------------------------------------------
-
-
-def ensure_teacher(teacher: Path, corpus: Path, work: Path, steps: int = 600) -> tuple[Path, Path]:
-    """(teacher, corpus): the given ones if they exist, else the demo's recipe under ``work``.
-
-    The recipe is examples/demo.py's: stdlib docstrings, a 2048-id BPE tokenizer, a micro Llama
-    pretrained with ``logitcache train`` for ``steps`` steps at seq_len 128.
-    """
-    if (teacher / "config.json").is_file() and corpus.is_file():
-        return teacher, corpus
-    from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
-
-    work.mkdir(parents=True, exist_ok=True)
-    corpus, trained = work / "corpus.jsonl", work / "teacher-run" / "student"
-    if not corpus.is_file():
-        docs = list(stdlib_docstrings())
-        write_corpus(corpus, iter(docs))
-        train_tokenizer(docs, 2048, work / "tokenizer")
-    if not (trained / "config.json").is_file():
-        if not (work / "teacher-init" / "config.json").is_file():
-            make_model(work / "tokenizer", work / "teacher-init", preset="micro", max_positions=128)
-        print(f"pretraining a teacher under {work} ({steps} steps)...", file=sys.stderr)
-        subprocess.run(
-            [sys.executable, "-m", "logitcache", "train", "--corpus", str(corpus), "--tokenizer", str(work / "tokenizer"),
-             "--init-from", str(work / "teacher-init"), "--out", str(work / "teacher-run"), "--seq-len", "128",
-             "--steps", str(steps), "--batch-size", "16", "--lr", "3e-3", "--warmup-steps", "30",
-             "--eval-every", str(steps), "--save-every", str(steps)],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-    return trained, corpus
-
+from logitcache.build.run import load_teacher, run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.cache import format as shards_mod
+from logitcache.cache.format import WindowTargets, read_shard, shard_metadata, to_table
+from logitcache.cache.summary import summarize
 
 # ---- writer variants -----------------------------------------------------------------------
 
 ELEMENT = "{}.list.element"  # column_encoding / use_dictionary need the leaf path; "target_ids" alone is ignored
 INT_COLUMNS = ("input_ids", "target_lengths", "target_ids", "target_counts")
 HALF_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
-CHOSEN_DICTIONARY = getattr(shards_mod, "DICTIONARY_COLUMNS", ("target_lengths", "target_ids", "target_counts"))
+CHOSEN_DICTIONARY = shards_mod.DICTIONARY_COLUMNS
 
 
 def options(names: list[str], *, level: int = 3, dictionary=(), encoding: dict | None = None,
@@ -251,7 +212,7 @@ def measure(tables: list[pa.Table], kwargs: dict, repeat: int) -> tuple[int, flo
     """(bytes written, Arrow MB/s of writing, the files) for ``tables`` written with ``kwargs``."""
     files: list[bytes] = []
     # CPU time: writing is single-threaded, and CPU time is steadier on a shared machine.
-    seconds = timed(lambda: files.__setitem__(slice(None), [write_bytes(t, kwargs) for t in tables]), repeat,
+    seconds = best_time(lambda: files.__setitem__(slice(None), [write_bytes(t, kwargs) for t in tables]), repeat,
                     clock=time.process_time, warmup=False)
     mb = sum(t.nbytes for t in tables) / 1e6
     return sum(len(f) for f in files), mb / seconds, files
@@ -414,7 +375,7 @@ def user_formats_table(caches: dict[str, Cache], chosen: Callable[[list[str]], d
 
 
 def chosen_options(names: list[str]) -> dict:
-    """What ``write_shard`` passes to ``pq.write_table`` (kept in step with logitcache.shards)."""
+    """What ``write_shard`` passes to ``pq.write_table`` (kept in step with logitcache.cache.format)."""
     return options(names, level=shards_mod.ZSTD_LEVEL, row_group=shards_mod.ROW_GROUP_ROWS, dictionary=CHOSEN_DICTIONARY)
 
 
@@ -448,7 +409,7 @@ def main() -> None:
         roots = {}
         for i, (name, extra) in enumerate(builds.items()):
             settings = BuildSettings(out=work / f"cache-{i}", **base, **extra)
-            teacher = teacher or load_teacher(settings)
+            teacher = teacher or load_teacher(settings.teacher, settings.teacher_options())
             run_build(settings, teacher=teacher)
             roots[name] = settings.out
         caches = {m: Cache(r) for m, r in roots.items()}

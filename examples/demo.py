@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
+from logitcache.demo import PRETRAIN_STEPS, TeacherSizes, make_trained_teacher, stdlib_docstrings, write_corpus
 
 console = Console()
 
@@ -44,13 +44,14 @@ def final_eval(run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for everything the demo makes")
-    parser.add_argument("--vocab", type=int, default=2048, help="tokenizer vocabulary size")
-    parser.add_argument("--teacher-preset", default="micro", help="teacher size (logitcache.tiny.MODEL_PRESETS)")
-    parser.add_argument("--teacher-steps", type=int, default=1000, help="teacher pretraining steps")
+    parser.add_argument("--vocab", type=int, default=TeacherSizes.vocab, help="tokenizer vocabulary size")
+    parser.add_argument("--teacher-preset", default=TeacherSizes.preset,
+                        help="teacher size (logitcache.train.student.MODEL_PRESETS)")
+    parser.add_argument("--teacher-steps", type=int, default=PRETRAIN_STEPS, help="teacher pretraining steps")
     parser.add_argument("--student-preset", default="nano", help="student size")
     parser.add_argument("--student-steps", type=int, default=150, help="steps for each student")
     parser.add_argument("--distill-docs", type=int, default=2000, help="documents cached and distilled on (the first ones)")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per window")
+    parser.add_argument("--seq-len", type=int, default=TeacherSizes.max_positions, help="tokens per window")
     args = parser.parse_args()
     out: Path = args.out
     started = time.monotonic()
@@ -63,18 +64,11 @@ def main() -> None:
     write_corpus(corpus, iter(docs))
     distill = out / "distill.jsonl"
     write_corpus(distill, iter(docs[: args.distill_docs]))
-    train_tokenizer(docs, args.vocab, out / "tokenizer")
     console.print(f"{len(docs)} documents, {corpus.stat().st_size / 1e6:.1f} MB → {corpus}; tokenizer of {args.vocab} ids")
 
     console.rule("2. the teacher: a small Llama pretrained on that corpus (CE only)")
-    make_model(out / "tokenizer", out / "teacher-init", preset=args.teacher_preset, max_positions=args.seq_len)
-    logitcache(
-        "train", "--corpus", corpus, "--tokenizer", out / "tokenizer", "--init-from", out / "teacher-init",
-        "--out", out / "teacher-run", "--seq-len", args.seq_len, "--steps", args.teacher_steps,
-        "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", min(50, args.teacher_steps - 1),
-        "--eval-every", args.teacher_steps, "--save-every", args.teacher_steps,
-    )
-    teacher = out / "teacher-run" / "student"
+    sizes = TeacherSizes(vocab=args.vocab, preset=args.teacher_preset, max_positions=args.seq_len)
+    teacher = make_trained_teacher(out, docs, sizes, steps=args.teacher_steps, seq_len=args.seq_len, run=logitcache)
 
     console.rule("3. the cache: top-k and RS-KD sampled targets")
     for method, extra in (("topk", ("--k", 32)), ("sample", ("--samples", 50))):

@@ -43,14 +43,18 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from logitcache.build import BuildSettings, run_build
+from logitcache.build.run import run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.cache.summary import summarize
 from logitcache.corpus import Corpus
+from logitcache.demo import TeacherSizes, make_model, make_teacher, pretraining, stdlib_docstrings, write_corpus
 from logitcache.errors import LogitcacheError
-from logitcache.loader import CacheDataset
-from logitcache.student import load_student
-from logitcache.summary import summarize
-from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
-from logitcache.train import TrainSettings, make_loss, run_train, teacher_top_ids
+from logitcache.loader.dataset import CacheDataset
+from logitcache.train.evaluate import teacher_top_ids
+from logitcache.train.loop import run_train
+from logitcache.train.objective import make_loss
+from logitcache.train.settings import TrainSettings
+from logitcache.train.student import load_student
 
 SAMPLES = 50  # RS-KD draws per position, as in the paper
 FULL = "full"  # the top-k cache with k = vocabulary size
@@ -94,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--corpus-bytes", type=int, default=600_000, help="use the first N bytes of the corpus (0: all)")
     add("--out", type=Path, default=Path("rskd-out"), help="folder for everything the run makes")
     add("--vocab", type=int, default=512, help="tokenizer vocabulary (the full-KD cache stores all of it)")
-    add("--teacher-preset", default="micro", help="teacher size (logitcache.tiny.MODEL_PRESETS)")
+    add("--teacher-preset", default="micro", help="teacher size (logitcache.train.student.MODEL_PRESETS)")
     add("--teacher-steps", type=int, default=800, help="teacher pretraining steps")
     add("--student-preset", default="nano", help="student size")
     add("--student-steps", type=int, default=300, help="steps for every student")
@@ -136,14 +140,13 @@ def write_run_corpus(args: argparse.Namespace) -> list[str]:
 
 
 def train_teacher(args: argparse.Namespace, documents: list[str]) -> tuple[Path, dict]:
-    """A tokenizer and a teacher pretrained on the corpus; returns the teacher folder and its final metrics."""
-    train_tokenizer(documents, args.vocab, args.out / "tokenizer")
-    make_model(args.out / "tokenizer", args.out / "teacher-init", preset=args.teacher_preset, max_positions=args.seq_len)
-    metrics = run_train(TrainSettings(
-        out=args.out / "teacher-run", corpus=args.out / "corpus.jsonl", tokenizer=args.out / "tokenizer",
-        init_from=args.out / "teacher-init", seq_len=args.seq_len, steps=args.teacher_steps,
-        batch_size=args.batch_size, lr=args.lr, warmup_steps=min(30, args.teacher_steps // 10),
-        eval_every=args.teacher_steps, eval_windows=args.eval_windows, save_every=0, seed=args.seed, device=args.device,
+    """A tokenizer and a teacher pretrained on the corpus (the demo's recipe, this run's sizes); returns the
+    teacher folder and its final metrics."""
+    make_teacher(args.out, documents, TeacherSizes(vocab=args.vocab, preset=args.teacher_preset, max_positions=args.seq_len))
+    metrics = run_train(pretraining(
+        args.out, args.teacher_steps, args.seq_len, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=min(30, args.teacher_steps // 10), eval_windows=args.eval_windows, save_every=0, seed=args.seed,
+        device=args.device,
     ))
     return Path(metrics["student"]), metrics
 

@@ -10,6 +10,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from logitcache import __version__
+from logitcache.build.settings import BuildSettings
 from logitcache.errors import LogitcacheError
+from logitcache.train.settings import TrainSettings
 
 app = typer.Typer(
     help="Run a teacher LLM once, cache sparse targets in Parquet, distil students from the cache.",
@@ -30,7 +33,19 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+def _defaults(settings: type) -> dict[str, object]:
+    """The field defaults of a settings dataclass: the one place each option's default is written."""
+    return {field.name: field.default for field in fields(settings) if field.default is not MISSING}
+
+
+BUILD = _defaults(BuildSettings)
+TRAIN = _defaults(TrainSettings)
+
+# Options and arguments that mean the same in several commands, declared once.
 CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window of the corpus (train: with --corpus only; a cache has its own).")]
+TextField = Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")]
 
 
 @contextmanager
@@ -84,7 +99,8 @@ class _Notes(logging.Handler):
 
 @app.callback()
 def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """logitcache: offline knowledge distillation for language models."""
     package_log = logging.getLogger("logitcache")
@@ -95,46 +111,63 @@ def main(
 
 @app.command()
 def build(
+    ctx: typer.Context,
     teacher: Annotated[Path, typer.Option(help="Teacher model folder in Hugging Face format (config, weights, tokenizer).")],
-    corpus: Annotated[Path, typer.Option(help="Text corpus: .txt/.md, .jsonl, .jsonl.zst, .parquet, a folder of these, or a saved `datasets` dataset.")],
+    corpus: Annotated[Path, typer.Option(
+        help="Text corpus: .txt/.md, .jsonl, .jsonl.zst, .parquet, a folder of these, or a saved `datasets` dataset.")],
     out: Annotated[Path, typer.Option(help="Output folder for the shards and manifest.json.")],
-    method: Annotated[str, typer.Option(help="topk: top-k log-probs + tail mass; sample: RS-KD importance sampling (unbiased).")] = "topk",
-    k: Annotated[int, typer.Option(help="Ids kept per position with --method topk.")] = 32,
-    samples: Annotated[int, typer.Option(help="Draws N per position with --method sample (the paper uses 50).")] = 50,
-    seed: Annotated[int, typer.Option(help="Sampling seed; draws depend only on (seed, sequence_id, position).")] = 0,
-    proposal_temperature: Annotated[float, typer.Option(help="Sample from softmax(logits / T) instead of the teacher; losses reweight by t/q.")] = 1.0,
-    logprob_bits: Annotated[int, typer.Option(min=1, max=10, help="sample: mantissa bits kept in stored float16 log-probabilities (10 = all; 8 keeps relative error below 2^-9 and saves ~0.4 B per entry).")] = 8,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = 8,
-    shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = 1024,
-    text_field: Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")] = "text",
-    overwrite: Annotated[bool, typer.Option(help="Replace a different build found in --out.")] = False,
-    backend: Annotated[str, typer.Option(help="Teacher engine: hf (transformers; CPU or GPU) or vllm (GPU).")] = "hf",
-    device: Annotated[Optional[str], typer.Option(help="Torch device for the hf backend (default: cuda if present, else cpu); vllm: device of the sample path's output head (default cuda).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU; vllm: bfloat16).")] = None,
-    chunk_mib: Annotated[Optional[int], typer.Option(help="Memory bound for one chunk of output-head rows, MiB (default 16 on CPU, 1024 on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = None,
-    cpu_streams: Annotated[Optional[int], typer.Option(help="hf on CPU: teacher batches computed at once, each on an equal share of torch's threads (default 2; 1 = one batch at a time on all threads).")] = None,
-    num_workers: Annotated[int, typer.Option(help="Workers sharing this build (one process per GPU or node).")] = 1,
-    worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = 0,
-    tensor_parallel_size: Annotated[int, typer.Option(help="vllm: GPUs per teacher replica (tensor parallelism).")] = 1,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vllm: fraction of GPU memory the engine may take.")] = 0.85,
-    max_num_seqs: Annotated[Optional[int], typer.Option(help="vllm: most windows scheduled at once (default: vLLM's).")] = None,
-    ray: Annotated[bool, typer.Option(help="Run the --num-workers workers as Ray tasks on the current Ray cluster.")] = False,
+    method: Annotated[str, typer.Option(
+        help="topk: top-k log-probs + tail mass; sample: RS-KD importance sampling (unbiased).")] = BUILD["method"],
+    k: Annotated[int, typer.Option(help="Ids kept per position with --method topk.")] = BUILD["k"],
+    samples: Annotated[int, typer.Option(
+        help="Draws N per position with --method sample (the paper uses 50).")] = BUILD["samples"],
+    seed: Annotated[int, typer.Option(help="Sampling seed; draws depend only on (seed, sequence_id, position).")] = BUILD["seed"],
+    proposal_temperature: Annotated[float, typer.Option(
+        help="Sample from softmax(logits / T) instead of the teacher; losses reweight by t/q.")] = BUILD["proposal_temperature"],
+    logprob_bits: Annotated[int, typer.Option(
+        min=1, max=10, help="sample: mantissa bits kept in stored float16 log-probabilities (10 = "
+                            "all; 8 keeps relative error below 2^-9 and saves ~0.4 B per entry).")] = BUILD["logprob_bits"],
+    seq_len: SeqLen = BUILD["seq_len"],
+    batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = BUILD["batch_size"],
+    shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = BUILD["shard_size"],
+    text_field: TextField = BUILD["text_field"],
+    overwrite: Annotated[bool, typer.Option(help="Replace a different build found in --out.")] = BUILD["overwrite"],
+    backend: Annotated[str, typer.Option(help="Teacher engine: hf (transformers; CPU or GPU) or vllm (GPU).")] = BUILD["backend"],
+    device: Annotated[Optional[str], typer.Option(
+        help="Torch device for the hf backend (default: cuda if present, else "
+             "cpu); vllm: device of the sample path's output head (default cuda).")] = BUILD["device"],
+    dtype: Annotated[Optional[str], typer.Option(
+        help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU; vllm: bfloat16).")] = BUILD["dtype"],
+    chunk_mib: Annotated[Optional[int], typer.Option(
+        help="Memory bound for one chunk of output-head rows, MiB (default 16 on CPU, 1024 "
+             "on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = BUILD["chunk_mib"],
+    cpu_streams: Annotated[Optional[int], typer.Option(
+        help="hf on CPU: teacher batches computed at once, each on an equal share of "
+             "torch's threads (default 2; 1 = one batch at a time on all threads).")] = BUILD["cpu_streams"],
+    num_workers: Annotated[int, typer.Option(
+        help="Workers sharing this build (one process per GPU or node).")] = BUILD["num_workers"],
+    worker_index: Annotated[int, typer.Option(help="This worker's index in [0, --num-workers).")] = BUILD["worker_index"],
+    tensor_parallel_size: Annotated[int, typer.Option(
+        help="vllm: GPUs per teacher replica (tensor parallelism).")] = BUILD["tensor_parallel_size"],
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        help="vllm: fraction of GPU memory the engine may take.")] = BUILD["gpu_memory_utilization"],
+    max_num_seqs: Annotated[Optional[int], typer.Option(
+        help="vllm: most windows scheduled at once (default: vLLM's).")] = BUILD["max_num_seqs"],
+    ray: Annotated[bool, typer.Option(
+        help="Run the --num-workers workers as Ray tasks on the current Ray cluster.")] = BUILD["ray"],
 ) -> None:
     """Run the teacher over a corpus and write sparse targets as zstd Parquet shards (resumable)."""
-    from logitcache.build import BuildSettings, run_build
-    from logitcache.summary import summarize
+    from logitcache.build.run import run_build
+    from logitcache.cache.summary import summarize
 
-    settings = BuildSettings(
-        teacher=teacher, corpus=corpus, out=out, method=method, k=k, samples=samples, seed=seed,
-        proposal_temperature=proposal_temperature, logprob_bits=logprob_bits, seq_len=seq_len, batch_size=batch_size,
-        shard_size=shard_size, text_field=text_field, overwrite=overwrite, backend=backend,
-        device=device, dtype=dtype, chunk_mib=chunk_mib, cpu_streams=cpu_streams, num_workers=num_workers, worker_index=worker_index,
-        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-        max_num_seqs=max_num_seqs, ray=ray,
-    )
+    settings = BuildSettings(**ctx.params)  # the options, by name: one field per option
     with user_errors(), progress_bar(f"build {method}") as advance:
-        manifest = run_build(settings, on_windows=advance)
+        if settings.ray:
+            from logitcache.executors.ray import run_ray_build
+
+            manifest = run_ray_build(settings)
+        else:
+            manifest = run_build(settings, on_windows=advance)
     if (out / "manifest.json").is_file():
         with user_errors():
             _print_summary(summarize(out))
@@ -157,7 +190,7 @@ def validate(
     quick: Annotated[bool, typer.Option(help="Check files, sizes, checksums and schemas only, not every row.")] = False,
 ) -> None:
     """Check the manifest against the files: checksums, schema, row and token counts."""
-    from logitcache.validate import validate_cache
+    from logitcache.cache.validate import validate_cache
 
     with user_errors():
         problems = validate_cache(cache, deep=not quick)
@@ -174,7 +207,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON (stable keys).")] = False,
 ) -> None:
     """Sequences, tokens, bytes per token, ids per position, covered mass and teacher perplexity."""
-    from logitcache.summary import summarize
+    from logitcache.cache.summary import summarize
 
     with user_errors():
         summary = summarize(cache)
@@ -189,51 +222,91 @@ def inspect(
 @app.command()
 def merge(cache: CacheDir) -> None:
     """Assemble manifest.json from the partial manifests of a multi-worker build."""
-    from logitcache.merge import merge_parts
+    from logitcache.cache.merge import merge_parts
 
     with user_errors():
         manifest = merge_parts(cache)
-    Console().print(f"[green]✓[/green] merged {len(manifest['shards'])} shards into {escape(str(cache / 'manifest.json'))}", soft_wrap=True)
+    merged = f"merged {len(manifest['shards'])} shards into {escape(str(cache / 'manifest.json'))}"
+    Console().print(f"[green]✓[/green] {merged}", soft_wrap=True)
 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Output folder: metrics.jsonl, checkpoint/, student/, loss.png.")],
-    cache: Annotated[Optional[Path], typer.Option(help="Distil from this cache folder (written by `logitcache build`).")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="Loss with --cache: ce, rs-kd, topk-renorm, topk-ghost, kl, reverse-kl, skew-kl, skew-reverse-kl, bild, rlkd (--corpus: ce).")] = None,
-    corpus: Annotated[Optional[Path], typer.Option(help="Instead of --cache: train with cross-entropy on this text corpus (held in memory; for small corpora).")] = None,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer folder: required with --corpus; with --cache it must be the cache's and is saved beside the student.")] = None,
-    seq_len: Annotated[int, typer.Option(help="Tokens per window with --corpus (a cache has its own).")] = 512,
-    text_field: Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")] = "text",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Windows per micro-batch of each process (one forward pass).")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step; a step takes batch-size x grad-accum x processes windows (the global batch).")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 6e-4,
-    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at lr x this ratio.")] = 0.1,
+    cache: Annotated[Optional[Path], typer.Option(
+        help="Distil from this cache folder (written by `logitcache build`).")] = TRAIN["cache"],
+    loss: Annotated[Optional[str], typer.Option(
+        help="Loss with --cache: ce, rs-kd, topk-renorm, topk-ghost, kl, "
+             "reverse-kl, skew-kl, skew-reverse-kl, bild, rlkd (--corpus: ce).")] = TRAIN["loss"],
+    corpus: Annotated[Optional[Path], typer.Option(
+        help="Instead of --cache: train with cross-entropy on this "
+             "text corpus (held in memory; for small corpora).")] = TRAIN["corpus"],
+    tokenizer: Annotated[Optional[Path], typer.Option(
+        help="Tokenizer folder: required with --corpus; with --cache "
+             "it must be the cache's and is saved beside the student.")] = TRAIN["tokenizer"],
+    seq_len: SeqLen = TRAIN["seq_len"],
+    text_field: TextField = TRAIN["text_field"],
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TRAIN["steps"],
+    batch_size: Annotated[int, typer.Option(
+        help="Windows per micro-batch of each process (one forward pass).")] = TRAIN["batch_size"],
+    grad_accum: Annotated[int, typer.Option(
+        help="Micro-batches per optimizer step; a step takes batch-size "
+             "x grad-accum x processes windows (the global batch).")] = TRAIN["grad_accum"],
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = TRAIN["lr"],
+    min_lr_ratio: Annotated[float, typer.Option(help="The cosine decay ends at lr x this ratio.")] = TRAIN["min_lr_ratio"],
     warmup_steps: Annotated[int | None, typer.Option(
-        help="Steps of linear warmup to --lr; below --steps. Default: 100, or a tenth of --steps if that is less.")] = None,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay on weight matrices (not norms or biases).")] = 0.1,
-    clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: no clipping).")] = 1.0,
-    alpha: Annotated[float, typer.Option(help="Weight of CE on gold tokens: loss = (1 - alpha) x kd + alpha x ce.")] = 0.0,
-    temperature: Annotated[Optional[float], typer.Option(help="Distillation temperature (kl, topk-renorm, bild, rlkd; the others need 1). Default: the loss's own (bild 3, others 1).")] = None,
-    skew: Annotated[Optional[float], typer.Option(help="Mixing weight of skew-kl and skew-reverse-kl, in (0, 1) (default 0.1, as DistiLLM).")] = None,
-    loss_k: Annotated[Optional[int], typer.Option(help="Top-k of bild (logit differences among the top k; default 8) and rlkd (rank term over the union of both top k; default 15).")] = None,
-    rank_temperature: Annotated[Optional[float], typer.Option(help="rlkd: temperature of the sigmoid soft ranks (default 0.1).")] = None,
-    rlkd_base: Annotated[Optional[str], typer.Option(help="rlkd: the loss its rank term is added to: kl (default), topk-renorm, topk-ghost, reverse-kl, skew-kl, skew-reverse-kl.")] = None,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps and at the end (0: never).")] = 100,
-    eval_windows: Annotated[int, typer.Option(help="Windows to evaluate on; without --eval-cache they are held out of training (the last ones).")] = 64,
-    eval_cache: Annotated[Optional[Path], typer.Option(help="Evaluate on the first --eval-windows windows of this cache instead of a held-out split.")] = None,
-    save_every: Annotated[int, typer.Option(help="Write OUT/checkpoint every N steps (0: only at the end).")] = 500,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint with the same options (start fresh if there is none).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the student's initialisation and of the data order.")] = 0,
-    student: Annotated[Optional[str], typer.Option(help="Student preset: nano, micro, tiny, small, base or large (Llama-style configs; see logitcache/tiny.py).")] = None,
-    student_config: Annotated[Optional[Path], typer.Option(help="Student from a Hugging Face config.json (random init) instead of a preset.")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="Student from the weights of a Hugging Face model folder instead of a preset.")] = None,
-    compile: Annotated[bool, typer.Option(help="Compile the student's forward pass with torch.compile.")] = False,
-    fused_loss: Annotated[bool, typer.Option(help="Fuse the output head with the loss in chunks of rows: no [B, T, vocab] logits in memory (falls back to the plain loss when the student's logits are not its head of its hidden states; off under --fsdp).")] = True,
-    device: Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if present, else cpu); bf16 autocast on CUDA. Under torchrun: cuda or cpu, each process takes cuda:LOCAL_RANK.")] = None,
-    fsdp: Annotated[bool, typer.Option(help="Under torchrun: shard the student's weights, gradients and optimizer state over the processes (FSDP2) instead of copying it to each (DDP).")] = False,
-    lanes: Annotated[Optional[int], typer.Option(help="Contiguous runs of the data order per global batch (default: the number of processes; a resume keeps the checkpoint's). Pass N to replay an N-process run's order on another number of processes.")] = None,
+        help="Steps of linear warmup to --lr; below --steps. "
+             "Default: 100, or a tenth of --steps if that is less.")] = TRAIN["warmup_steps"],
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW weight decay on weight matrices (not norms or biases).")] = TRAIN["weight_decay"],
+    clip: Annotated[float, typer.Option(help="Clip the gradient norm to this value (0: no clipping).")] = TRAIN["clip"],
+    alpha: Annotated[float, typer.Option(
+        help="Weight of CE on gold tokens: loss = (1 - alpha) x kd + alpha x ce.")] = TRAIN["alpha"],
+    temperature: Annotated[Optional[float], typer.Option(
+        help="Distillation temperature (kl, topk-renorm, bild, rlkd; the "
+             "others need 1). Default: the loss's own (bild 3, others 1).")] = TRAIN["temperature"],
+    skew: Annotated[Optional[float], typer.Option(
+        help="Mixing weight of skew-kl and skew-reverse-kl, in (0, 1) (default 0.1, as DistiLLM).")] = TRAIN["skew"],
+    loss_k: Annotated[Optional[int], typer.Option(
+        help="Top-k of bild (logit differences among the top k; default 8) "
+             "and rlkd (rank term over the union of both top k; default 15).")] = TRAIN["loss_k"],
+    rank_temperature: Annotated[Optional[float], typer.Option(
+        help="rlkd: temperature of the sigmoid soft ranks (default 0.1).")] = TRAIN["rank_temperature"],
+    rlkd_base: Annotated[Optional[str], typer.Option(
+        help="rlkd: the loss its rank term is added to: kl (default), "
+             "topk-renorm, topk-ghost, reverse-kl, skew-kl, skew-reverse-kl.")] = TRAIN["rlkd_base"],
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N steps and at the end (0: never).")] = TRAIN["eval_every"],
+    eval_windows: Annotated[int, typer.Option(
+        help="Windows to evaluate on; without --eval-cache "
+             "they are held out of training (the last ones).")] = TRAIN["eval_windows"],
+    eval_cache: Annotated[Optional[Path], typer.Option(
+        help="Evaluate on the first --eval-windows windows of this cache instead of a held-out split.")] = TRAIN["eval_cache"],
+    save_every: Annotated[int, typer.Option(
+        help="Write OUT/checkpoint every N steps (0: only at the end).")] = TRAIN["save_every"],
+    resume: Annotated[bool, typer.Option(
+        help="Continue from OUT/checkpoint with the same options (start fresh if there is none).")] = TRAIN["resume"],
+    seed: Annotated[int, typer.Option(help="Seed of the student's initialisation and of the data order.")] = TRAIN["seed"],
+    student: Annotated[Optional[str], typer.Option(
+        help="Student preset: nano, micro, tiny, small, base or "
+             "large (Llama-style configs; see logitcache/train/student.py).")] = TRAIN["student"],
+    student_config: Annotated[Optional[Path], typer.Option(
+        help="Student from a Hugging Face config.json (random init) instead of a preset.")] = TRAIN["student_config"],
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Student from the weights of a Hugging Face model folder instead of a preset.")] = TRAIN["init_from"],
+    compile: Annotated[bool, typer.Option(help="Compile the student's forward pass with torch.compile.")] = TRAIN["compile"],
+    fused_loss: Annotated[bool, typer.Option(
+        help="Fuse the output head with the loss in chunks of rows: no [B, T, vocab] logits in memory (falls back to the plain "
+             "loss when the student's logits are not its head of its hidden states; off under --fsdp).")] = TRAIN["fused_loss"],
+    device: Annotated[Optional[str], typer.Option(
+        help="Torch device (default: cuda if present, else cpu); bf16 autocast on "
+             "CUDA. Under torchrun: cuda or cpu, each process takes cuda:LOCAL_RANK.")] = TRAIN["device"],
+    fsdp: Annotated[bool, typer.Option(
+        help="Under torchrun: shard the student's weights, gradients and optimizer "
+             "state over the processes (FSDP2) instead of copying it to each (DDP).")] = TRAIN["fsdp"],
+    lanes: Annotated[Optional[int], typer.Option(
+        help="Contiguous runs of the data order per global batch (default: the number of processes; a resume keeps "
+             "the checkpoint's). Pass N to replay an N-process run's order on another number of processes.")] = TRAIN["lanes"],
 ) -> None:
     """Train a student: distil it from a cache (--cache, --loss) or pretrain it on text (--corpus, --tokenizer).
 
@@ -241,17 +314,9 @@ def train(
     """
     import transformers
 
-    from logitcache.train import TrainSettings, run_train
+    from logitcache.train.loop import run_train
 
-    settings = TrainSettings(
-        out=out, cache=cache, loss=loss, corpus=corpus, tokenizer=tokenizer, seq_len=seq_len,
-        text_field=text_field, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-        min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps, weight_decay=weight_decay, clip=clip,
-        alpha=alpha, temperature=temperature, skew=skew, loss_k=loss_k, rank_temperature=rank_temperature,
-        rlkd_base=rlkd_base, eval_every=eval_every, eval_windows=eval_windows,
-        eval_cache=eval_cache, save_every=save_every, resume=resume, seed=seed, student=student,
-        student_config=student_config, init_from=init_from, compile=compile, fused_loss=fused_loss, device=device, fsdp=fsdp, lanes=lanes,
-    )
+    settings = TrainSettings(**ctx.params)  # the options, by name: one field per option
     transformers.logging.disable_progress_bar()
     with user_errors():
         settings.check()  # bad options fail before a progress bar is drawn

@@ -9,11 +9,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import processes
 import pytest
 import torch
 
-from logitcache.build import BuildSettings, run_build
-from logitcache.tiny import make_model, stdlib_docstrings, train_tokenizer, write_corpus
+from logitcache.build.run import run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.demo import TeacherSizes, make_teacher, stdlib_docstrings, write_corpus
 
 torch.set_num_threads(1)
 
@@ -34,10 +36,7 @@ def documents() -> list[str]:
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, documents) -> Path:
     """A random-initialised 'nano' Llama with a 512-token BPE tokenizer, saved in HF format."""
-    root = tmp_path_factory.mktemp("teacher")
-    train_tokenizer(documents, TEACHER_VOCAB, root / "tokenizer")
-    make_model(root / "tokenizer", root / "model", preset="nano", max_positions=128)
-    return root / "model"
+    return make_teacher(tmp_path_factory.mktemp("teacher"), documents, TeacherSizes(TEACHER_VOCAB, "nano", max_positions=128))
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +64,10 @@ def sample_cache(tmp_path_factory, teacher_dir, corpus_file) -> Path:
     out = tmp_path_factory.mktemp("cache") / "sample"
     build_cache(teacher_dir, corpus_file, out, method="sample", samples=20)
     return out
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Last resort: stop whatever a test started and left running (each test stops its own already)."""
+    left = processes.stop_session()
+    if left:
+        print(f"\nstopped {len(left)} processes the tests left running:\n" + "\n".join(left))

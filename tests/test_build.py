@@ -12,24 +12,27 @@ import time
 from pathlib import Path
 
 import numpy as np
+import processes
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import zstandard
+from conftest import SEQ_LEN, build_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import SEQ_LEN, build_cache
-from logitcache.build import TOKENIZER_THREAD, BuildSettings, run_build
+from logitcache.build.pipeline import TOKENIZER_THREAD
+from logitcache.build.run import run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.cache.format import read_shard
+from logitcache.cache.manifest import read_manifest
+from logitcache.cache.summary import summarize
+from logitcache.cache.validate import validate_cache
 from logitcache.errors import LogitcacheError
-from logitcache.manifest import read_manifest
-from logitcache.shards import read_shard
-from logitcache.summary import summarize
-from logitcache.validate import validate_cache
 
 
 def all_targets(cache: Path):
-    from logitcache.shards import WindowTargets
+    from logitcache.cache.format import WindowTargets
 
     manifest = read_manifest(cache)
     return WindowTargets.concat([read_shard(cache / s["file"]) for s in manifest["shards"]])
@@ -74,7 +77,7 @@ def test_sample_targets_are_consistent(teacher_dir, sample_cache):
 
 def test_sample_logprobs_keep_logprob_bits(teacher_dir, corpus_file, sample_cache, tmp_path):
     """A sample build rounds stored log-probabilities to 8 mantissa bits by default, to nearest; 10 keeps float16's all."""
-    from logitcache.shards import round_float16
+    from logitcache.cache.format import round_float16
 
     rounded = all_targets(sample_cache)
     assert read_manifest(sample_cache)["params"]["logprob_bits"] == 8
@@ -165,7 +168,7 @@ def test_text_files_are_one_document_each(teacher_dir, documents, tmp_path):
 
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "logitcache", *args], capture_output=True, text=True, env=env, **kw)
+    return processes.run([sys.executable, "-m", "logitcache", *args], env=env, **kw)
 
 
 def cli_build(teacher: Path, corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -259,14 +262,14 @@ def test_killed_build_resumes_byte_identical(teacher_dir, documents, tmp_path):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "logitcache", "build", "--teacher", str(teacher_dir), "--corpus", str(corpus),
            "--out", str(out), "--seq-len", str(SEQ_LEN), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.monotonic() + 120
-    while not (out / "shard-00003.parquet").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "build ended before it could be killed"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with processes.tracked(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}) as proc:
+        deadline = time.monotonic() + 120
+        while not (out / "shard-00003.parquet").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "build ended before it could be killed"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert not (out / "manifest.json").exists()
     done_before = {p.name for p in out.glob("shard-*.parquet")}
     assert 0 < len(done_before) < len(list(reference.glob("shard-*.parquet")))
@@ -321,8 +324,8 @@ def test_error_lines_keep_square_brackets(tmp_path):
 def test_teacher_perplexity_past_float64_is_infinite_not_an_error(topk_cache, tmp_path):
     import shutil
 
-    from logitcache.shards import shard_metadata, write_shard
-    from logitcache.summary import _perplexity
+    from logitcache.cache.format import shard_metadata, write_shard
+    from logitcache.cache.summary import _perplexity
 
     assert _perplexity(1.0) == pytest.approx(np.e) and _perplexity(5000.0) == float("inf")
     broken = tmp_path / "broken"
@@ -343,7 +346,7 @@ def test_teacher_perplexity_past_float64_is_infinite_not_an_error(topk_cache, tm
 def test_a_manifest_missing_what_builds_write_is_named(topk_cache, tmp_path):
     import shutil
 
-    from logitcache.merge import merge_parts
+    from logitcache.cache.merge import merge_parts
 
     edited = tmp_path / "edited"
     shutil.copytree(topk_cache, edited)
@@ -445,7 +448,7 @@ def test_a_failed_build_stops_its_tokenizer_thread(teacher_dir, corpus_file, tmp
 
 
 def test_nan_targets_are_named_by_sequence(topk_cache):
-    from logitcache.build import check_finite
+    from logitcache.build.run import check_finite
 
     targets = read_shard(topk_cache / "shard-00001.parquet")
     check_finite(targets)  # a sound shard passes
@@ -465,9 +468,9 @@ def test_a_tokenizer_larger_than_the_head_is_refused(teacher_dir, corpus_file, t
 def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
     import shutil
 
-    from logitcache.atomic import sha256_file
-    from logitcache.manifest import write_manifest
-    from logitcache.shards import shard_metadata, write_shard
+    from logitcache.cache.format import shard_metadata, write_shard
+    from logitcache.cache.manifest import write_manifest
+    from logitcache.files import sha256_file
 
     out = tmp_path / "copy"
     shutil.copytree(topk_cache, out)
@@ -491,8 +494,9 @@ def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
 
 
 def test_head_chunks_budget_the_samplers_scratch():
-    from logitcache.targets import TargetSpec, row_bytes
-    from logitcache.teacher import head_chunk_rows
+    from logitcache.targets.rows import row_bytes
+    from logitcache.targets.spec import TargetSpec
+    from logitcache.teacher.head import head_chunk_rows
 
     topk, few, many = TargetSpec("topk", k=32), TargetSpec("sample", samples=50), TargetSpec("sample", samples=20_000)
     assert row_bytes(topk, 2048) == 3 * 4 * 2048
@@ -506,7 +510,7 @@ def test_head_chunks_budget_the_samplers_scratch():
 def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
     from types import SimpleNamespace
 
-    from logitcache import teacher
+    from logitcache.teacher import head as teacher
 
     monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
     calls = []
@@ -532,7 +536,7 @@ def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
 
 @pytest.mark.parametrize("broken", ["raises", "disagrees"])
 def test_output_head_falls_back_when_onednn_is_unusable(monkeypatch, caplog, broken):
-    from logitcache import teacher
+    from logitcache.teacher import head as teacher
 
     def op(hidden, weight, bias=None):
         if broken == "raises":
@@ -556,8 +560,8 @@ def test_output_head_falls_back_when_onednn_is_unusable(monkeypatch, caplog, bro
 def test_cpu_teacher_runs_its_decoder_linears_through_onednn(monkeypatch, teacher_dir):
     from transformers import AutoModelForCausalLM
 
-    from logitcache import teacher
-    from logitcache.teacher import HFTeacher
+    from logitcache.teacher import head as teacher
+    from logitcache.teacher.hf import HFTeacher
 
     monkeypatch.delenv(teacher.ONEDNN_SWITCH, raising=False)
     onednn = teacher.onednn_usable()  # its probe, if it runs now, is not the model's
@@ -599,7 +603,7 @@ def test_run_build_rejects_bad_settings(teacher_dir, corpus_file, tmp_path):
 
 
 def test_the_manifest_names_the_teacher_by_an_absolute_path(teacher_dir, monkeypatch):
-    from logitcache.teacher import HFTeacher
+    from logitcache.teacher.hf import HFTeacher
 
     monkeypatch.chdir(teacher_dir.parent)  # train looks the tokenizer up by this path, from wherever it runs
     assert HFTeacher(Path(teacher_dir.name), device="cpu").describe()["path"] == str(teacher_dir.resolve())

@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import processes
 import pytest
 import torch
 
 from logitcache.errors import LogitcacheError
-from logitcache.train import DEBUG_SEQUENCES_ENV, TrainSettings, World, check_global_batch, eval_share, read_metrics, run_train
+from logitcache.train.distributed import World, check_global_batch
+from logitcache.train.evaluate import eval_share
+from logitcache.train.loop import DEBUG_SEQUENCES_ENV, run_train
+from logitcache.train.metrics import read_metrics
+from logitcache.train.settings import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "LOGITCACHE_DEBUG": "1", "HF_HUB_OFFLINE": "1"}
@@ -85,8 +89,8 @@ def runs(tmp_path_factory, sample_cache) -> SimpleNamespace:
     traces = {name: root / f"trace-{name}" for name in ("ddp", "one")}
     for folder in traces.values():
         folder.mkdir()
-    ddp = subprocess.run(_torchrun(root / "ddp", **_distil(sample_cache)), cwd=REPO, capture_output=True, text=True,
-                         env={**ENV, DEBUG_SEQUENCES_ENV: str(traces["ddp"])}, timeout=TIMEOUT)
+    ddp = processes.run(_torchrun(root / "ddp", **_distil(sample_cache)), cwd=REPO,
+                        env={**ENV, DEBUG_SEQUENCES_ENV: str(traces["ddp"])}, timeout=TIMEOUT)
     assert ddp.returncode == 0, ddp.stderr[-5000:]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(DEBUG_SEQUENCES_ENV, str(traces["one"]))
@@ -129,18 +133,13 @@ def test_losses_match_one_process_with_the_same_global_batch(runs):
 def _interrupted(out: Path, **options) -> None:
     """A two-process run stopped (SIGTERM to torchrun, which stops its workers) after its first checkpoint."""
     log = out.parent / "torchrun.log"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(_torchrun(out, **options), cwd=REPO, env=ENV, stdout=stderr, stderr=stderr)
-    try:
+    with open(log, "w") as stderr, processes.tracked(_torchrun(out, **options), cwd=REPO, env=ENV, stdout=stderr,
+                                                     stderr=stderr) as process:
         deadline = time.monotonic() + TIMEOUT
         while not (out / "checkpoint" / "trainer.pt").is_file() and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        process.wait(timeout=60)  # leaving the block kills whatever is left, torchrun's workers too
     assert process.returncode != 0, log.read_text()[-5000:]  # stopped, not finished
     assert not (out / "student").exists() and len(_kind(read_metrics(out / "metrics.jsonl"), "train")) < STEPS
 
@@ -185,7 +184,7 @@ def test_eval_batches_split_over_processes_with_equal_forward_counts(batches, si
 
 def test_cross_entropy_from_text_on_two_processes_matches_one_process(tmp_path, corpus_file, teacher_dir):
     text = dict(corpus=corpus_file, tokenizer=teacher_dir, seq_len=32, steps=4, eval_every=2, eval_windows=5)
-    done = subprocess.run(_torchrun(tmp_path / "two", **text), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    done = processes.run(_torchrun(tmp_path / "two", **text), cwd=REPO, env=ENV, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-5000:]
     run_train(_one_process(tmp_path / "one", **text))
     _assert_same_run(read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl"))

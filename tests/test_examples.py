@@ -10,17 +10,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
 
 import logitcache
-from logitcache.atomic import sha256_file
-from logitcache.manifest import FORMAT_NAME, fingerprint, shard_name, write_manifest
-from logitcache.shards import FORMAT_VERSION, WindowTargets, read_shard, write_shard
+from logitcache.cache.format import FORMAT_VERSION, WindowTargets, read_shard, write_shard
+from logitcache.cache.layout import shard_name
+from logitcache.cache.manifest import FORMAT_NAME, fingerprint, write_manifest
+from logitcache.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = ["read_pyarrow", "read_datasets", "read_polars", "read_duckdb"]
@@ -190,8 +191,7 @@ def test_example_script_runs(example, tmp_path):
     cache_dir = tmp_path / "cache"
     write_synthetic_cache(cache_dir, *CACHES["sample-tempered"])
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, f"examples/{example}.py", str(cache_dir)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = processes.run([sys.executable, f"examples/{example}.py", str(cache_dir)], cwd=REPO, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "gold_id" in result.stdout
 

@@ -12,12 +12,12 @@ import math
 
 import pytest
 import torch
+from test_losses import dense_teacher, fp16_cache, sample_batch, sample_counts, sparse_batch, topk_batch, zero_probability_batch
 from torch import Tensor
 
 from logitcache.errors import LogitcacheError
-from logitcache.fused import default_chunk_rows, fused_loss, output_head, student_hidden, supports
-from logitcache.losses import LOSSES, get_loss
-from test_losses import dense_teacher, fp16_cache, sample_batch, sample_counts, sparse_batch, topk_batch, zero_probability_batch
+from logitcache.losses.fused import default_chunk_rows, fused_loss, linear_head, student_hidden, supports
+from logitcache.losses.sparse import LOSSES, get_loss
 
 B, P, H, V = 3, 7, 16, 40
 CLOSED_FORMS = [
@@ -206,7 +206,7 @@ def test_backward_runs_once() -> None:
 def test_tiny_llama_parameter_gradients_match_plain(name: str, alpha: float) -> None:
     from transformers import LlamaForCausalLM
 
-    from logitcache.tiny import llama_config
+    from logitcache.train.student import llama_config
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(V, "nano", 64))
@@ -216,7 +216,7 @@ def test_tiny_llama_parameter_gradients_match_plain(name: str, alpha: float) -> 
     plain = get_loss(name)(model(input_ids=input_ids).logits[:, :-1], batch, alpha=alpha)
     want = grads(plain.total, list(model.parameters()))
     hidden = student_hidden(model, input_ids)[:, :-1]
-    fused = fused_loss(name, hidden, output_head(model, input_ids).weight, batch, alpha=alpha, chunk_rows=4)
+    fused = fused_loss(name, hidden, linear_head(model, input_ids).weight, batch, alpha=alpha, chunk_rows=4)
     got = grads(fused.total, list(model.parameters()))
 
     torch.testing.assert_close(fused.total, plain.total, rtol=1e-5, atol=1e-5)
@@ -227,7 +227,7 @@ def test_tiny_llama_parameter_gradients_match_plain(name: str, alpha: float) -> 
 def test_output_head_finds_llamas_and_refuses_scaled_logits() -> None:
     from transformers import LlamaForCausalLM
 
-    from logitcache.tiny import llama_config
+    from logitcache.train.student import llama_config
 
     class ScaledLogits(LlamaForCausalLM):
         def forward(self, **kwargs):  # noqa: ANN003, ANN202
@@ -237,9 +237,9 @@ def test_output_head_finds_llamas_and_refuses_scaled_logits() -> None:
 
     input_ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(0))
     model = LlamaForCausalLM(llama_config(V, "nano", 64))
-    assert output_head(model, input_ids) is model.lm_head and model.training
+    assert linear_head(model, input_ids) is model.lm_head and model.training
     torch.testing.assert_close(student_hidden(model, input_ids), model.model(input_ids=input_ids).last_hidden_state)
-    assert output_head(ScaledLogits(llama_config(V, "nano", 64)), input_ids) is None
+    assert linear_head(ScaledLogits(llama_config(V, "nano", 64)), input_ids) is None
 
 
 def test_bf16_autocast_matches_plain_autocast() -> None:

@@ -11,11 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from logitcache import native
+from logitcache.cache.format import FORMAT_VERSION, WindowTargets, from_table, shard_metadata, write_shard
+from logitcache.cache.layout import shard_name
+from logitcache.cache.manifest import fingerprint, read_manifest, write_manifest
 from logitcache.errors import LogitcacheError
-from logitcache.loader import CacheDataset, check_student_vocab, collate
-from logitcache.manifest import fingerprint, read_manifest, shard_name, write_manifest
-from logitcache.shards import FORMAT_VERSION, WindowTargets, from_table, shard_metadata, write_shard
+from logitcache.loader import collate as collating
+from logitcache.loader.collate import collate
+from logitcache.loader.dataset import CacheDataset, check_student_vocab
+from logitcache.native import library as native
 
 SEQ_LEN = 5
 VOCAB = 40
@@ -112,8 +115,8 @@ def test_collated_batch_reproduces_stored_values(tmp_path: Path, method: str, co
     source = make_cache(tmp_path, method=method, shard_rows=(30, 12))
     dataset = CacheDataset(tmp_path, seed=5, global_batch_size=7)
     calls = []
-    real = native.dense_rows
-    monkeypatch.setattr(native, "dense_rows", lambda *a: calls.append(a) or real(*a))
+    real = collating.dense_rows
+    monkeypatch.setattr(collating, "dense_rows", lambda *a: calls.append(a) or real(*a))
     for batch in stream(dataset, workers=0):
         widest = max(int(source.target_lengths[sid].max()) for sid in batch["sequence_id"].tolist())
         assert batch["target_ids"].shape == (7, SEQ_LEN - 1, widest)

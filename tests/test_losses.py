@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from logitcache.errors import LogitcacheError
-from logitcache.losses import LOSSES, LossOutput, get_loss
+from logitcache.losses.sparse import LOSSES, LossOutput, get_loss
 
 V = 40
 KL_FAMILY = ["kl", "topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl", "bild"]

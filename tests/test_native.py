@@ -10,10 +10,16 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from logitcache import native
-from logitcache.targets import RowTargets, TargetSpec, _block_size, row_keys, row_targets, sample_targets
 from test_sampling import chi2_sf
+
+from logitcache.loader import collate as collating
+from logitcache.native import library as native
+from logitcache.targets import kernels
+from logitcache.targets.rng import row_keys
+from logitcache.targets.rows import row_targets
+from logitcache.targets.sample import _block_size, sample_targets
+from logitcache.targets.spec import TargetSpec
+from logitcache.targets.topk import RowTargets
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch path is the only one here")
 
@@ -43,7 +49,7 @@ def test_topk_matches_torch(vocab, k):
     rows = 64
     z = random_logits(rows, vocab, seed=vocab + k)
     labels = labels_for(rows, vocab)
-    ids, logprobs, tail, gold = native.topk(z, labels, k)
+    ids, logprobs, tail, gold = kernels.topk(z, labels, k)
     lp = torch.log_softmax(z.double(), -1)
     values, expected = torch.topk(z, k)
     # torch orders equal logits arbitrarily (float32 randn collides at this size); ours by lower id
@@ -68,7 +74,7 @@ def test_topk_tail_is_accurate_when_tiny(bump):
     vocab, rows = 2048, 32
     z = random_logits(rows, vocab, seed=5, scale=1.0)
     z[:, :4] += torch.linspace(bump, bump + 12, rows)[:, None]  # four ids take almost all the mass
-    ids, _, tail, _ = native.topk(z, labels_for(rows, vocab), 4)
+    ids, _, tail, _ = kernels.topk(z, labels_for(rows, vocab), 4)
     expected = reference_tail(z, ids)
     assert expected.max() < math.log(1e-4)
     torch.testing.assert_close(tail.double(), expected, rtol=1e-4, atol=0)
@@ -82,7 +88,7 @@ def test_topk_ties_and_masked_logits():
     z[1, 3:] = float("-inf")  # only ids 0..2 are finite
     z[2, :] = float("-inf")
     z[2, 7] = 0.0
-    ids, logprobs, tail, gold = native.topk(z, torch.tensor([105, 2, 7]), 4)
+    ids, logprobs, tail, gold = kernels.topk(z, torch.tensor([105, 2, 7]), 4)
     assert ids[0].tolist() == [100, 101, 102, 103]
     torch.testing.assert_close(tail[0].double(), reference_tail(z[:1], ids[:1])[0], rtol=0, atol=1e-5)
     assert ids[1, :3].tolist() == [0, 1, 2] and logprobs[1, 3] == float("-inf")
@@ -95,29 +101,29 @@ def test_nan_logits_give_nan_results():
     z[0, 17] = float("nan")
     z[1, 3] = float("inf")
     labels = labels_for(3, 512)
-    _, logprobs, _, gold = native.topk(z, labels, 8)
+    _, logprobs, _, gold = kernels.topk(z, labels, 8)
     assert torch.isnan(logprobs[:2]).all() and torch.isnan(gold[:2]).all() and torch.isfinite(logprobs[2]).all()
-    _, logprobs, _, _, gold = native.sample(z, labels, keys_for(3), 20, 1.0, 8)
+    _, logprobs, _, _, gold = kernels.sample(z, labels, keys_for(3), 20, 1.0, 8)
     assert torch.isnan(gold[:2]).all() and torch.isfinite(gold[2])
 
 
 def test_labels_outside_the_vocabulary_are_refused():
     z, labels = random_logits(3, 100, seed=0), torch.tensor([3, 100, -1])
     with pytest.raises(ValueError, match="2 labels lie outside"):
-        native.topk(z, labels, 4)
+        kernels.topk(z, labels, 4)
     with pytest.raises(ValueError, match="2 labels lie outside"):
-        native.sample(z, labels, keys_for(3), 10, 1.0, 8)
+        kernels.sample(z, labels, keys_for(3), 10, 1.0, 8)
 
 
 @pytest.mark.parametrize("call", [
-    lambda z, y, key: native.topk(z, y, 0),
-    lambda z, y, key: native.topk(z, y, 101),
-    lambda z, y, key: native.topk(z, y[:2], 4),
-    lambda z, y, key: native.sample(z, y, key[:2], 10, 1.0, 8),
-    lambda z, y, key: native.sample(z, y, key, 0, 1.0, 8),
-    lambda z, y, key: native.sample(z, y, key, 10, 1.0, 0),
-    lambda z, y, key: native.sample(z, y, key, 10, 0.0, 8),
-    lambda z, y, key: native.topk(z[0], y, 4),
+    lambda z, y, key: kernels.topk(z, y, 0),
+    lambda z, y, key: kernels.topk(z, y, 101),
+    lambda z, y, key: kernels.topk(z, y[:2], 4),
+    lambda z, y, key: kernels.sample(z, y, key[:2], 10, 1.0, 8),
+    lambda z, y, key: kernels.sample(z, y, key, 0, 1.0, 8),
+    lambda z, y, key: kernels.sample(z, y, key, 10, 1.0, 0),
+    lambda z, y, key: kernels.sample(z, y, key, 10, 0.0, 8),
+    lambda z, y, key: kernels.topk(z[0], y, 4),
 ])
 def test_bad_arguments_are_refused_before_the_c_code(call):
     """The C side trusts its arguments: k outside [1, V], short labels or keys, n, block or temperature
@@ -127,9 +133,9 @@ def test_bad_arguments_are_refused_before_the_c_code(call):
 
 
 def test_no_rows():
-    ids, _, _, gold = native.topk(torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), 5)
+    ids, _, _, gold = kernels.topk(torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), 5)
     assert ids.shape == (0, 5) and gold.shape == (0,)
-    assert native.sample(torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), keys_for(0), 5, 1.0, 8)[3].shape == (0,)
+    assert kernels.sample(torch.zeros(0, 50), torch.zeros(0, dtype=torch.long), keys_for(0), 5, 1.0, 8)[3].shape == (0,)
 
 
 @pytest.mark.parametrize("vocab,n,temperature", [(2048, 50, 1.0), (3001, 50, 1.0), (500, 200, 0.7), (12, 5, 1.5)])
@@ -139,7 +145,7 @@ def test_sample_matches_torch(vocab, n, temperature):
     rows = 2000
     z = random_logits(rows, vocab, seed=vocab)
     labels, keys = labels_for(rows, vocab), keys_for(rows)
-    ids, logprobs, counts, lengths, gold = native.sample(z, labels, keys, n, temperature, _block_size(vocab, n))
+    ids, logprobs, counts, lengths, gold = kernels.sample(z, labels, keys, n, temperature, _block_size(vocab, n))
     lp = torch.log_softmax(z.double(), -1)
     expected = sample_targets(lp.float(), keys, n, temperature)
     same = (ids.long() == expected.ids).all(1) & (counts.long() == expected.counts).all(1) & (lengths.long() == expected.lengths)
@@ -158,7 +164,7 @@ def test_native_draws_follow_the_softmax(temperature):
     """Pooled counts over 40k rows of one distribution pass a chi-square test against softmax(z/T)."""
     vocab, rows, n = 300, 40_000, 10
     z = random_logits(1, vocab, seed=11, scale=2.0).expand(rows, -1).contiguous()
-    ids, _, counts, _, _ = native.sample(z, labels_for(rows, vocab), keys_for(rows, seed=3), n, temperature, 8)
+    ids, _, counts, _, _ = kernels.sample(z, labels_for(rows, vocab), keys_for(rows, seed=3), n, temperature, 8)
     observed = torch.bincount(ids.flatten().long(), weights=counts.flatten().double(), minlength=vocab)
     expected = torch.softmax(z[0].double() / temperature, -1) * rows * n
     big = expected >= 5
@@ -173,7 +179,7 @@ def test_zero_weight_ids_are_never_drawn():
     vocab, rows = 1000, 500
     z = torch.full((rows, vocab), float("-inf"))
     z[:, [0, 999, 500]] = torch.tensor([0.0, 1.0, -1.0])
-    ids, _, counts, lengths, _ = native.sample(z, labels_for(rows, 3) * 0, keys_for(rows), 30, 1.0, 16)
+    ids, _, counts, lengths, _ = kernels.sample(z, labels_for(rows, 3) * 0, keys_for(rows), 30, 1.0, 16)
     drawn = set(ids[torch.arange(30)[None, :] < lengths[:, None]].tolist())
     assert drawn <= {0, 999, 500} and counts.sum() == rows * 30
 
@@ -182,12 +188,12 @@ def test_results_do_not_depend_on_the_chunk():
     """Row r's results depend on its logits and key only, not on which rows share its call."""
     z = random_logits(300, 700, seed=2)
     labels, keys = labels_for(300, 700), keys_for(300)
-    whole = native.sample(z, labels, keys, 40, 1.0, 8)
-    parts = [native.sample(z[s:s + 77], labels[s:s + 77], keys[s:s + 77], 40, 1.0, 8) for s in range(0, 300, 77)]
+    whole = kernels.sample(z, labels, keys, 40, 1.0, 8)
+    parts = [kernels.sample(z[s:s + 77], labels[s:s + 77], keys[s:s + 77], 40, 1.0, 8) for s in range(0, 300, 77)]
     for got, pieces in zip(whole, zip(*parts)):
         assert torch.equal(got, torch.cat(pieces))
-    whole = native.topk(z, labels, 16)
-    parts = [native.topk(z[s:s + 77], labels[s:s + 77], 16) for s in range(0, 300, 77)]
+    whole = kernels.topk(z, labels, 16)
+    parts = [kernels.topk(z[s:s + 77], labels[s:s + 77], 16) for s in range(0, 300, 77)]
     for got, pieces in zip(whole, zip(*parts)):
         assert torch.equal(got, torch.cat(pieces))
 
@@ -269,20 +275,20 @@ def test_dense_rows_lays_out_flat_columns_and_refuses_what_does_not_add_up():
     ids = np.arange(1, 7, dtype=np.int32)
     logprobs, weights = -np.arange(6, dtype=np.float32), np.linspace(0.1, 0.6, 6, dtype=np.float32)
     covered = np.exp(logprobs.astype(np.float64))
-    dense_ids, dense_logprobs, dense_weights, mask, mass = native.dense_rows(lengths, 3, ids, logprobs, weights, covered)
+    dense_ids, dense_logprobs, dense_weights, mask, mass = collating.dense_rows(lengths, 3, ids, logprobs, weights, covered)
     assert dense_ids.tolist() == [[[1, 2, 0], [0, 0, 0]], [[3, 0, 0], [4, 5, 6]]] and dense_ids.dtype == np.int64
     assert mask.tolist() == [[[True, True, False], [False] * 3], [[True, False, False], [True] * 3]]
     assert dense_logprobs[1, 1].tolist() == [-3.0, -4.0, -5.0] and dense_weights[0, 1].tolist() == [0.0] * 3
     assert mass.tolist() == [[covered[0] + covered[1], 0.0], [covered[2], covered[3] + covered[4] + covered[5]]]
-    assert len(native.dense_rows(lengths, 3, ids, logprobs, weights)) == 4  # no covered: no mass
-    empty = native.dense_rows(np.zeros((0, 4), np.uint16), 0, ids[:0], logprobs[:0], weights[:0])
+    assert len(collating.dense_rows(lengths, 3, ids, logprobs, weights)) == 4  # no covered: no mass
+    empty = collating.dense_rows(np.zeros((0, 4), np.uint16), 0, ids[:0], logprobs[:0], weights[:0])
     assert empty[0].shape == (0, 4, 0)
     # a position wider than the rows; short columns; columns not flat (the C side would read past them)
     for bad in ({"width": 2}, {"ids": ids[:5]}, {"covered": covered[:5]}, {"ids": np.zeros((6, 0), np.int32)},
                 {"logprobs": logprobs.reshape(3, 2)}, {"width": -1}):
         args = {"width": 3, "ids": ids, "logprobs": logprobs, "weights": weights, "covered": covered} | bad
         with pytest.raises(ValueError):
-            native.dense_rows(lengths, **args)
+            collating.dense_rows(lengths, **args)
     for bad_lengths in (np.array([[-65530, 0], [1, 3]]), lengths.astype(np.float32), np.array([[2, 0], [1, 70000]])):
         with pytest.raises(ValueError, match="lengths must be integers"):
-            native.dense_rows(bad_lengths, 3, ids, logprobs, weights)
+            collating.dense_rows(bad_lengths, 3, ids, logprobs, weights)

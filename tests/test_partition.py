@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logitcache.errors import LogitcacheError
-from logitcache.partition import (
+from logitcache.loader.partition import (
     OrderSettings,
     clip_units,
     epoch_order,

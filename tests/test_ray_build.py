@@ -1,37 +1,67 @@
-"""Ray workers: two tasks on a local CPU instance build the same cache as one worker, bit for bit."""
+"""Ray workers: two tasks on a local CPU instance build the same cache as one worker, bit for bit.
+
+Ray runs in a driver process of its own (tests/ray_driver.py), never inside pytest: see that file."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import processes
 import pytest
-
 from conftest import SEQ_LEN, build_cache
-from logitcache.build import BuildSettings
+
+from logitcache.build.settings import BuildSettings
+from logitcache.cache.format import read_shard
 from logitcache.errors import LogitcacheError
-from logitcache.ray_build import gpus_per_worker, run_ray_build
-from logitcache.shards import read_shard
+from logitcache.executors.ray import gpus_per_worker, run_ray_build
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    yield
-    ray.shutdown()
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = Path(__file__).with_name("ray_driver.py")
+DRIVER_TIMEOUT_S = 900  # Ray's start on a loaded machine and two small builds; a hang fails the test, not CI
 
 
-def test_two_ray_workers_equal_one_worker(local_ray, teacher_dir, corpus_file, tmp_path):
+def ray_builds(builds: dict[str, dict], tmp_path: Path) -> dict[str, dict]:
+    """Run ``builds`` (BuildSettings fields) with ``run_ray_build`` in a driver process of their own
+    (tests/ray_driver.py) and return each one's manifest or error. A driver that dies or hangs fails
+    the calling test with Ray's output; every process Ray started is stopped, whatever happened."""
+    temp_dir = tempfile.mkdtemp(prefix="lcray-")  # short: Ray's socket paths must fit in 107 bytes
+    job, result, log = tmp_path / "job.json", tmp_path / "result.json", tmp_path / "driver.log"
+    job.write_text(json.dumps({"temp_dir": temp_dir, "result": str(result),
+                               "builds": {name: {k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}
+                                          for name, fields in builds.items()}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join a cluster already running
+    try:
+        with open(log, "w") as output, processes.tracked([sys.executable, str(DRIVER), str(job)], env=env, cwd=REPO,
+                                                         stdin=subprocess.DEVNULL, stdout=output,
+                                                         stderr=subprocess.STDOUT) as driver:
+            try:
+                code = driver.wait(timeout=DRIVER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                code = None
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if code != 0:
+        what = f"did not finish in {DRIVER_TIMEOUT_S} s" if code is None else f"exited with {code}"
+        pytest.fail(f"the Ray driver {what}; its output ends with:\n{log.read_text()[-6000:]}", pytrace=False)
+    return json.loads(result.read_text())
+
+
+def test_two_ray_workers_equal_one_worker(teacher_dir, corpus_file, tmp_path):
     options = dict(method="sample", samples=8, seq_len=SEQ_LEN, batch_size=4, shard_size=16)
     single = build_cache(teacher_dir, corpus_file, tmp_path / "single", **options)
-    settings = BuildSettings(
-        teacher=teacher_dir, corpus=corpus_file, out=tmp_path / "ray", num_workers=2, ray=True, **options
-    )
+    build = dict(teacher=teacher_dir, corpus=corpus_file, out=tmp_path / "ray", num_workers=2, ray=True, **options)
 
-    merged = run_ray_build(settings)
+    merged = ray_builds({"ray": build}, tmp_path)["ray"]["manifest"]
 
     assert len(single["shards"]) >= 4, "both workers must have shards to write"
     assert merged == single
@@ -42,10 +72,10 @@ def test_two_ray_workers_equal_one_worker(local_ray, teacher_dir, corpus_file, t
             np.testing.assert_array_equal(getattr(got, name), value, err_msg=f"{shard['file']}: {name}")
 
 
-def test_a_failing_worker_is_one_clear_error(local_ray, corpus_file, tmp_path):
-    settings = BuildSettings(teacher=tmp_path / "missing", corpus=corpus_file, out=tmp_path / "out", num_workers=2, ray=True)
-    with pytest.raises(LogitcacheError, match=r"worker \d: teacher .*missing is not a directory"):
-        run_ray_build(settings)
+def test_a_failing_worker_is_one_clear_error(corpus_file, tmp_path):
+    build = dict(teacher=tmp_path / "missing", corpus=corpus_file, out=tmp_path / "out", num_workers=2, ray=True)
+    error = ray_builds({"missing": build}, tmp_path)["missing"]["error"]
+    assert re.search(r"worker \d: teacher .*missing is not a directory", error), error
 
 
 def test_workers_ask_for_one_replica_of_gpus(tmp_path):

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from logitcache.targets import (
-    TAIL_EXACT_BELOW, TargetSpec, draw, row_keys, row_targets, sample_targets, topk_targets, uniforms,
-)
+from logitcache.targets.rng import row_keys, uniforms
+from logitcache.targets.rows import row_targets
+from logitcache.targets.sample import draw, sample_targets
+from logitcache.targets.spec import TargetSpec
+from logitcache.targets.topk import TAIL_EXACT_BELOW, topk_targets
 
 
 def chi2_sf(stat: float, dof: int) -> float:
@@ -150,7 +152,7 @@ def test_row_targets_from_raw_logits(method):
 
 
 def test_round_float16_is_round_to_nearest():
-    from logitcache.shards import round_float16
+    from logitcache.cache.format import round_float16
 
     values = np.concatenate([-np.logspace(-3, 4.5, 5000), [0.0, -np.inf]]).astype(np.float16)
     for bits in (1, 4, 8):
@@ -167,7 +169,7 @@ def test_round_float16_is_round_to_nearest():
 
 def test_round_float16_from_float32_rounds_once():
     """float32 in: within 2^-(bits+1) of the float32 value (float32 -> float16 -> bits would reach 1.25x that)."""
-    from logitcache.shards import round_float16
+    from logitcache.cache.format import round_float16
 
     values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(2e4), 100_000)).astype(np.float32)
     for bits in (4, 8, 10):

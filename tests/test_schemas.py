@@ -13,8 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from logitcache.manifest import shard_name
-from logitcache.shards import (
+from logitcache.cache.format import (
     FORMAT_VERSION,
     METADATA_KEY,
     METHODS,
@@ -24,6 +23,7 @@ from logitcache.shards import (
     shard_schema,
     write_shard,
 )
+from logitcache.cache.layout import shard_name
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 SHARD_SPEC = json.loads((SCHEMAS / "shard-v1.arrow.json").read_text())
@@ -153,7 +153,7 @@ def test_manifest_schema_is_valid_and_describes_every_key(jsonschema):
 
 
 def test_the_keys_validate_and_inspect_require_are_the_schemas():
-    from logitcache.manifest import REQUIRED_KEYS, REQUIRED_NESTED, REQUIRED_SHARD_KEYS
+    from logitcache.cache.manifest import REQUIRED_KEYS, REQUIRED_NESTED, REQUIRED_SHARD_KEYS
 
     properties = MANIFEST_SCHEMA["properties"]
     assert list(REQUIRED_KEYS) == MANIFEST_SCHEMA["required"]

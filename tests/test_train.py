@@ -18,21 +18,20 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import processes
 import pytest
 import torch
 
-from logitcache.build import BuildSettings, run_build
+from logitcache.build.run import run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.demo import TeacherSizes, make_teacher, pretraining, stdlib_docstrings, write_corpus
 from logitcache.errors import LogitcacheError
-from logitcache.tiny import llama_config, stdlib_docstrings, train_tokenizer, write_corpus
-from logitcache.train import (
-    ECE_BINS,
-    TrainSettings,
-    calibration_bins,
-    expected_calibration_error,
-    lr_factor,
-    read_metrics,
-    run_train,
-)
+from logitcache.train.evaluate import ECE_BINS, calibration_bins, expected_calibration_error
+from logitcache.train.loop import run_train
+from logitcache.train.metrics import read_metrics
+from logitcache.train.optim import lr_factor
+from logitcache.train.settings import TrainSettings
+from logitcache.train.student import llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ_LEN = 32
@@ -52,9 +51,10 @@ def world(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("train")
     docs = list(stdlib_docstrings(max_bytes=20_000))
     write_corpus(root / "corpus.jsonl", iter(docs))
-    train_tokenizer(docs, VOCAB, root / "tokenizer")
-    teacher_run = _small(root / "teacher-run", corpus=root / "corpus.jsonl", tokenizer=root / "tokenizer",
-                         seq_len=SEQ_LEN, steps=30, batch_size=8, warmup_steps=5, eval_every=15, eval_windows=16)
+    # The nano model the trainer would make for --student nano (seed 0, 1024 positions), bit for bit.
+    make_teacher(root, docs, TeacherSizes(VOCAB, "nano", max_positions=1024))
+    teacher_run = pretraining(root, 30, SEQ_LEN, batch_size=8, warmup_steps=5, eval_every=15, eval_windows=16,
+                              save_every=0, device="cpu")
     records = []
     final = run_train(teacher_run, on_step=records.append)
     teacher = Path(final["student"])
@@ -131,20 +131,21 @@ def _cli(out: Path, cache: Path, *extra: str) -> list[str]:
 def test_resume_after_sigkill_gives_the_same_losses_bit_for_bit(world, tmp_path):
     cache = world.caches["sample"]
     # --resume on a fresh folder starts from step 0, and says so.
-    reference = subprocess.run(_cli(tmp_path / "reference", cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    reference = processes.run(_cli(tmp_path / "reference", cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV)
     assert reference.returncode == 0, reference.stderr
     assert f"note: no checkpoint in {tmp_path / 'reference'}: starting from step 0" in reference.stderr.replace("\n", "")
 
     out = tmp_path / "interrupted"
-    process = subprocess.Popen(_cli(out, cache), cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while not (out / "checkpoint" / "trainer.pt").is_file() and process.poll() is None:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    _, stderr = process.communicate()
+    with processes.tracked(_cli(out, cache), cwd=REPO, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE) as process:
+        while not (out / "checkpoint" / "trainer.pt").is_file() and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL, stderr.decode()  # killed mid-run, not finished
     assert len(_train_losses(out)) < 40
 
-    resumed = subprocess.run(_cli(out, cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True)
+    resumed = processes.run(_cli(out, cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV)
     assert resumed.returncode == 0, resumed.stderr
     expected = read_metrics(tmp_path / "reference" / "metrics.jsonl")
     assert len([r for r in expected if r["kind"] == "train"]) == 40
@@ -223,16 +224,19 @@ def test_a_rotary_student_with_a_short_configured_context_trains_with_a_note(wor
 def test_evaluation_with_the_fused_head_makes_logits_by_chunks_of_rows(world, tmp_path):
     from contextlib import nullcontext
 
-    from logitcache.fused import default_chunk_rows, output_head
-    from logitcache.student import build_student
-    from logitcache.train import World, evaluate, make_loss, open_cache
+    from logitcache.losses.fused import default_chunk_rows, linear_head
+    from logitcache.train.data import open_cache
+    from logitcache.train.distributed import World
+    from logitcache.train.evaluate import evaluate
+    from logitcache.train.objective import make_loss
+    from logitcache.train.student import build_student
 
     settings = _small(tmp_path, cache=world.caches["topk"], loss="topk-ghost", batch_size=24, eval_windows=48)
     data = open_cache(settings, 24, World(), 1)
     torch.manual_seed(0)
     student = build_student(preset="nano", config_file=None, init_from=None, vocab_size=VOCAB, max_positions=1024,
                             eos_token_id=data.eos_token_id)
-    head = output_head(student, torch.arange(8)[None])
+    head = linear_head(student, torch.arange(8)[None])
     rows = default_chunk_rows(VOCAB, head.weight.shape[1], "cpu")
     assert head is not None and 24 * (SEQ_LEN - 1) > rows  # one eval batch's rows take several chunks
     made = []
@@ -288,7 +292,7 @@ def test_eval_kd_loss_reads_the_eval_cache_by_its_own_build(world, tmp_path):
 
 
 def test_a_loss_that_does_not_suit_the_cache_fails_before_anything_starts(world, tmp_path):
-    result = subprocess.run(_cli(tmp_path / "out", world.caches["topk"]), capture_output=True, text=True, env=SUBPROCESS_ENV | {"LOGITCACHE_DEBUG": ""})
+    result = processes.run(_cli(tmp_path / "out", world.caches["topk"]), env=SUBPROCESS_ENV | {"LOGITCACHE_DEBUG": ""})
     output = (result.stdout + result.stderr).replace("\n", "")
     assert result.returncode == 1
     assert f"--loss rs-kd needs a cache built with --method sample; --cache {world.caches['topk']} is topk" in output
@@ -302,7 +306,7 @@ def test_a_missing_tokenizer_folder_is_named(world, tmp_path):
 
 
 def test_resume_compares_what_the_settings_mean_not_how_they_are_spelled(tmp_path, monkeypatch):
-    from logitcache.train import _check_resumable, resumed
+    from logitcache.train.checkpoint import _check_resumable, resumed
 
     monkeypatch.chdir(tmp_path)
     saved = _small(Path("out"), cache=Path("cache"), loss="bild").to_json()
@@ -331,9 +335,10 @@ def test_resume_compares_what_the_settings_mean_not_how_they_are_spelled(tmp_pat
     ("skew-reverse-kl", dict(skew=0.4), dict(skew=0.4)),
 ])
 def test_loss_options_reach_the_loss(world, tmp_path, loss, options, keywords):
-    from logitcache.loader import CacheDataset, collate
-    from logitcache.losses import get_loss
-    from logitcache.train import make_loss
+    from logitcache.loader.collate import collate
+    from logitcache.loader.dataset import CacheDataset
+    from logitcache.losses.sparse import get_loss
+    from logitcache.train.objective import make_loss
 
     settings = _small(tmp_path, cache=world.caches["topk"], loss=loss, **options)
     settings.check()
@@ -385,8 +390,7 @@ def test_kd_on_cuda_with_bf16_autocast_and_compile(world, tmp_path):
 def test_an_error_found_after_the_checks_is_still_one_line(world, tmp_path):
     # Found while opening the data (inside the progress bar's block): no spinner line before it.
     env = {k: v for k, v in SUBPROCESS_ENV.items() if k != "LOGITCACHE_DEBUG"}
-    done = subprocess.run(_cli(tmp_path / "out", world.caches["sample"], "--eval-windows", "100000"),
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    done = processes.run(_cli(tmp_path / "out", world.caches["sample"], "--eval-windows", "100000"), cwd=REPO, env=env)
     assert done.returncode == 1
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --eval-windows 100000 holds out"), done.stderr

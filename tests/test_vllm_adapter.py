@@ -16,13 +16,16 @@ from typing import TypedDict
 import numpy as np
 import pytest
 import torch
-
 from conftest import build_cache
-from logitcache.backends import vllm as backend
-from logitcache.build import BuildSettings, run_build
+
+from logitcache.build.run import run_build
+from logitcache.build.settings import BuildSettings
+from logitcache.cache.format import WindowTargets, read_shard
 from logitcache.errors import LogitcacheError
-from logitcache.shards import WindowTargets, read_shard
-from logitcache.teacher import HFTeacher, TargetSpec, load_tokenizer
+from logitcache.targets.spec import TargetSpec
+from logitcache.teacher import vllm as backend
+from logitcache.teacher.folder import load_tokenizer
+from logitcache.teacher.hf import HFTeacher
 
 K = 8
 SAMPLES = 16
@@ -284,7 +287,7 @@ def test_vllm_teacher_equals_hf_teacher(fake_vllm, hf_teacher, windows, teacher_
     settings = settings_for(teacher_dir, corpus_file, tmp_path, method=method)
     spec = settings.spec
     ids = np.arange(WINDOWS, dtype=np.int64) + 100
-    teacher = backend.VLLMTeacher(teacher_dir, settings)
+    teacher = backend.VLLMTeacher(teacher_dir, settings.teacher_options())
     assert teacher.vocab_size == hf_teacher.vocab_size
     assert teacher.describe()["vllm_version"] == "0.33.0"
 
@@ -324,10 +327,10 @@ def test_batches_are_split_into_bounded_calls(
 ):
     settings = settings_for(teacher_dir, corpus_file, tmp_path, method=method)
     ids = np.arange(WINDOWS, dtype=np.int64)
-    whole = backend.VLLMTeacher(teacher_dir, settings).compute(windows, ids, settings.spec)
+    whole = backend.VLLMTeacher(teacher_dir, settings.teacher_options()).compute(windows, ids, settings.spec)
     per_token = (K + 1) * backend.PROMPT_VALUE_BYTES if method == "topk" else hf_teacher.config.hidden_size * 4
     monkeypatch.setattr(backend, "HOST_BYTES_PER_CALL", 3 * N * per_token)
-    split_teacher = backend.VLLMTeacher(teacher_dir, settings)
+    split_teacher = backend.VLLMTeacher(teacher_dir, settings.teacher_options())
     split = split_teacher.compute(windows, ids, settings.spec)
     assert [n for _, n, _ in fake_vllm.started[-1].calls][-2:] == [3, 1]
     assert_same_targets(split, whole)
@@ -335,7 +338,7 @@ def test_batches_are_split_into_bounded_calls(
 
 def test_a_head_that_disagrees_with_vllm_is_refused(fake_vllm, windows, teacher_dir, corpus_file, tmp_path):
     settings = settings_for(teacher_dir, corpus_file, tmp_path, method="sample")
-    teacher = backend.VLLMTeacher(teacher_dir, settings)
+    teacher = backend.VLLMTeacher(teacher_dir, settings.teacher_options())
     teacher.config.logit_scale = 2.0  # a scaling the engine does not apply: the check must notice
     with pytest.raises(LogitcacheError, match="differs from vLLM's own prompt log-probabilities"):
         teacher.compute(windows, np.arange(WINDOWS), settings.spec)
@@ -414,7 +417,7 @@ def test_real_vllm_build_matches_hf(teacher_dir, corpus_file, windows, tmp_path)
 
     settings = BuildSettings(out=tmp_path / "s", backend="vllm", **{**common, "method": "sample", "samples": SAMPLES},
                              gpu_memory_utilization=0.25)
-    teacher = backend.VLLMTeacher(teacher_dir, settings)
+    teacher = backend.VLLMTeacher(teacher_dir, settings.teacher_options())
     try:
         sampled = teacher.compute(windows, np.arange(WINDOWS), settings.spec)  # runs the head check first
     finally:

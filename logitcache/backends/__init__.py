@@ -1,1 +1,0 @@
-"""Teacher backends beyond the built-in ``hf`` one (see :mod:`logitcache.teacher`)."""
