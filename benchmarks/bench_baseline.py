@@ -38,7 +38,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness import CLOCKS, DEFAULT_WORK, ensure_teacher, peak_rss, rss, run_fresh, small_corpus
+from harness import CLOCKS, ensure_teacher, peak_rss, rss, run_fresh, small_corpus, teacher_arguments
 
 SHARD_WINDOWS = 512
 K, SAMPLES = 32, 50
@@ -50,7 +50,6 @@ K, SAMPLES = 32, 50
 def windows_of(teacher_dir: Path, corpus: Path, seq_len: int):
     """(tokenizer, [W, n] int64 windows) exactly as ``logitcache build`` packs the corpus."""
     import numpy as np
-
     from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
     from logitcache.teacher.folder import load_tokenizer
 
@@ -131,7 +130,6 @@ def case_naive(c: dict) -> dict:
 
 def _student(c: dict, vocab: int):
     import torch
-
     from logitcache.train.student import build_student
 
     torch.manual_seed(0)
@@ -142,7 +140,6 @@ def _student(c: dict, vocab: int):
 def case_step(c: dict) -> dict:
     """One training step, repeated; the batch is ready in memory (loading not timed)."""
     import torch
-
     from logitcache.loader.dataset import CacheDataset
 
     path = c["path"]
@@ -267,12 +264,7 @@ def report(teacher: Path, corpus: Path, work: Path, args, label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
-    parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where a missing teacher is pretrained")
-    parser.add_argument("--corpus-bytes", type=int, default=200_000)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    teacher_arguments(parser, corpus_bytes=200_000)
     parser.add_argument("--student", default="nano", help="student preset (logitcache.train.student.MODEL_PRESETS)")
     parser.add_argument("--steps", type=int, default=10, help="timed student steps (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every case")

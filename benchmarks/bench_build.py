@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import DEFAULT_WORK, best_time, ensure_teacher, fastest, peak_rss, run_fresh, small_corpus
-
 from logitcache.build.run import load_teacher, run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import read_shard
@@ -33,6 +31,8 @@ from logitcache.targets.rng import row_keys
 from logitcache.targets.rows import row_targets
 from logitcache.targets.spec import TargetSpec
 from logitcache.teacher.head import ONEDNN_SWITCH
+
+from harness import best_time, ensure_teacher, fastest, peak_rss, run_fresh, small_corpus, teacher_arguments
 
 
 def forward_pass(teacher, windows: np.ndarray, batch: int, streams: int = 1, model=None):
@@ -242,12 +242,7 @@ def random_teacher(preset: str, vocab: int, seq_len: int, repeat: int = 1) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
-    parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where a missing teacher is pretrained")
-    parser.add_argument("--corpus-bytes", type=int, default=400_000, help="how much of the corpus to build over")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    teacher_arguments(parser)
     parser.add_argument("--sampler-rows", type=int, default=2048)
     parser.add_argument("--head-rows", type=int, default=512, help="head table: rows per call")
     parser.add_argument("--rounds", type=int, default=5, help="build table: timed rounds over all cases, best kept")

@@ -43,13 +43,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from harness import DEFAULT_WORK, best_time, ensure_teacher, small_corpus
-
 from logitcache.build.run import load_teacher, run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache import format as shards_mod
 from logitcache.cache.format import WindowTargets, read_shard, shard_metadata, to_table
 from logitcache.cache.summary import summarize
+
+from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
 
 # ---- writer variants -----------------------------------------------------------------------
 
@@ -381,12 +381,7 @@ def chosen_options(names: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
-    parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
-    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where a missing teacher is pretrained")
-    parser.add_argument("--corpus-bytes", type=int, default=400_000, help="how much of the corpus to build over")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    teacher_arguments(parser)
     parser.add_argument("--repeat", type=int, default=2, help="writes per variant (best CPU time kept)")
     parser.add_argument("--big-vocab", type=int, default=151_936, help="vocabulary for the id-width check")
     parser.add_argument("--sharp-tau", type=float, default=0.5,

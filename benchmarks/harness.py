@@ -136,3 +136,13 @@ def ensure_teacher(teacher: Path, corpus: Path, work: Path = DEFAULT_WORK) -> tu
         shutil.rmtree(work / "teacher-run", ignore_errors=True)  # an interrupted pretraining starts afresh
         make_trained_teacher(work, docs)
     return trained, corpus
+
+
+def teacher_arguments(parser, corpus_bytes: int = 400_000) -> None:
+    """The options every benchmark that runs the demo teacher takes: teacher, corpus, sizes."""
+    parser.add_argument("--teacher", type=Path, default=Path("demo-out/teacher-run/student"))
+    parser.add_argument("--corpus", type=Path, default=Path("demo-out/corpus.jsonl"))
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where a missing teacher is pretrained")
+    parser.add_argument("--corpus-bytes", type=int, default=corpus_bytes, help="how much of the corpus to build over")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)

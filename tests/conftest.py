@@ -1,4 +1,5 @@
-"""Shared fixtures: a real tiny teacher (BPE tokenizer + Llama) and real caches built from it."""
+"""Shared fixtures and helpers: a real tiny teacher (BPE tokenizer + Llama), real caches built from it,
+the CLI run as a process, and the mark of the tests that need the compiled kernels."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import atexit
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import processes
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
+from logitcache.cache.format import WindowTargets, read_shard
+from logitcache.cache.manifest import read_manifest
 from logitcache.demo import TeacherSizes, make_teacher, stdlib_docstrings, write_corpus
+from logitcache.native import library as native
 
 torch.set_num_threads(1)
 
@@ -26,6 +33,8 @@ atexit.register(shutil.rmtree, _KERNELS, True)
 
 TEACHER_VOCAB = 512
 SEQ_LEN = 32
+
+needs_compiler = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch path is the only one here")
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +59,26 @@ def build_cache(teacher_dir: Path, corpus: Path, out: Path, **overrides) -> dict
     settings = dict(teacher=teacher_dir, corpus=corpus, out=out, seq_len=SEQ_LEN, batch_size=4, shard_size=16)
     settings.update(overrides)
     return run_build(BuildSettings(**settings))
+
+
+def all_targets(cache: Path) -> WindowTargets:
+    manifest = read_manifest(cache)
+    return WindowTargets.concat([read_shard(cache / s["file"]) for s in manifest["shards"]])
+
+
+def edited_teacher(teacher_dir: Path, out: Path, edit) -> Path:
+    """A copy of the test teacher after ``edit(model, tokenizer)``."""
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    edit(model, tokenizer)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return processes.run([sys.executable, "-m", "logitcache", *args], env=env, **kw)
 
 
 @pytest.fixture(scope="session")

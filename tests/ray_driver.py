@@ -1,4 +1,4 @@
-"""The Ray half of tests/test_ray_build.py, run as a process of its own (``python ray_driver.py JOB``).
+"""The Ray half of tests/test_executors_ray.py, run as a process of its own (``python ray_driver.py JOB``).
 
 A Ray driver shares its fate with the processes Ray starts for it: when the raylet or the GCS goes,
 the driver's core worker ends the whole process at once (exit 1, no Python clean-up). Run inside

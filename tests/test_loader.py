@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import needs_compiler
 
 from logitcache.cache.format import FORMAT_VERSION, WindowTargets, from_table, shard_metadata, write_shard
 from logitcache.cache.layout import shard_name
@@ -324,3 +325,28 @@ def test_a_file_given_as_the_cache_is_named(tmp_path: Path) -> None:
     corpus.write_text('{"text": "a corpus, not a cache"}\n')
     with pytest.raises(LogitcacheError, match="corpus.jsonl is a file, not a cache: give the folder"):
         CacheDataset(corpus, seed=0, global_batch_size=2)
+
+
+@needs_compiler
+def test_dense_rows_lays_out_flat_columns_and_refuses_what_does_not_add_up():
+    lengths = np.array([[2, 0], [1, 3]], dtype=np.uint16)
+    ids = np.arange(1, 7, dtype=np.int32)
+    logprobs, weights = -np.arange(6, dtype=np.float32), np.linspace(0.1, 0.6, 6, dtype=np.float32)
+    covered = np.exp(logprobs.astype(np.float64))
+    dense_ids, dense_logprobs, dense_weights, mask, mass = collating.dense_rows(lengths, 3, ids, logprobs, weights, covered)
+    assert dense_ids.tolist() == [[[1, 2, 0], [0, 0, 0]], [[3, 0, 0], [4, 5, 6]]] and dense_ids.dtype == np.int64
+    assert mask.tolist() == [[[True, True, False], [False] * 3], [[True, False, False], [True] * 3]]
+    assert dense_logprobs[1, 1].tolist() == [-3.0, -4.0, -5.0] and dense_weights[0, 1].tolist() == [0.0] * 3
+    assert mass.tolist() == [[covered[0] + covered[1], 0.0], [covered[2], covered[3] + covered[4] + covered[5]]]
+    assert len(collating.dense_rows(lengths, 3, ids, logprobs, weights)) == 4  # no covered: no mass
+    empty = collating.dense_rows(np.zeros((0, 4), np.uint16), 0, ids[:0], logprobs[:0], weights[:0])
+    assert empty[0].shape == (0, 4, 0)
+    # a position wider than the rows; short columns; columns not flat (the C side would read past them)
+    for bad in ({"width": 2}, {"ids": ids[:5]}, {"covered": covered[:5]}, {"ids": np.zeros((6, 0), np.int32)},
+                {"logprobs": logprobs.reshape(3, 2)}, {"width": -1}):
+        args = {"width": 3, "ids": ids, "logprobs": logprobs, "weights": weights, "covered": covered} | bad
+        with pytest.raises(ValueError):
+            collating.dense_rows(lengths, **args)
+    for bad_lengths in (np.array([[-65530, 0], [1, 3]]), lengths.astype(np.float32), np.array([[2, 0], [1, 70000]])):
+        with pytest.raises(ValueError, match="lengths must be integers"):
+            collating.dense_rows(bad_lengths, 3, ids, logprobs, weights)

@@ -1,0 +1,168 @@
+"""A cache folder (logitcache/cache/): validate names what is wrong, inspect summarises (also a broken
+teacher's), a manifest missing what builds write is named, merge refuses damaged parts, and the
+float16 rounding of stored log-probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import build_cache, run_cli
+
+from logitcache.cache.format import read_shard
+from logitcache.cache.manifest import read_manifest
+from logitcache.cache.summary import summarize
+from logitcache.cache.validate import validate_cache
+from logitcache.errors import LogitcacheError
+
+
+def test_validate_names_what_is_wrong(teacher_dir, corpus_file, tmp_path):
+    out = tmp_path / "v"
+    build_cache(teacher_dir, corpus_file, out, method="topk", k=4)
+    ok = run_cli("validate", str(out))
+    assert ok.returncode == 0 and "sound" in ok.stdout
+    shard = out / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (out / "shard-00002.parquet").unlink()
+    bad = run_cli("validate", str(out))
+    assert bad.returncode == 1
+    assert "shard-00001.parquet: sha256 differs" in bad.stderr
+    assert "shard-00002.parquet: missing" in bad.stderr
+
+
+def test_inspect_json_keys(topk_cache, sample_cache):
+    for cache, method in ((topk_cache, "topk"), (sample_cache, "sample")):
+        result = run_cli("inspect", str(cache), "--json")
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        for key in ("sequences", "tokens", "bytes", "bytes_per_token", "mean_ids_per_position", "method",
+                    "teacher_perplexity", "mean_covered_mass", "shards"):
+            assert key in summary
+        assert summary["method"] == method
+        manifest = read_manifest(cache)
+        assert summary["sequences"] == manifest["totals"]["sequences"]
+        assert summary["bytes"] == sum(p.stat().st_size for p in cache.glob("shard-*.parquet"))
+    assert summarize(topk_cache)["mean_ids_per_position"] == 8
+    assert 0 < summarize(topk_cache)["mean_covered_mass"] < 1
+    # Same teacher and corpus: the perplexity from gold log-probs agrees between methods.
+    assert summarize(topk_cache)["teacher_perplexity"] == pytest.approx(summarize(sample_cache)["teacher_perplexity"])
+
+
+def test_teacher_perplexity_past_float64_is_infinite_not_an_error(topk_cache, tmp_path):
+    import shutil
+
+    from logitcache.cache.format import shard_metadata, write_shard
+    from logitcache.cache.summary import _perplexity
+
+    assert _perplexity(1.0) == pytest.approx(np.e) and _perplexity(5000.0) == float("inf")
+    broken = tmp_path / "broken"
+    shutil.copytree(topk_cache, broken)
+    for shard in broken.glob("shard-*.parquet"):  # gold log-probs of a broken teacher: float16's lowest
+        targets, meta = read_shard(shard), shard_metadata(shard)
+        targets.gold_logprob = np.full_like(targets.gold_logprob, -65504)
+        write_shard(shard, targets, meta)
+    result = run_cli("inspect", str(broken), "--json")
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(result.stdout, parse_constant=refuse)["teacher_perplexity"] is None  # strict JSON: null
+
+
+def test_a_manifest_missing_what_builds_write_is_named(topk_cache, tmp_path):
+    import shutil
+
+    from logitcache.cache.merge import merge_parts
+
+    edited = tmp_path / "edited"
+    shutil.copytree(topk_cache, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    del manifest["shards"][1]["target_entries"]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    assert validate_cache(edited) == [(f"{edited / 'manifest.json'}: no shards[1].target_entries, which every build "
+                                       "writes (edited by hand or damaged?); rebuild the cache, or `logitcache merge` "
+                                       "it again from its partial manifests")]
+    result = run_cli("inspect", str(edited))
+    assert result.returncode == 1 and "no shards[1].target_entries" in result.stderr and "Traceback" not in result.stderr
+    (edited / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(LogitcacheError, match="not a logitcache manifest"):
+        read_manifest(edited)
+    part = tmp_path / "parts" / "manifest.part-00000-of-00001.json"
+    part.parent.mkdir()
+    for damaged in ('{"shards": [', '{"shards": [], "totals": {}}'):
+        part.write_text(damaged)
+        with pytest.raises(LogitcacheError, match="not a partial manifest a worker wrote"):
+            merge_parts(part.parent)
+
+
+def test_inspect_of_a_cache_missing_a_shard_is_one_error_line(topk_cache, tmp_path):
+    (tmp_path / "manifest.json").write_bytes((topk_cache / "manifest.json").read_bytes())
+    result = run_cli("inspect", str(tmp_path))
+    assert result.returncode == 1
+    assert "shard-00000.parquet: cannot read column" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
+    import shutil
+
+    from logitcache.cache.format import shard_metadata, write_shard
+    from logitcache.cache.manifest import write_manifest
+    from logitcache.files import sha256_file
+
+    out = tmp_path / "copy"
+    shutil.copytree(topk_cache, out)
+    shard = out / "shard-00000.parquet"
+    targets, meta = read_shard(shard), shard_metadata(shard)
+    targets.target_logprobs = targets.target_logprobs.copy()
+    targets.target_logprobs[7] = np.nan
+    write_shard(shard, targets, meta)
+    manifest = read_manifest(out)
+    manifest["shards"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    manifest["shards"][1]["target_entries"] += 1
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    manifest["totals"]["positions"] -= 1
+    write_manifest(out, manifest)
+    problems = "\n".join(validate_cache(out))
+    assert "shard-00000.parquet: target_logprobs holds NaN" in problems
+    entries = manifest["shards"][1]["target_entries"]
+    assert f"shard-00001.parquet: {entries - 1} target entries in its metadata, manifest says {entries}" in problems
+    assert f"totals.target_entries = {manifest['totals']['target_entries']} but its shards add up to" in problems
+    assert f"totals.positions = {manifest['totals']['positions']} but" in problems
+
+
+def test_round_float16_is_round_to_nearest():
+    from logitcache.cache.format import round_float16
+
+    values = np.concatenate([-np.logspace(-3, 4.5, 5000), [0.0, -np.inf]]).astype(np.float16)
+    for bits in (1, 4, 8):
+        out = round_float16(values, bits)
+        assert out.dtype == np.float16
+        assert np.all(out.view(np.uint16) & ((1 << (10 - bits)) - 1) == 0)
+        finite = np.isfinite(values)
+        exact, got = values[finite].astype(np.float64), out[finite].astype(np.float64)
+        assert np.all(np.abs(got - exact) <= np.abs(exact) * 2.0 ** -(bits + 1))
+        assert out[-1] == -np.inf and out[-2] == 0.0
+    assert round_float16(np.array([-65504.0], np.float16), 8)[0] == -65504.0  # never rounded up to -inf
+    assert np.array_equal(round_float16(values, 10).view(np.uint16), values.view(np.uint16))
+
+
+def test_round_float16_from_float32_rounds_once():
+    """float32 in: within 2^-(bits+1) of the float32 value (float32 -> float16 -> bits would reach 1.25x that)."""
+    from logitcache.cache.format import round_float16
+
+    values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(2e4), 100_000)).astype(np.float32)
+    for bits in (4, 8, 10):
+        out = round_float16(values, bits)
+        assert out.dtype == np.float16
+        assert np.all(out.view(np.uint16) & ((1 << (10 - bits)) - 1) == 0)
+        error = np.abs(out.astype(np.float64) - values) / np.abs(values)
+        assert error.max() <= 2.0 ** -(bits + 1)
+    twice = round_float16(values.astype(np.float16), 8).astype(np.float64)
+    assert (np.abs(twice - values) / np.abs(values)).max() > 2.0**-9  # the bound the single rounding keeps
+    special = round_float16(np.array([-np.inf, 0.0, -65504.0], np.float32), 8)
+    assert special[0] == -np.inf and special[1] == 0.0 and special[2] == -65504.0
