@@ -1,4 +1,4 @@
-"""The published schemas (schemas/) cannot drift from the writer (logitcache/shards.py, manifest.py)."""
+"""The published schemas (schemas/) cannot drift from the writer (logitcache/cache/format.py, cache/manifest.py)."""
 
 from __future__ import annotations
 
