@@ -50,6 +50,7 @@ K, SAMPLES = 32, 50
 def windows_of(teacher_dir: Path, corpus: Path, seq_len: int):
     """(tokenizer, [W, n] int64 windows) exactly as ``logitcache build`` packs the corpus."""
     import numpy as np
+
     from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
     from logitcache.teacher.folder import load_tokenizer
 
@@ -60,8 +61,9 @@ def windows_of(teacher_dir: Path, corpus: Path, seq_len: int):
 
 
 def case_build(c: dict) -> dict:
-    from logitcache.build.run import load_teacher, run_build
+    from logitcache.build.run import run_build
     from logitcache.build.settings import BuildSettings
+    from logitcache.teacher.load import load_teacher
 
     extra = {"k": K} if c["method"] == "topk" else {"samples": SAMPLES}
     settings = BuildSettings(teacher=Path(c["teacher"]), corpus=Path(c["corpus"]), out=Path(c["out"]), method=c["method"],
@@ -130,6 +132,7 @@ def case_naive(c: dict) -> dict:
 
 def _student(c: dict, vocab: int):
     import torch
+
     from logitcache.train.student import build_student
 
     torch.manual_seed(0)
@@ -140,6 +143,7 @@ def _student(c: dict, vocab: int):
 def case_step(c: dict) -> dict:
     """One training step, repeated; the batch is ready in memory (loading not timed)."""
     import torch
+
     from logitcache.loader.dataset import CacheDataset
 
     path = c["path"]

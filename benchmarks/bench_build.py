@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from logitcache.build.run import load_teacher, run_build
+from harness import best_time, ensure_teacher, fastest, peak_rss, run_fresh, small_corpus, teacher_arguments
+
+from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import read_shard
 from logitcache.cache.summary import summarize
@@ -31,8 +33,7 @@ from logitcache.targets.rng import row_keys
 from logitcache.targets.rows import row_targets
 from logitcache.targets.spec import TargetSpec
 from logitcache.teacher.head import ONEDNN_SWITCH
-
-from harness import best_time, ensure_teacher, fastest, peak_rss, run_fresh, small_corpus, teacher_arguments
+from logitcache.teacher.load import load_teacher
 
 
 def forward_pass(teacher, windows: np.ndarray, batch: int, streams: int = 1, model=None):

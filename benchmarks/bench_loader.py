@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from harness import fastest, peak_rss, run_fresh
+
 from logitcache.cache.format import FORMAT_VERSION, WindowTargets, write_shard
 from logitcache.cache.layout import shard_name
 from logitcache.cache.manifest import fingerprint, write_manifest
 from logitcache.loader.dataset import CacheDataset
 from logitcache.native import library as native
-
-from harness import fastest, peak_rss, run_fresh
 
 SEQ_LEN = 256
 VOCAB = 8192

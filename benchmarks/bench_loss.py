@@ -41,11 +41,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from harness import CLOCKS, median_time, peak_rss, reset_peak_rss, rss, run_fresh
+
 from logitcache.losses.fused import default_chunk_rows, fused_loss, student_hidden
 from logitcache.losses.sparse import LOSSES, get_loss
 from logitcache.train.student import MODEL_PRESETS, llama_config
-
-from harness import CLOCKS, median_time, peak_rss, reset_peak_rss, rss, run_fresh
 
 DENSE = "dense-logits KD"
 

@@ -43,13 +43,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from logitcache.build.run import load_teacher, run_build
+from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
+
+from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache import format as shards_mod
 from logitcache.cache.format import WindowTargets, read_shard, shard_metadata, to_table
 from logitcache.cache.summary import summarize
-
-from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
+from logitcache.teacher.load import load_teacher
 
 # ---- writer variants -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from logitcache import __version__
 from logitcache.build.settings import BuildSettings
+from logitcache.cache.layout import MANIFEST_NAME
 from logitcache.errors import LogitcacheError
 from logitcache.train.settings import TrainSettings
 
@@ -44,7 +45,7 @@ TRAIN = _defaults(TrainSettings)
 
 # Options and arguments that mean the same in several commands, declared once.
 CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
-SeqLen = Annotated[int, typer.Option(help="Tokens per window of the corpus (train: with --corpus only; a cache has its own).")]
+SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
 TextField = Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")]
 
 
@@ -168,7 +169,7 @@ def build(
             manifest = run_ray_build(settings)
         else:
             manifest = run_build(settings, on_windows=advance)
-    if (out / "manifest.json").is_file():
+    if (out / MANIFEST_NAME).is_file():
         with user_errors():
             _print_summary(summarize(out))
     else:
@@ -245,7 +246,7 @@ def train(
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="Tokenizer folder: required with --corpus; with --cache "
              "it must be the cache's and is saved beside the student.")] = TRAIN["tokenizer"],
-    seq_len: SeqLen = TRAIN["seq_len"],
+    seq_len: Annotated[int, typer.Option(help="Tokens per window with --corpus (a cache has its own).")] = TRAIN["seq_len"],
     text_field: TextField = TRAIN["text_field"],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TRAIN["steps"],
     batch_size: Annotated[int, typer.Option(

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from logitcache.cache.layout import MANIFEST_NAME, shard_name
 from logitcache.errors import LogitcacheError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -59,7 +60,7 @@ class Corpus:
             raise LogitcacheError(f"corpus {path} does not exist")
         if _is_saved_dataset(path):
             return Corpus(path, text_field, dataset=True)
-        if path.is_dir() and ((path / "manifest.json").is_file() or (path / "shard-00000.parquet").is_file()):
+        if path.is_dir() and ((path / MANIFEST_NAME).is_file() or (path / shard_name(0)).is_file()):
             raise LogitcacheError(
                 f"corpus {path} is a logitcache cache (shards and manifest), not a text corpus; "
                 f"to train from it, use `logitcache train --cache {path}`"

@@ -66,7 +66,7 @@ def _fsync_folder(folder: Path) -> None:
 def replace_folder(final: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on an empty temporary folder, then swap it in for ``final``.
 
-    A crash leaves either the previous ``final`` or ``final.old`` complete (see :func:`find_checkpoint`).
+    A crash leaves either the previous ``final`` or ``final.old`` complete (``logitcache.train.checkpoint`` finds either).
     """
     tmp, old = final.with_name(final.name + TMP_SUFFIX), final.with_name(final.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)

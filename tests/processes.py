@@ -59,10 +59,12 @@ def stop_marked(prefix: str) -> list[str]:
             break
         for process in processes:
             try:
-                stopped.append(f"{process.pid} {' '.join(process.cmdline())[:200]}")
+                what = f"{process.pid} {' '.join(process.cmdline())[:200]}"
                 process.send_signal(signal.SIGKILL)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+            if what not in stopped:
+                stopped.append(what)
         psutil.wait_procs(processes, timeout=STOP_WAIT_S)
     return stopped
 
@@ -76,8 +78,10 @@ def tracked(args: list[str], env: Mapping[str, str] | None = None, **popen: obje
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.kill()
+        try:  # its own process group first (start_new_session), then anything marked elsewhere
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         for pipe in (process.stdin, process.stdout, process.stderr):
             if pipe is not None:
                 pipe.close()
@@ -92,7 +96,12 @@ def run(args: list[str], *, timeout: float | None = None, env: Mapping[str, str]
     ``timeout`` raises :class:`subprocess.TimeoutExpired`, as ``subprocess.run`` does, after killing the tree.
     """
     with tracked(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen) as process:
-        stdout, stderr = process.communicate(timeout=timeout)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as expired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()  # what it printed before it hung, for the failure message
+            raise subprocess.TimeoutExpired(args, expired.timeout, stdout, stderr) from None
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 

@@ -1,4 +1,4 @@
-"""The reader examples (pyarrow, datasets, polars, duckdb) agree with logitcache.shards.read_shard.
+"""The reader examples (pyarrow, datasets, polars, duckdb) agree with logitcache.cache.format.read_shard.
 
 Each example recovers the first window's targets from a cache with one tool only; on synthetic
 caches of both methods (one with a tempered proposal) and on real builds they must match the

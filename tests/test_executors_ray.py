@@ -74,7 +74,9 @@ def test_two_ray_workers_equal_one_worker(teacher_dir, corpus_file, tmp_path):
 
 def test_a_failing_worker_is_one_clear_error(corpus_file, tmp_path):
     build = dict(teacher=tmp_path / "missing", corpus=corpus_file, out=tmp_path / "out", num_workers=2, ray=True)
-    error = ray_builds({"missing": build}, tmp_path)["missing"]["error"]
+    result = ray_builds({"missing": build}, tmp_path)["missing"]
+    assert "error" in result, f"the build with a missing teacher did not fail: {result}"
+    error = result["error"]
     assert re.search(r"worker \d: teacher .*missing is not a directory", error), error
 
 

@@ -27,12 +27,13 @@ from logitcache.build.pipeline import IN_FLIGHT, background, cpu_streams, frozen
 from logitcache.build.plan import Plan, plan_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import WindowTargets, shard_metadata, write_shard
-from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME, SHARD_PATTERN, part_name, shard_name
+from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME, MANIFESTS_PATTERN, SHARD_PATTERN, part_name, shard_name
 from logitcache.cache.manifest import write_manifest
 from logitcache.cache.merge import merge_parts
 from logitcache.errors import LogitcacheError
 from logitcache.files import TMP_SUFFIX, clear_temporaries, sha256_file, write_json_atomic
-from logitcache.teacher.base import Teacher, load_teacher
+from logitcache.teacher.base import Teacher
+from logitcache.teacher.load import load_teacher
 
 
 def _check_teacher(settings: BuildSettings, teacher: Teacher) -> None:
@@ -70,7 +71,7 @@ def _prepare_out(settings: BuildSettings, plan: Plan) -> None:
                     what = ("a different build that has written no shard yet (one still running, or one that failed "
                             f"early: then delete {marker} or pass --overwrite)")
                 raise LogitcacheError(f"--out {out} holds {what}; pass --overwrite to replace it")
-            for path in itertools.chain(out.glob(f"{SHARD_PATTERN}*"), out.glob("manifest*.json*"), (out / p for p in ours)):
+            for path in itertools.chain(out.glob(f"{SHARD_PATTERN}*"), out.glob(MANIFESTS_PATTERN), (out / p for p in ours)):
                 if path.is_file():
                     path.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,8 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     settings if None.
     """
     settings.check()
+    if settings.ray:  # the build never starts Ray itself: the executor runs its workers (ray=False each)
+        raise LogitcacheError("ray=True: run the workers with logitcache.executors.ray.run_ray_build")
     teacher = teacher or load_teacher(settings.teacher, settings.teacher_options())
     _check_teacher(settings, teacher)
     plan = plan_build(settings, teacher)

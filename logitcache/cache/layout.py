@@ -8,6 +8,7 @@ MANIFEST_NAME = "manifest.json"
 BUILD_MARKER = "build.json"  # the build in progress in this folder (its fingerprint); gone once manifest.json exists
 SHARD_PATTERN = "shard-*.parquet"
 PART_PATTERN = "manifest.part-*.json"
+MANIFESTS_PATTERN = "manifest*.json*"  # the manifest, the parts, and their temporaries
 _PART = re.compile(r"manifest\.part-(\d{5})-of-(\d{5})\.json$")
 
 

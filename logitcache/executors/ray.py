@@ -67,7 +67,7 @@ def run_ray_build(settings: BuildSettings) -> dict:
     try:
         gpus = gpus_per_worker(settings, ray.cluster_resources().get("GPU", 0))
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=0)(_worker)
-        workers = {task.remote(replace(settings, worker_index=w)): w for w in range(settings.num_workers)}
+        workers = {task.remote(replace(settings, worker_index=w, ray=False)): w for w in range(settings.num_workers)}
         log.info("%d workers scheduled on Ray (%d GPUs each)", len(workers), gpus)
         manifests = _wait(ray, workers)
     finally:

@@ -135,7 +135,7 @@ def _split_range(num_samples: int, holdout: int, split: str) -> tuple[int, int]:
 
 
 class CacheDataset(IterableDataset):
-    """Windows of a cache, in the order of :mod:`logitcache.partition`, for one rank.
+    """Windows of a cache, in the order of :mod:`logitcache.loader.partition`, for one rank.
 
     Each DataLoader worker yields whole per-rank batches of ``batch_size`` windows, so the loader
     must batch with exactly ``batch_size`` (use :meth:`dataloader`). Samples are one-window

@@ -1,7 +1,7 @@
 """The output head and the loss in one chunked pass: the student's ``[B, P, V]`` logits never exist.
 
 ``fused_loss(name, hidden, head_weight, batch)`` equals ``get_loss(name)(hidden @ head_weight.T, batch)``
-(same value, same gradients, same :class:`~logitcache.losses.LossOutput` contract: a SUM over the
+(same value, same gradients, same :class:`~logitcache.losses.sparse.LossOutput` contract: a SUM over the
 counted positions and their number) but walks the counted positions in chunks of ``C`` rows:
 
 1. logits ``z = h @ W.T`` ``[C, V]`` float32 for one chunk (the matmul in the autocast dtype);
@@ -27,11 +27,11 @@ outside bucket ``u * (lse(z) - lse_uncached(z))``, ``u`` the teacher's renormali
 gradient is ``u * p`` on the cached ids and ``u * (p - q)`` elsewhere, ``q`` the softmax over
 the uncached ids. These run in place on the chunk's logits buffer (a logsumexp, a subtract, an
 exp and scatters of ``[C, K]`` values) with no autograd graph, so a KD step costs what a CE step
-costs. The teacher weights come from the same pure pieces of :mod:`logitcache.losses`, per chunk
+costs. The teacher weights come from the same pure pieces of :mod:`logitcache.losses.sparse`, per chunk
 (``[C, K]``, never ``[R, K]`` temporaries); the cached ids of a row are assumed distinct, as a
 cache stores them.
 
-Every other loss of :data:`~logitcache.losses.LOSSES` runs its plain function on each chunk under
+Every other loss of :data:`~logitcache.losses.sparse.LOSSES` runs its plain function on each chunk under
 autograd: the same memory bound, at the plain loss's speed.
 """
 
@@ -168,7 +168,7 @@ def _normalised(log_values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 def _kd_terms(
     name: str, rows: Rows, vocab_size: int, temperature: float, options: Mapping
 ) -> tuple[float, Tensor, Tensor | None, Tensor]:
-    """The KD term of ``name`` (its ``*_rows`` function of losses.py, in closed form) as
+    """The KD term of ``name`` (its ``*_rows`` function of losses/sparse.py, in closed form) as
     ``(T, weights [R, K], outside weight [R] or None, constant [R])``, soft targets on ``rows.ids``."""
     zero = rows.tail_logprob.new_zeros(rows.tail_logprob.shape)
     if name == "rs-kd":

@@ -47,7 +47,7 @@ def sample(logits: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, n: in
            block_size: int) -> tuple[torch.Tensor, ...]:
     """``n`` draws per row of ``logits [R, V] float32`` (CPU) at ``temperature``, grouped: ids, log-softmax
     and counts ``[R, n]`` (int32, float32, int32; padded after ``lengths [R] int32`` entries), and the
-    log-softmax at ``labels [R]``. Draws are those of :func:`logitcache.targets.draw` for the same
+    log-softmax at ``labels [R]``. Draws are those of :func:`logitcache.targets.sample.draw` for the same
     ``keys [R] int64`` and ``block_size``, up to float32 rounding."""
     logits, labels, keys = _rows(logits, labels, keys)
     rows, vocab = logits.shape

@@ -14,7 +14,7 @@ class RowTargets:
 
     ids ``[R, L] int64``, logprobs ``[R, L] float32`` (descending within the real part),
     counts ``[R, L] int64`` or None, lengths ``[R] int64``, tail_logprob ``[R] float32`` or None
-    (ids, counts and lengths are int32 where :mod:`logitcache.native` made them).
+    (ids, counts and lengths are int32 where :mod:`logitcache.targets.kernels` made them).
     """
 
     ids: torch.Tensor

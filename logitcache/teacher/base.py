@@ -1,4 +1,4 @@
-"""What a teacher backend gives the build (:class:`Teacher`), and how one is loaded (:func:`load_teacher`).
+"""What a teacher backend gives the build: the :class:`Teacher` protocol (:mod:`.load` loads one).
 
 A backend turns windows of token ids into sparse targets: ``compute(input_ids [B, n] int64,
 sequence_ids [B] int64, spec) -> WindowTargets``, or ``compute_async`` returning something whose
@@ -8,19 +8,12 @@ transformers model on CPU or GPU; ``vllm`` (:mod:`.vllm`) runs a vLLM engine on 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from logitcache.cache.format import WindowTargets
-from logitcache.errors import LogitcacheError
 from logitcache.targets.spec import TargetSpec
-from logitcache.teacher.hf import HFTeacher
-from logitcache.teacher.options import TeacherOptions
-from logitcache.teacher.vllm import VLLMTeacher
-
-BACKENDS = ("hf", "vllm")
 
 
 class PendingResult(Protocol):
@@ -40,15 +33,3 @@ class Teacher(Protocol):
     def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> PendingResult: ...
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets: ...
-
-
-def load_teacher(path: Path, options: TeacherOptions) -> Teacher:
-    """The teacher in the Hugging Face model folder ``path``, on ``options.backend``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise LogitcacheError(f"teacher {path} is not a directory")
-    if options.backend == "hf":
-        return HFTeacher(path, options.device, options.dtype, options.chunk_mib)
-    if options.backend == "vllm":
-        return VLLMTeacher(path, options)
-    raise LogitcacheError(f"--backend {options.backend!r}: choose {' or '.join(BACKENDS)}")

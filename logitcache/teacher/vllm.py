@@ -1,4 +1,4 @@
-"""The ``vllm`` teacher backend: :class:`VLLMTeacher`, with the interface of :class:`~logitcache.teacher.HFTeacher`.
+"""The ``vllm`` teacher backend: :class:`VLLMTeacher`, with the interface of :class:`~logitcache.teacher.hf.HFTeacher`.
 
 Supported vLLM: 0.12 to 0.33 (facts below read from its source at 0.12.0, 0.20.0 and 0.33.0).
 ``SamplingParams.flat_logprobs`` first appears in 0.12.0; older versions hand prompt log-probabilities
@@ -26,7 +26,7 @@ sample. vLLM cannot sample at prompt positions nor return full prompt logits. Th
 (``runner="pooling"``, ``convert="embed"``, ``pooling_type="ALL"``, normalisation off,
 ``pooling_task="token_embed"``) returns the final hidden states of every token; the output head (the
 lm_head weight read from the checkpoint's safetensors, with the config's logit scaling and
-soft-capping) then runs on our GPU through :func:`logitcache.teacher.targets_from_hidden`, the sampler
+soft-capping) then runs on our GPU through :func:`logitcache.teacher.host.targets_from_hidden`, the sampler
 path of the hf backend. Before the first batch, a generate engine scores the first
 :data:`CHECK_WINDOWS` windows (at most :data:`CHECK_TOKENS` tokens each) with prompt log-probabilities;
 the head's log-probabilities at those top ids must agree within the dtype's tolerance, else the build
@@ -296,7 +296,7 @@ def head_gap(reference_ids: torch.Tensor, reference_logprobs: torch.Tensor, logp
 
 class JoinedTargets:
     """Targets of consecutive groups of windows, each finished (``WindowTargets``) or pending
-    (:class:`~logitcache.teacher.PendingTargets`); :meth:`result` waits for each and joins them."""
+    (:class:`~logitcache.teacher.host.PendingTargets`); :meth:`result` waits for each and joins them."""
 
     def __init__(self, parts: list[WindowTargets | PendingTargets]) -> None:
         self.parts = parts
