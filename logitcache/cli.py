@@ -45,7 +45,12 @@ TRAIN = _defaults(TrainSettings)
 
 # Options and arguments that mean the same in several commands, declared once.
 CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
-SeqLen = Annotated[int, typer.Option(help="Tokens per window.")]
+SeqLen = Annotated[int, typer.Option(help="Most tokens per row (--packing documents) or tokens per window (stream).")]
+Bos = Annotated[str, typer.Option(
+    help="BOS in front of every document and row: auto (where the tokenizer adds one itself), always, never.")]
+Packing = Annotated[str, typer.Option(
+    help="documents: one document per row, seen alone (pretrained LLMs); stream: fixed windows cut "
+         "across documents, attention crossing them (teachers trained that way, like the demo's).")]
 TextField = Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")]
 
 
@@ -129,6 +134,8 @@ def build(
         min=1, max=10, help="sample: mantissa bits kept in stored float16 log-probabilities (10 = "
                             "all; 8 keeps relative error below 2^-9 and saves ~0.4 B per entry).")] = BUILD["logprob_bits"],
     seq_len: SeqLen = BUILD["seq_len"],
+    bos: Bos = BUILD["bos"],
+    packing: Packing = BUILD["packing"],
     batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = BUILD["batch_size"],
     shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = BUILD["shard_size"],
     text_field: TextField = BUILD["text_field"],
@@ -178,10 +185,15 @@ def build(
 
 def _print_summary(summary: dict) -> None:
     table = Table(show_header=False, box=None)
-    for key, value in summary.items():
+    def shown(value) -> str:
         if isinstance(value, float):
-            value = f"{value:.4g}"
-        table.add_row(key, str(value))
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return ", ".join(f"{key}: {shown(item)}" for key, item in value.items())
+        return str(value)
+
+    for key, value in summary.items():
+        table.add_row(key, shown(value))
     Console().print(table)
 
 
@@ -214,8 +226,12 @@ def inspect(
         summary = summarize(cache)
     if as_json:
         # Strict JSON: an infinite perplexity (a broken teacher) is null, as non-Python parsers reject Infinity.
-        typer.echo(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()},
-                              indent=2, allow_nan=False))
+        def finite(value):
+            if isinstance(value, dict):
+                return {key: finite(item) for key, item in value.items()}
+            return None if isinstance(value, float) and not math.isfinite(value) else value
+
+        typer.echo(json.dumps(finite(summary), indent=2, allow_nan=False))
     else:
         _print_summary(summary)
 
@@ -247,6 +263,9 @@ def train(
         help="Tokenizer folder: required with --corpus; with --cache "
              "it must be the cache's and is saved beside the student.")] = TRAIN["tokenizer"],
     seq_len: Annotated[int, typer.Option(help="Tokens per window with --corpus (a cache has its own).")] = TRAIN["seq_len"],
+    bos: Bos = TRAIN["bos"],
+    packing: Annotated[str, typer.Option(
+        help="With --corpus: documents (one per row, padded) or stream (fixed windows across documents).")] = TRAIN["packing"],
     text_field: TextField = TRAIN["text_field"],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TRAIN["steps"],
     batch_size: Annotated[int, typer.Option(

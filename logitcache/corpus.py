@@ -4,10 +4,19 @@ Sources: plain text (one file = one document), JSON Lines (``.jsonl``, ``.jsonl.
 one document, text in ``text_field``), Parquet (one row = one document), a folder of these (files in
 sorted path order, recursively), or a ``datasets`` dataset saved with ``save_to_disk``.
 
-Packing: documents are tokenized with the teacher's tokenizer without special tokens, each is
-followed by EOS, and the token stream is cut into consecutive windows of ``seq_len`` tokens.
-Window ``i`` gets ``sequence_id = i``. The remainder after the last full window (fewer than
-``seq_len`` tokens) is dropped and counted in the manifest as ``dropped_tokens``.
+Layout (:class:`Layout`, recorded in the manifest and every shard): documents are tokenized with the
+teacher's tokenizer without special tokens and each is followed by EOS; a BOS goes in front as the
+``bos`` policy says (``auto``: where the tokenizer itself adds one). Then, by ``packing``:
+
+- ``documents`` (the default): one row per document, at most ``seq_len`` tokens; a longer document
+  continues in the next rows, each starting with BOS again. The teacher sees each document alone
+  (no attention across documents, positions from 0), as a pretrained LLM saw text in training.
+- ``stream``: the documents' tokens (BOS, text, EOS, BOS, ...) cut into consecutive windows of
+  exactly ``seq_len`` tokens, each window starting with BOS under the policy; attention crosses
+  document boundaries. Right for a teacher trained that way (the demo's).
+
+Row ``i`` gets ``sequence_id = i``. Rows of fewer than 2 tokens (no position to predict) and the
+remainder after the last full ``stream`` window are dropped and counted as ``dropped_tokens``.
 """
 
 from __future__ import annotations
@@ -218,6 +227,49 @@ class PackingStats:
     dropped_tokens: int = 0
 
 
+BOS_POLICIES = ("auto", "always", "never")
+
+
+PACKINGS = ("documents", "stream")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the teacher sees of the corpus: a BOS or not, and how documents become rows."""
+
+    packing: str  # one of PACKINGS
+    bos_token_id: int | None  # put in front of every document and every row; None: no BOS
+    eos_token_id: int  # after every document
+
+    def describe(self, bos_policy: str) -> dict:
+        """What the manifest and every shard record under ``layout``."""
+        return {"packing": self.packing, "bos": bos_policy, "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id}
+
+
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` puts its BOS in front of a text by itself (Llama, Gemma, Mistral: yes; GPT-2, Qwen: no)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def resolve_layout(tokenizer, bos: str = "auto", packing: str = "documents") -> Layout:
+    """The :class:`Layout` of policy ``bos`` (one of BOS_POLICIES) and ``packing`` for ``tokenizer``."""
+    if bos not in BOS_POLICIES:
+        raise LogitcacheError(f"--bos {bos!r}: choose one of {', '.join(BOS_POLICIES)}")
+    if packing not in PACKINGS:
+        raise LogitcacheError(f"--packing {packing!r}: choose one of {', '.join(PACKINGS)}")
+    if tokenizer.eos_token_id is None:
+        raise LogitcacheError("the tokenizer has no EOS token to end documents with")
+    if bos == "always" and tokenizer.bos_token_id is None:
+        raise LogitcacheError("--bos always: the tokenizer has no BOS token; use --bos auto or never")
+    use = bos == "always" or (bos == "auto" and tokenizer_adds_bos(tokenizer))
+    return Layout(packing, int(tokenizer.bos_token_id) if use else None, int(tokenizer.eos_token_id))
+
+
 def token_stream(documents: Iterator[str], tokenizer, eos_id: int, stats: PackingStats) -> Iterator[np.ndarray]:
     """Token ids of each document followed by EOS, tokenized in batches: ``[len] int64`` arrays."""
     batch: list[str] = []
@@ -238,13 +290,62 @@ def token_stream(documents: Iterator[str], tokenizer, eos_id: int, stats: Packin
         yield from flush()
 
 
-def pack_windows(pieces: Iterator[np.ndarray], seq_len: int, stats: PackingStats) -> Iterator[np.ndarray]:
-    """Cut the concatenated token stream into consecutive windows: ``[seq_len] int64`` each."""
+def pack_windows(pieces: Iterator[np.ndarray], seq_len: int, stats: PackingStats,
+                 bos_id: int | None = None) -> Iterator[np.ndarray]:
+    """Cut the concatenated token stream into consecutive windows: ``[seq_len] int64`` each.
+
+    With ``bos_id``, every piece (document) starts with BOS, and so does every window: one cut
+    inside a document continues after a BOS of its own (one BOS, not two, where a document starts a window).
+    """
     buffer = np.empty(0, dtype=np.int64)
     for piece in pieces:
+        if bos_id is not None:
+            piece = np.concatenate([[bos_id], piece])
+            stats.tokens += 1
         buffer = np.concatenate([buffer, piece])
-        full = len(buffer) // seq_len
-        for w in range(full):
-            yield buffer[w * seq_len : (w + 1) * seq_len]
-        buffer = buffer[full * seq_len :]
+        while len(buffer) >= seq_len:
+            yield buffer[:seq_len]
+            buffer = buffer[seq_len:]
+            if bos_id is not None and len(buffer) and buffer[0] != bos_id:
+                buffer = np.concatenate([[bos_id], buffer])
+                stats.tokens += 1
     stats.dropped_tokens = len(buffer)
+
+
+def document_rows(pieces: Iterator[np.ndarray], seq_len: int, stats: PackingStats,
+                  bos_id: int | None = None) -> Iterator[np.ndarray]:
+    """One row per document (``[<= seq_len] int64``), a longer one continued in rows of its own, each
+    starting with ``bos_id`` when given. Rows of fewer than 2 tokens are dropped (nothing to predict)."""
+    body = seq_len - (bos_id is not None)
+    if body < 1:
+        raise LogitcacheError(f"--seq-len {seq_len}: too short for a BOS and a token")
+    for piece in pieces:
+        for start in range(0, len(piece), body):
+            row = piece[start : start + body]
+            if bos_id is not None:
+                row = np.concatenate([[bos_id], row])
+                stats.tokens += 1
+            if len(row) < 2:
+                stats.dropped_tokens += len(row)
+                continue
+            yield row
+
+
+def layout_rows(documents: Iterator[str], tokenizer, layout: Layout, seq_len: int, stats: PackingStats) -> Iterator[np.ndarray]:
+    """``documents`` as the rows of ``layout``: ``[n] int64`` token ids each, ``n <= seq_len``."""
+    pieces = token_stream(documents, tokenizer, layout.eos_token_id, stats)
+    rows = document_rows if layout.packing == "documents" else pack_windows
+    return rows(pieces, seq_len, stats, layout.bos_token_id)
+
+
+def pad_rows(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``rows`` right-padded with 0 into ``[B, n] int64`` (``n`` the longest) and their token counts
+    ``[B] int64``, or None where every row is ``n`` long (nothing padded)."""
+    counts = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    n = int(counts.max())
+    if (counts == n).all():
+        return np.stack(rows), None
+    batch = np.zeros((len(rows), n), dtype=np.int64)
+    for out, row in zip(batch, rows):
+        out[: len(row)] = row
+    return batch, counts

@@ -56,7 +56,8 @@ def corpus_file(tmp_path_factory, documents) -> Path:
 
 
 def build_cache(teacher_dir: Path, corpus: Path, out: Path, **overrides) -> dict:
-    settings = dict(teacher=teacher_dir, corpus=corpus, out=out, seq_len=SEQ_LEN, batch_size=4, shard_size=16)
+    """A build of the test teacher, which was trained on packed streams: ``packing="stream"`` unless overridden."""
+    settings = dict(teacher=teacher_dir, corpus=corpus, out=out, seq_len=SEQ_LEN, batch_size=4, shard_size=16, packing="stream")
     settings.update(overrides)
     return run_build(BuildSettings(**settings))
 

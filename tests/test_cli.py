@@ -28,7 +28,7 @@ def bad_inputs(teacher_dir, corpus_file, topk_cache, tmp_path):
     return {
         "missing teacher": (["--teacher", str(tmp_path / "nope")], "not a directory"),
         "teacher without config": (["--teacher", str(tmp_path)], "no config.json"),
-        "empty corpus": (["--corpus", str(empty)], "fewer than one window"),
+        "empty corpus": (["--corpus", str(empty)], "gives no document of 2 tokens or more"),
         "missing corpus": (["--corpus", str(tmp_path / "nope.jsonl")], "does not exist"),
         "a cache as corpus": (["--corpus", str(topk_cache)], "is a logitcache cache"),
         "missing text field": (["--text-field", "content"], "no field 'content'"),
@@ -36,6 +36,8 @@ def bad_inputs(teacher_dir, corpus_file, topk_cache, tmp_path):
         "k beyond vocab": (["--k", "1000"], "larger than the teacher's vocabulary"),
         "N < 1": (["--method", "sample", "--samples", "0"], "at least 1"),
         "unknown method": (["--method", "dense"], "choose one of"),
+        "unknown BOS policy": (["--bos", "sometimes"], "--bos 'sometimes': choose one of auto, always, never"),
+        "unknown packing": (["--packing", "greedy"], "--packing 'greedy': choose one of documents, stream"),
         "unknown dtype": (["--dtype", "fp16"], "choose one of float32, bfloat16, float16"),
         "not a device": (["--device", "gpu"], "not a torch device"),
         "chunk-mib 0": (["--chunk-mib", "0"], "must be at least 1"),

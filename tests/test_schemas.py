@@ -26,7 +26,7 @@ from logitcache.cache.format import (
 from logitcache.cache.layout import shard_name
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
-SHARD_SPEC = json.loads((SCHEMAS / "shard-v1.arrow.json").read_text())
+SHARD_SPEC = json.loads((SCHEMAS / f"shard-v{FORMAT_VERSION}.arrow.json").read_text())
 MANIFEST_SCHEMA = json.loads((SCHEMAS / "manifest.schema.json").read_text())
 PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint16": pa.uint16(), "float16": pa.float16()}
 

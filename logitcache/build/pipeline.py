@@ -30,17 +30,31 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def pieces_of(windows: Iterator[np.ndarray], shard_size: int, size: int) -> Iterator[tuple[int, list[np.ndarray], bool]]:
-    """``(shard index, up to size windows, last piece of its shard?)``: shards cut into batches that
-    never cross a shard boundary, so the teacher starts on a shard before all of it is tokenized."""
+def pieces_of(windows: Iterator[np.ndarray], shard_size: int, size: int,
+              by_length: bool = False) -> Iterator[tuple[int, list[np.ndarray], np.ndarray, bool]]:
+    """``(shard index, up to size rows, their places in the shard [R] int64, last piece of its shard?)``:
+    shards cut into batches that never cross a shard boundary, so the teacher starts on a shard
+    before all of it is tokenized. ``by_length``: rows of different lengths, batched longest first
+    over the whole shard, so that a batch pads little (its rows are put back in order when written)."""
     for index in itertools.count():
         shard = itertools.islice(windows, shard_size)
-        piece = list(itertools.islice(shard, size))
+        if by_length:
+            rows = list(shard)
+            order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # stable: ties keep corpus order
+            cuts = range(0, len(rows), size)
+            for start in cuts:
+                places = np.asarray(order[start : start + size], dtype=np.int64)
+                yield index, [rows[i] for i in places], places, start + size >= len(rows)
+            if not rows:
+                return
+            continue
+        piece, done = list(itertools.islice(shard, size)), 0
         if not piece:
             return
         while piece:
             following = list(itertools.islice(shard, size))
-            yield index, piece, not following
+            yield index, piece, np.arange(done, done + len(piece), dtype=np.int64), not following
+            done += len(piece)
             piece = following
 
 
@@ -113,8 +127,9 @@ def cpu_streams(teacher, requested: int | None) -> Iterator[ThreadPoolExecutor |
 
 
 def queue_batch(teacher, batch: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec, host: ThreadPoolExecutor,
-                 streams: ThreadPoolExecutor | None = None) -> Future:
-    """Queue one batch of windows on the teacher; the future gives its :class:`WindowTargets`.
+                 streams: ThreadPoolExecutor | None = None, token_counts: np.ndarray | None = None) -> Future:
+    """Queue one batch of rows ``[B, n]`` (``token_counts`` of them real, see :func:`logitcache.corpus.pad_rows`) on
+    the teacher; the future gives its :class:`WindowTargets`.
 
     Without CPU ``streams`` the device work is queued now and a host thread turns it into numpy as
     its copies land; the caller keeps at most ``IN_FLIGHT`` batches outstanding, which bounds pinned
@@ -123,5 +138,5 @@ def queue_batch(teacher, batch: np.ndarray, sequence_ids: np.ndarray, spec: Targ
     keep two streams busy.
     """
     if streams is None:
-        return host.submit(teacher.compute_async(batch, sequence_ids, spec).result)
-    return streams.submit(teacher.compute, batch, sequence_ids, spec)
+        return host.submit(teacher.compute_async(batch, sequence_ids, spec, token_counts).result)
+    return streams.submit(teacher.compute, batch, sequence_ids, spec, token_counts)

@@ -12,7 +12,7 @@ from logitcache import __version__
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import FORMAT_VERSION
 from logitcache.cache.manifest import FORMAT_NAME, fingerprint
-from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
+from logitcache.corpus import Corpus, Layout, PackingStats, layout_rows, resolve_layout
 from logitcache.teacher.base import Teacher
 from logitcache.teacher.folder import tokenizer_fingerprint
 
@@ -31,11 +31,11 @@ class Plan:
     tokenizer: dict
     corpus: Corpus
     stats: PackingStats
+    layout: Layout
 
     def windows(self, tokenizer) -> Iterator[np.ndarray]:
-        """The corpus packed into windows ``[seq_len] int64``; counts go to :attr:`stats`."""
-        tokens = token_stream(self.corpus.documents(), tokenizer, tokenizer.eos_token_id, self.stats)
-        return pack_windows(tokens, self.identity["seq_len"], self.stats)
+        """The corpus as rows ``[<= seq_len] int64`` of the build's layout; counts go to :attr:`stats`."""
+        return layout_rows(self.corpus.documents(), tokenizer, self.layout, self.identity["seq_len"], self.stats)
 
     def _header(self) -> dict:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "logitcache_version": __version__}
@@ -50,6 +50,7 @@ class Plan:
             **self._header(),
             "build_fingerprint": self.fingerprint,
             **{key: self.identity[key] for key in _TARGETS},
+            "layout": self.identity["layout"],
             "vocab_size": self.vocab_size,
             "teacher_fingerprint": self.teacher["fingerprint"],
             "tokenizer_fingerprint": self.tokenizer["fingerprint"],
@@ -60,12 +61,13 @@ class Plan:
     def manifest(self, shards: list[dict]) -> dict:
         """``manifest.json`` (or a worker's partial manifest) listing ``shards``."""
         rows = sum(s["rows"] for s in shards)
-        seq_len = self.identity["seq_len"]
+        tokens = sum(s["tokens"] for s in shards)
         return {
             **self._header(),
             "fingerprint": self.fingerprint,
             **{key: self.identity[key] for key in _TARGETS},
             "shard_size": self.identity["shard_size"],
+            "layout": self.identity["layout"],
             "vocab_size": self.vocab_size,
             "teacher": self.teacher,
             "tokenizer": self.tokenizer,
@@ -79,8 +81,8 @@ class Plan:
             },
             "totals": {
                 "sequences": rows,
-                "tokens": rows * seq_len,
-                "positions": rows * (seq_len - 1),
+                "tokens": tokens,
+                "positions": tokens - rows,
                 "target_entries": sum(s["target_entries"] for s in shards),
                 "bytes": sum(s["bytes"] for s in shards),
             },
@@ -94,6 +96,7 @@ def plan_build(settings: BuildSettings, teacher: Teacher) -> Plan:
     teacher_info = teacher.describe()
     tok = teacher.tokenizer
     tokenizer_info = {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok), "eos_token_id": int(tok.eos_token_id)}
+    layout = resolve_layout(tok, settings.bos, settings.packing)
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint": teacher_info["fingerprint"],
@@ -105,7 +108,8 @@ def plan_build(settings: BuildSettings, teacher: Teacher) -> Plan:
         "method": settings.method,
         "params": settings.spec.params,
         "seq_len": settings.seq_len,
+        "layout": layout.describe(settings.bos),
         "seed": settings.seed,
         "shard_size": settings.shard_size,
     }
-    return Plan(identity, fingerprint(identity), teacher.vocab_size, teacher_info, tokenizer_info, corpus, PackingStats())
+    return Plan(identity, fingerprint(identity), teacher.vocab_size, teacher_info, tokenizer_info, corpus, PackingStats(), layout)

@@ -30,6 +30,7 @@ from logitcache.cache.format import WindowTargets, shard_metadata, write_shard
 from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME, MANIFESTS_PATTERN, SHARD_PATTERN, part_name, shard_name
 from logitcache.cache.manifest import write_manifest
 from logitcache.cache.merge import merge_parts
+from logitcache.corpus import pad_rows
 from logitcache.errors import LogitcacheError
 from logitcache.files import TMP_SUFFIX, clear_temporaries, sha256_file, write_json_atomic
 from logitcache.teacher.base import Teacher
@@ -87,13 +88,14 @@ def _recorded_fingerprint(path: Path) -> str | None:
         return None
 
 
-def _shard_record(path: Path, index: int, rows: int, seq_len: int, first_sequence_id: int) -> dict:
+def _shard_record(path: Path, index: int, rows: int, first_sequence_id: int) -> dict:
+    own = shard_metadata(path)
     return {
         "file": path.name,
         "index": index,
         "rows": rows,
-        "tokens": rows * seq_len,
-        "target_entries": shard_metadata(path)["target_entries"],
+        "tokens": own["tokens"],
+        "target_entries": own["target_entries"],
         "bytes": path.stat().st_size,
         "sha256": sha256_file(path),
         "first_sequence_id": first_sequence_id,
@@ -127,14 +129,16 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     if first is None:
         raise LogitcacheError(
             f"corpus {settings.corpus} gives {plan.stats.tokens} tokens, fewer than one window of "
-            f"--seq-len {settings.seq_len}"
+            f"--seq-len {settings.seq_len}" if settings.packing == "stream" else
+            f"corpus {settings.corpus} gives no document of 2 tokens or more"
         )
     _prepare_out(settings, plan)
     out = Path(settings.out)
     records = []
     # vLLM schedules its own batches: hand it a whole shard at once (it splits into memory-bounded calls).
     piece = settings.shard_size if settings.backend == "vllm" else settings.batch_size
-    pieces = background(pieces_of(itertools.chain([first], windows), settings.shard_size, piece),
+    by_length = settings.packing == "documents"
+    pieces = background(pieces_of(itertools.chain([first], windows), settings.shard_size, piece, by_length),
                         depth=max(1, settings.shard_size // piece))
     with (closing(pieces), frozen_heap(), ThreadPoolExecutor(max_workers=2) as host,
           cpu_streams(teacher, settings.cpu_streams) as streams):
@@ -142,7 +146,7 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
         in_flight: deque[Future] = deque()
         batches: list[Future] = []
         rows, todo = 0, False
-        for index, part, last in pieces:
+        for index, part, places, last in pieces:
             if index % settings.num_workers != settings.worker_index:
                 continue
             path = out / shard_name(index)
@@ -150,9 +154,8 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
             if rows == 0:  # the shard's first piece
                 todo = not _shard_complete(path, plan)
             if todo:
-                batch = np.stack(part)
-                ids = np.arange(first_id + rows, first_id + rows + len(batch), dtype=np.int64)
-                batches.append(queue_batch(teacher, batch, ids, settings.spec, host, streams))
+                batch, token_counts = pad_rows(part)
+                batches.append(queue_batch(teacher, batch, first_id + places, settings.spec, host, streams, token_counts))
                 in_flight.append(batches[-1])
                 if len(in_flight) > IN_FLIGHT:
                     in_flight.popleft().result()
@@ -170,14 +173,16 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
             batches, rows = [], 0
         if write is not None:
             write.result()
-    shards = [_shard_record(p, i, rows, settings.seq_len, fid) for p, i, rows, fid in records]
+    shards = [_shard_record(p, i, rows, fid) for p, i, rows, fid in records]
     return _finish(settings, plan, shards)
 
 
 def _write_shard(path: Path, batches: list[Future], metadata: dict) -> None:
     targets = WindowTargets.concat([f.result() for f in batches])
+    targets = targets.select(np.argsort(targets.sequence_ids, kind="stable"))  # batched by length: back in order
     check_finite(targets)
-    write_shard(path, targets, {**metadata, "target_entries": len(targets.target_ids)})
+    write_shard(path, targets, {**metadata, "target_entries": len(targets.target_ids),
+                                "tokens": int(targets.tokens().sum())})
 
 
 def _finish(settings: BuildSettings, plan: Plan, shards: list[dict]) -> dict:

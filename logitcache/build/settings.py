@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from logitcache.cache.format import MAX_IDS_PER_POSITION, METHODS
-from logitcache.corpus import Corpus
+from logitcache.corpus import BOS_POLICIES, PACKINGS, Corpus
 from logitcache.errors import LogitcacheError
 from logitcache.targets.spec import SAMPLE_LOGPROB_BITS, TargetSpec
 from logitcache.teacher.options import TeacherOptions
@@ -28,6 +28,8 @@ class BuildSettings:
     proposal_temperature: float = 1.0
     logprob_bits: int = SAMPLE_LOGPROB_BITS
     seq_len: int = 512
+    bos: str = "auto"
+    packing: str = "documents"
     batch_size: int = 8
     shard_size: int = 1024
     text_field: str = "text"
@@ -60,6 +62,8 @@ class BuildSettings:
         if self.method not in METHODS:
             raise LogitcacheError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         rules = [
+            (self.bos in BOS_POLICIES, f"--bos {self.bos!r}: choose one of {', '.join(BOS_POLICIES)}"),
+            (self.packing in PACKINGS, f"--packing {self.packing!r}: choose one of {', '.join(PACKINGS)}"),
             (self.seq_len >= 2, f"--seq-len {self.seq_len}: need at least 2 tokens per window"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.shard_size >= 1, f"--shard-size {self.shard_size}: must be at least 1"),

@@ -1,15 +1,16 @@
-"""Shard format v1: one Parquet row per window, fixed Arrow schema per method, zstd.
+"""Shard format v2: one Parquet row per window, fixed Arrow schema per method, zstd.
 
-A window of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's
-distribution over token ``t + 1``. Per-id columns are flat and position-major: the ids
-of position 0 come first, then those of position 1, and so on; ``target_lengths[t]``
-says how many ids position ``t`` has. See schemas/SHARD_FORMAT.md for every column.
+A row of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's distribution
+over token ``t + 1``. Per-id columns are flat and position-major: the ids of position 0 come
+first, then those of position 1, and so on; ``target_lengths[t]`` says how many ids position
+``t`` has. Rows may differ in length (v2; v1 rows were all ``seq_len``): a row is one document
+(or a piece of one) under ``packing: documents``. See schemas/SHARD_FORMAT.md for every column.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+READABLE_VERSIONS = (1, 2)  # v1: every row seq_len tokens, no layout record
 
 
 METADATA_KEY = b"logitcache"
@@ -110,9 +114,11 @@ def round_float16(values: np.ndarray, bits: int) -> np.ndarray:
 
 @dataclass
 class WindowTargets:
-    """Sparse teacher targets for ``B`` windows of ``n`` tokens, as flat numpy arrays.
+    """Sparse teacher targets for ``B`` rows of up to ``n`` tokens, as numpy arrays.
 
-    Per-id arrays are window-major then position-major, ``S = target_lengths.sum()``.
+    Per-id arrays are flat, row-major then position-major, ``S = target_lengths.sum()``. A row of
+    ``token_counts[b] < n`` tokens is padded on the right: its padding has input id 0, no ids
+    (``target_lengths`` 0) and gold/tail 0.
     """
 
     sequence_ids: np.ndarray  # [B] int64
@@ -123,6 +129,7 @@ class WindowTargets:
     gold_logprob: np.ndarray  # [B, n-1] float16
     tail_logprob: np.ndarray | None = None  # [B, n-1] float16 (topk)
     target_counts: np.ndarray | None = None  # [S] uint16 (sample)
+    token_counts: np.ndarray | None = None  # [B] int64 tokens of each row; None: every row has n
 
     @property
     def method(self) -> str:
@@ -131,9 +138,55 @@ class WindowTargets:
     def __len__(self) -> int:
         return int(self.sequence_ids.shape[0])
 
+    def tokens(self) -> np.ndarray:
+        """``[B] int64``: the tokens of each row, padding not counted."""
+        if self.token_counts is None:
+            return np.full(len(self), self.input_ids.shape[1], dtype=np.int64)
+        return self.token_counts
+
+    def padded(self, n: int) -> WindowTargets:
+        """The same rows padded on the right to ``n >= self.n`` tokens."""
+        extra = n - self.input_ids.shape[1]
+        if extra == 0:
+            return self
+
+        def pad(rows: np.ndarray | None) -> np.ndarray | None:
+            return None if rows is None else np.pad(rows, ((0, 0), (0, extra)))
+
+        return replace(self, input_ids=pad(self.input_ids), target_lengths=pad(self.target_lengths),
+                       gold_logprob=pad(self.gold_logprob), tail_logprob=pad(self.tail_logprob), token_counts=self.tokens())
+
+    def select(self, rows: np.ndarray) -> WindowTargets:
+        """Rows ``rows [R] int64`` (in that order), per-id arrays gathered to match."""
+        rows = np.asarray(rows, dtype=np.int64)
+        per_row = self.target_lengths.sum(axis=1, dtype=np.int64)
+        sizes = per_row[rows]
+        starts = np.cumsum(per_row)[rows] - sizes
+        # the flat ranges [starts[i], starts[i] + sizes[i]) one after the other
+        entries = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+
+        def take(name: str, index: np.ndarray) -> np.ndarray | None:
+            values = getattr(self, name)
+            return None if values is None else values[index]
+
+        return WindowTargets(
+            sequence_ids=self.sequence_ids[rows], input_ids=self.input_ids[rows], target_lengths=self.target_lengths[rows],
+            target_ids=take("target_ids", entries), target_logprobs=take("target_logprobs", entries),
+            gold_logprob=self.gold_logprob[rows], tail_logprob=take("tail_logprob", rows),
+            target_counts=take("target_counts", entries), token_counts=take("token_counts", rows),
+        )
+
     @staticmethod
     def concat(parts: list[WindowTargets]) -> WindowTargets:
+        """Rows of ``parts`` one after the other, padded to the longest where they differ."""
+        n = max(p.input_ids.shape[1] for p in parts)
+        ragged = any(p.token_counts is not None or p.input_ids.shape[1] != n for p in parts)
+        if ragged:
+            parts = [p.padded(n) for p in parts]
+
         def cat(name: str) -> np.ndarray | None:
+            if name == "token_counts":
+                return np.concatenate([p.tokens() for p in parts]) if ragged else None
             arrays = [getattr(p, name) for p in parts]
             return None if arrays[0] is None else np.concatenate(arrays)
 
@@ -157,22 +210,32 @@ def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.Dat
 
 
 def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
-    """Arrow table of ``targets`` in the v1 schema, with ``metadata`` as JSON key-value metadata."""
+    """Arrow table of ``targets`` in the current schema (rows without their padding), with ``metadata``
+    as JSON key-value metadata."""
     b, n = targets.input_ids.shape
-    positions = np.full(b, n - 1, dtype=np.int64)
+    tokens = targets.tokens()
+    positions = tokens - 1
     ids_per_window = targets.target_lengths.reshape(b, n - 1).sum(axis=1, dtype=np.int64)
+    real_tokens = real_positions = slice(None)  # every row full: the arrays as they are
+    if targets.token_counts is not None:
+        real_tokens = np.arange(n) < tokens[:, None]
+        real_positions = real_tokens[:, 1:]
+
+    def per_position(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+        return _list_column(values.reshape(b, n - 1)[real_positions].reshape(-1), positions, arrow_type)
+
     columns = {
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _list_column(targets.input_ids.reshape(-1), np.full(b, n), pa.int32()),
-        "target_lengths": _list_column(targets.target_lengths.reshape(-1), positions, pa.uint16()),
+        "input_ids": _list_column(targets.input_ids[real_tokens].reshape(-1), tokens, pa.int32()),
+        "target_lengths": per_position(targets.target_lengths, pa.uint16()),
         "target_ids": _list_column(targets.target_ids, ids_per_window, pa.int32()),
         "target_logprobs": _list_column(targets.target_logprobs, ids_per_window, pa.float16()),
     }
     if targets.method == "topk":
-        columns["tail_logprob"] = _list_column(targets.tail_logprob.reshape(-1), positions, pa.float16())
+        columns["tail_logprob"] = per_position(targets.tail_logprob, pa.float16())
     else:
         columns["target_counts"] = _list_column(targets.target_counts, ids_per_window, pa.uint16())
-    columns["gold_logprob"] = _list_column(targets.gold_logprob.reshape(-1), positions, pa.float16())
+    columns["gold_logprob"] = per_position(targets.gold_logprob, pa.float16())
     schema = shard_schema(targets.method).with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     return pa.table(columns, schema=schema)
 
@@ -221,19 +284,33 @@ def from_table(table: pa.Table) -> WindowTargets:
     b = table.num_rows
     if b == 0:
         raise LogitcacheError("no rows to decode")
-    input_ids, _ = _flat(table.column("input_ids"))
-    lengths, _ = _flat(table.column("target_lengths"))
-    gold, _ = _flat(table.column("gold_logprob"))
+    input_ids, offsets = _flat(table.column("input_ids"))
+    tokens = np.diff(offsets).astype(np.int64)
+    n = int(tokens.max())
+    full = bool((tokens == n).all())
+    real = None if full else np.arange(n) < tokens[:, None]
+
+    def rows(values: np.ndarray, width: int) -> np.ndarray:
+        if full:
+            return values.reshape(b, width)
+        out = np.zeros((b, width), dtype=values.dtype)
+        out[real[:, :width] if width == n else real[:, 1:]] = values
+        return out
+
+    def per_position(name: str) -> np.ndarray | None:
+        return rows(_flat(table.column(name))[0], n - 1) if name in table.column_names else None
+
     names = table.column_names
     return WindowTargets(
         sequence_ids=table.column("sequence_id").to_numpy(),
-        input_ids=input_ids.reshape(b, -1),
-        target_lengths=lengths.reshape(b, -1),
+        input_ids=rows(input_ids, n),
+        target_lengths=per_position("target_lengths"),
         target_ids=_flat(table.column("target_ids"))[0],
         target_logprobs=_flat(table.column("target_logprobs"))[0],
-        gold_logprob=gold.reshape(b, -1),
-        tail_logprob=_flat(table.column("tail_logprob"))[0].reshape(b, -1) if "tail_logprob" in names else None,
+        gold_logprob=per_position("gold_logprob"),
+        tail_logprob=per_position("tail_logprob"),
         target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,
+        token_counts=None if full else tokens,
     )
 
 

@@ -9,19 +9,23 @@ import pyarrow.parquet as pq
 
 from logitcache.cache.format import from_table, shard_metadata, shard_schema
 from logitcache.cache.layout import SHARD_PATTERN
-from logitcache.cache.manifest import check_complete, read_manifest
+from logitcache.cache.manifest import cache_layout, check_complete, read_manifest
 from logitcache.errors import LogitcacheError
 from logitcache.files import sha256_file
 
 
 def _check_rows(name: str, targets, manifest: dict) -> list[str]:
-    """Structural checks on decoded rows: window length, per-position lengths, counts summing to N."""
+    """Structural checks on decoded rows: row lengths, per-position lengths, BOS, counts summing to N."""
     seq_len = manifest["seq_len"]
+    layout = cache_layout(manifest)
     problems = []
-    if targets.input_ids.shape[1] != seq_len:
-        problems.append(f"{name}: windows of {targets.input_ids.shape[1]} tokens, manifest says seq_len {seq_len}")
-    if targets.target_lengths.shape[1] != seq_len - 1:
-        problems.append(f"{name}: {targets.target_lengths.shape[1]} positions per window, expected {seq_len - 1}")
+    tokens = targets.tokens()
+    if layout["packing"] == "stream" and (tokens != seq_len).any():
+        problems.append(f"{name}: windows of {sorted(set(tokens.tolist()) - {seq_len})} tokens, manifest says seq_len {seq_len}")
+    if (tokens > seq_len).any() or (tokens < 2).any():
+        problems.append(f"{name}: rows of {tokens.min()} to {tokens.max()} tokens, need 2 to seq_len {seq_len}")
+    if layout["bos_token_id"] is not None and (targets.input_ids[:, 0] != layout["bos_token_id"]).any():
+        problems.append(f"{name}: rows that do not start with the BOS {layout['bos_token_id']} the manifest's layout records")
     if int(targets.target_lengths.sum(dtype=np.int64)) != len(targets.target_ids):
         problems.append(f"{name}: target_lengths add up to {targets.target_lengths.sum()} but {len(targets.target_ids)} ids are stored")
     if targets.target_ids.size and (targets.target_ids.min() < 0 or targets.target_ids.max() >= manifest["vocab_size"]):
@@ -59,18 +63,22 @@ def _check_shard(cache_dir: Path, entry: dict, manifest: dict, deep: bool) -> li
     if meta.get("build_fingerprint") != manifest["fingerprint"]:
         problems.append(f"{name}: belongs to a different build (fingerprint in its metadata differs)")
     if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"])):
-        problems.append(f"{name}: schema differs from shard format v1 for method {manifest['method']}")
+        problems.append(f"{name}: schema differs from shard format v{manifest['format_version']} for method {manifest['method']}")
         return problems
     rows = parquet.metadata.num_rows
     if rows != entry["rows"]:
         problems.append(f"{name}: {rows} rows, manifest says {entry['rows']}")
-    if entry["tokens"] != rows * manifest["seq_len"]:
+    if manifest["format_version"] == 1 and entry["tokens"] != rows * manifest["seq_len"]:
         problems.append(f"{name}: manifest says {entry['tokens']} tokens for {rows} windows of {manifest['seq_len']}")
+    if meta.get("tokens", entry["tokens"]) != entry["tokens"]:
+        problems.append(f"{name}: {meta.get('tokens')} tokens in its metadata, manifest says {entry['tokens']}")
     if meta.get("target_entries") != entry["target_entries"]:
         problems.append(f"{name}: {meta.get('target_entries')} target entries in its metadata, manifest says {entry['target_entries']}")
     if deep:
         targets = from_table(parquet.read())
         problems += _check_rows(name, targets, manifest)
+        if int(targets.tokens().sum()) != entry["tokens"]:
+            problems.append(f"{name}: {int(targets.tokens().sum())} tokens stored, manifest says {entry['tokens']}")
         if len(targets.target_ids) != entry["target_entries"]:
             problems.append(f"{name}: {len(targets.target_ids)} target entries stored, manifest says {entry['target_entries']}")
         expected = np.arange(entry["first_sequence_id"], entry["first_sequence_id"] + rows)
@@ -99,8 +107,8 @@ def validate_cache(cache_dir: Path, deep: bool = True) -> list[str]:
         summed = sum(e[field] for e in manifest["shards"])
         if totals[key] != summed:
             problems.append(f"manifest totals.{key} = {totals[key]} but its shards add up to {summed}")
-    positions = totals["sequences"] * (manifest["seq_len"] - 1)
+    positions = totals["tokens"] - totals["sequences"]
     if totals["positions"] != positions:
-        problems.append(f"manifest totals.positions = {totals['positions']} but {totals['sequences']} windows of "
-                        f"{manifest['seq_len']} tokens have {positions}")
+        problems.append(f"manifest totals.positions = {totals['positions']} but {totals['sequences']} rows of "
+                        f"{totals['tokens']} tokens have {positions}")
     return problems

@@ -100,6 +100,7 @@ class _Unit:
             gold_logprob=t.gold_logprob[per_window],
             tail_logprob=None if t.tail_logprob is None else t.tail_logprob[per_window],
             target_counts=None if t.target_counts is None else t.target_counts[lo:hi],
+            token_counts=None if t.token_counts is None else t.token_counts[per_window],
         )
 
 

@@ -1,8 +1,9 @@
 """What a teacher backend gives the build: the :class:`Teacher` protocol (:mod:`.load` loads one).
 
-A backend turns windows of token ids into sparse targets: ``compute(input_ids [B, n] int64,
-sequence_ids [B] int64, spec) -> WindowTargets``, or ``compute_async`` returning something whose
-``result()`` gives them (so the device can run ahead of the host). ``hf`` (:mod:`.hf`) runs a
+A backend turns rows of token ids into sparse targets: ``compute(input_ids [B, n] int64,
+sequence_ids [B] int64, spec, token_counts [B] int64 | None) -> WindowTargets``, or ``compute_async``
+returning something whose ``result()`` gives them (so the device can run ahead of the host). Rows
+shorter than ``n`` (``token_counts``) are right-padded; each is one context of its own. ``hf`` (:mod:`.hf`) runs a
 transformers model on CPU or GPU; ``vllm`` (:mod:`.vllm`) runs a vLLM engine on GPUs.
 """
 
@@ -30,6 +31,8 @@ class Teacher(Protocol):
         """What the manifest records under ``teacher``: backend, path, name, architecture, dtype, fingerprint, ..."""
         ...
 
-    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> PendingResult: ...
+    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                      token_counts: np.ndarray | None = None) -> PendingResult: ...
 
-    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets: ...
+    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                token_counts: np.ndarray | None = None) -> WindowTargets: ...

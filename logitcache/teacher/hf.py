@@ -92,17 +92,22 @@ class HFTeacher:
         self._verified = True
 
     @torch.inference_mode()
-    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> PendingTargets:
-        """Queue the targets of windows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
+    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                      token_counts: np.ndarray | None = None) -> PendingTargets:
+        """Queue the targets of rows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
 
-        On CUDA this returns as soon as the work is queued, so the next batch can be queued while
-        the host finishes this one; :meth:`PendingTargets.result` waits for the copies.
+        ``token_counts [B]``: tokens of each row, right-padded to ``n`` (None: all full). No mask is
+        needed: attention is causal, so no real token sees the padding after it. On CUDA this
+        returns as soon as the work is queued, so the next batch can be queued while the host
+        finishes this one; :meth:`PendingTargets.result` waits for the copies.
         """
         ids = torch.from_numpy(input_ids).to(self.device)
         if not self._verified:
-            self.verify_head(ids)
+            self.verify_head(ids[:1, : None if token_counts is None else int(token_counts[0])])
         hidden = self.hidden_states(ids)[:, :-1]
-        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec, head_chunk_rows(self.chunk_mib, self.vocab_size, spec))
+        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec,
+                                   head_chunk_rows(self.chunk_mib, self.vocab_size, spec), token_counts)
 
-    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
-        return self.compute_async(input_ids, sequence_ids, spec).result()
+    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                token_counts: np.ndarray | None = None) -> WindowTargets:
+        return self.compute_async(input_ids, sequence_ids, spec, token_counts).result()

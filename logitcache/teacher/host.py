@@ -23,17 +23,26 @@ def targets_from_hidden(
     head: Callable[[torch.Tensor], torch.Tensor],
     spec: TargetSpec,
     chunk_rows: int,
+    token_counts: np.ndarray | None = None,
 ) -> PendingTargets:
     """Apply ``head`` to ``hidden [B, n-1, H]`` in chunks of rows and extract sparse targets.
 
-    Shared by every backend that can give final hidden states (``hf``, and vLLM's sampling path).
-    Nothing here waits for the device: padded per-row results go to host memory asynchronously.
+    ``token_counts [B]``: the tokens of each row of ``input_ids [B, n]`` (right padding after them
+    gets no targets, and costs no head work); None: every row is full. Shared by every backend
+    that can give final hidden states (``hf``, and vLLM's sampling path). Nothing here waits for
+    the device: padded per-row results go to host memory asynchronously.
     """
     b, positions, _ = hidden.shape
-    rows = hidden.reshape(b * positions, -1)
-    labels = input_ids[:, 1:].reshape(-1)
-    seq = torch.from_numpy(np.asarray(sequence_ids, dtype=np.int64)).repeat_interleave(positions).to(hidden.device)
-    pos = torch.arange(positions, device=hidden.device).repeat(b)
+    seq = torch.from_numpy(np.asarray(sequence_ids, dtype=np.int64)).to(hidden.device)[:, None].expand(b, positions)
+    pos = torch.arange(positions, device=hidden.device)[None, :].expand(b, positions)
+    real = None
+    if token_counts is None:
+        rows, labels = hidden.reshape(b * positions, -1), input_ids[:, 1:].reshape(-1)
+        seq, pos = seq.reshape(-1), pos.reshape(-1)
+    else:
+        real = np.arange(positions)[None, :] < (np.asarray(token_counts, dtype=np.int64) - 1)[:, None]
+        on_device = torch.from_numpy(real).to(hidden.device)
+        rows, labels, seq, pos = hidden[on_device], input_ids[:, 1:][on_device], seq[on_device], pos[on_device]
     keys = row_keys(spec.seed, seq, pos)
     parts = []
     for start in range(0, rows.shape[0], chunk_rows):
@@ -43,7 +52,7 @@ def targets_from_hidden(
         # On the host already: drop the padding now, so a batch never holds [rows, N] padded results.
         parts.append(_compact(part) if hidden.device.type == "cpu" else part)
     return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device,
-                          spec.stored_logprob_bits)
+                          spec.stored_logprob_bits, real, token_counts)
 
 
 def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -84,8 +93,11 @@ class PendingTargets:
     """Targets whose device-to-host copies may still be in flight; :meth:`result` assembles them."""
 
     def __init__(self, parts: list[dict[str, torch.Tensor]], input_ids: torch.Tensor, sequence_ids: np.ndarray,
-                 device: torch.device, logprob_bits: int = FLOAT16_MANTISSA_BITS):
+                 device: torch.device, logprob_bits: int = FLOAT16_MANTISSA_BITS, real: np.ndarray | None = None,
+                 token_counts: np.ndarray | None = None):
         self.parts = parts
+        self.real = real  # [B, n-1] bool: the positions that have targets (None: all)
+        self.token_counts = None if token_counts is None else np.asarray(token_counts, dtype=np.int64)
         self.logprob_bits = logprob_bits
         self.input_ids = input_ids
         self.sequence_ids = sequence_ids
@@ -106,13 +118,24 @@ class PendingTargets:
         joined["logprobs"] = round_float16(joined["logprobs"], self.logprob_bits)
         input_ids = self.input_ids.numpy()
         b, positions = input_ids.shape[0], input_ids.shape[1] - 1
+
+        def per_position(values: np.ndarray, dtype: type) -> np.ndarray:
+            if self.real is None:
+                return values.astype(dtype, copy=False).reshape(b, positions)
+            out = np.zeros((b, positions), dtype=dtype)
+            out[self.real] = values
+            return out
+
+        if self.real is not None:  # padding: input id 0, as the shard reader gives it back
+            input_ids = np.where(np.arange(positions + 1) < self.token_counts[:, None], input_ids, 0).astype(np.int32)
         return WindowTargets(
             sequence_ids=self.sequence_ids,
             input_ids=input_ids,
-            target_lengths=joined["lengths"].astype(np.uint16).reshape(b, positions),
+            target_lengths=per_position(joined["lengths"], np.uint16),
             target_ids=joined["ids"],
             target_logprobs=joined["logprobs"],
-            gold_logprob=joined["gold"].reshape(b, positions),
-            tail_logprob=joined["tail"].reshape(b, positions) if "tail" in joined else None,
+            gold_logprob=per_position(joined["gold"], np.float16),
+            tail_logprob=per_position(joined["tail"], np.float16) if "tail" in joined else None,
             target_counts=joined["counts"].astype(np.uint16) if "counts" in joined else None,
+            token_counts=self.token_counts,
         )

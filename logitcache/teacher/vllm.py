@@ -138,38 +138,65 @@ def tail_logprob(topk_logprobs: np.ndarray) -> np.ndarray:
     return np.log(np.maximum(1.0 - covered, TAIL_FLOOR))
 
 
-def _check_prompts(outputs: Sequence, input_ids: np.ndarray) -> None:
-    if len(outputs) != len(input_ids):
-        raise LogitcacheError(f"vLLM returned {len(outputs)} outputs for {len(input_ids)} windows")
-    for output, window in zip(outputs, input_ids):
-        if not np.array_equal(np.asarray(output.prompt_token_ids), window):
+def prompts_of(input_ids: np.ndarray, token_counts: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each row of ``input_ids [B, n]`` without its right padding (``token_counts [B]``; None: full rows)."""
+    if token_counts is None:
+        return list(input_ids)
+    return [row[:count] for row, count in zip(input_ids, np.asarray(token_counts).tolist())]
+
+
+def _check_prompts(outputs: Sequence, prompts: list[np.ndarray]) -> None:
+    if len(outputs) != len(prompts):
+        raise LogitcacheError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} windows")
+    for output, prompt in zip(outputs, prompts):
+        if not np.array_equal(np.asarray(output.prompt_token_ids), prompt):
             raise LogitcacheError("vLLM returned outputs whose prompt tokens differ from the windows sent")
 
 
-def topk_window_targets(outputs: Sequence, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int) -> WindowTargets:
-    """``RequestOutput``-shaped objects (one per window of ``input_ids [B, n]``) → :class:`WindowTargets`."""
-    _check_prompts(outputs, input_ids)
+def _padded(per_row: list[np.ndarray], width: int, dtype: type) -> np.ndarray:
+    """``[B, width]`` of rows of different lengths, zeros after each."""
+    out = np.zeros((len(per_row), width), dtype=dtype)
+    for row, values in zip(out, per_row):
+        row[: len(values)] = values
+    return out
+
+
+def topk_window_targets(outputs: Sequence, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int,
+                        token_counts: np.ndarray | None = None) -> WindowTargets:
+    """``RequestOutput``-shaped objects (one per row of ``input_ids [B, n]``, rows of ``token_counts``
+    tokens) → :class:`WindowTargets`."""
+    prompts = prompts_of(input_ids, token_counts)
+    _check_prompts(outputs, prompts)
     b, n = input_ids.shape
-    per_window = [prompt_topk(window, output.prompt_logprobs, k) for output, window in zip(outputs, input_ids)]
-    ids, logprobs, gold = (np.stack(parts) for parts in zip(*per_window))
+    per_window = [prompt_topk(prompt, output.prompt_logprobs, k) for output, prompt in zip(outputs, prompts)]
+    ids, logprobs, gold = (list(parts) for parts in zip(*per_window))
+    lengths = [np.full(len(g), k) for g in gold]
     return WindowTargets(
         sequence_ids=np.asarray(sequence_ids, dtype=np.int64),
-        input_ids=input_ids.astype(np.int32),
-        target_lengths=np.full((b, n - 1), k, dtype=np.uint16),
-        target_ids=ids.reshape(-1).astype(np.int32),
-        target_logprobs=logprobs.reshape(-1).astype(np.float16),
-        gold_logprob=gold.astype(np.float16),
-        tail_logprob=tail_logprob(logprobs).astype(np.float16),
+        input_ids=_padded(prompts, n, np.int32),
+        target_lengths=_padded(lengths, n - 1, np.uint16),
+        target_ids=np.concatenate(ids).reshape(-1).astype(np.int32),
+        target_logprobs=np.concatenate(logprobs).reshape(-1).astype(np.float16),
+        gold_logprob=_padded(gold, n - 1, np.float16),
+        tail_logprob=_padded([tail_logprob(lp) for lp in logprobs], n - 1, np.float16),
+        token_counts=None if token_counts is None else np.asarray(token_counts, dtype=np.int64),
     )
 
 
-def pooled_hidden(outputs: Sequence, input_ids: np.ndarray) -> torch.Tensor:
-    """``PoolingRequestOutput``-shaped objects of ALL pooling → hidden states ``[B, n, H]`` (as returned)."""
-    _check_prompts(outputs, input_ids)
+def pooled_hidden(outputs: Sequence, input_ids: np.ndarray, token_counts: np.ndarray | None = None) -> torch.Tensor:
+    """``PoolingRequestOutput``-shaped objects of ALL pooling → hidden states ``[B, n, H]`` (zeros after
+    each row's ``token_counts``)."""
+    prompts = prompts_of(input_ids, token_counts)
+    _check_prompts(outputs, prompts)
     hidden = [output.outputs.data for output in outputs]
-    if any(h.ndim != 2 or h.shape[0] != input_ids.shape[1] for h in hidden):
+    if any(h.ndim != 2 or h.shape[0] != len(p) for h, p in zip(hidden, prompts)):
         raise LogitcacheError("vLLM's pooling runner did not return one hidden state per token (is pooling_type ALL?)")
-    return torch.stack(hidden)
+    n = input_ids.shape[1]
+    return torch.stack([torch.nn.functional.pad(h, (0, 0, 0, n - h.shape[0])) for h in hidden])
+
+
+def _part(token_counts: np.ndarray | None, start: int, step: int) -> np.ndarray | None:
+    return None if token_counts is None else token_counts[start : start + step]
 
 
 def tokens_per_step(vocab_size: int, chunk_mib: int) -> int:
@@ -356,59 +383,64 @@ class VLLMTeacher:
         }
 
     @torch.inference_mode()
-    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> JoinedTargets:
-        """Targets of windows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
+    def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                      token_counts: np.ndarray | None = None) -> JoinedTargets:
+        """Targets of rows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
 
-        vLLM's calls return when their work is done, so only the sample path's head (on our GPU)
-        may still be copying to the host when this returns.
+        ``token_counts [B]``: tokens of each right-padded row (None: all full); each row goes to
+        vLLM as a prompt of its own, without its padding. vLLM's calls return when their work is
+        done, so only the sample path's head (on our GPU) may still be copying to the host when this returns.
         """
         if spec.method == "topk":
-            return self._topk(input_ids, sequence_ids, spec.k)
+            return self._topk(input_ids, sequence_ids, spec.k, token_counts)
         if not self._verified:
-            self._check_head(input_ids[:CHECK_WINDOWS, :CHECK_TOKENS])
-        return self._sample(input_ids, sequence_ids, spec)
+            first = input_ids.shape[1] if token_counts is None else int(np.min(token_counts[:CHECK_WINDOWS]))
+            self._check_head(input_ids[:CHECK_WINDOWS, : min(CHECK_TOKENS, first)])
+        return self._sample(input_ids, sequence_ids, spec, token_counts)
 
-    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
-        return self.compute_async(input_ids, sequence_ids, spec).result()
+    def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                token_counts: np.ndarray | None = None) -> WindowTargets:
+        return self.compute_async(input_ids, sequence_ids, spec, token_counts).result()
 
     # -- topk ---------------------------------------------------------------------------------------
 
-    def _prompt_logprobs(self, input_ids: np.ndarray, k: int) -> list:
+    def _prompt_logprobs(self, input_ids: np.ndarray, k: int, token_counts: np.ndarray | None = None) -> list:
         llm = self._engine_for("generate")
         params = self.api.SamplingParams(prompt_logprobs=k, max_tokens=1, detokenize=False, flat_logprobs=True)
-        prompts = [self.api.TokensPrompt(prompt_token_ids=window.tolist()) for window in input_ids]
+        prompts = [self.api.TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts_of(input_ids, token_counts)]
         return llm.generate(prompts, params, use_tqdm=False)
 
-    def _topk(self, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int) -> JoinedTargets:
+    def _topk(self, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int, token_counts: np.ndarray | None) -> JoinedTargets:
         step = windows_per_call(input_ids.shape[1], (k + 1) * PROMPT_VALUE_BYTES)
         parts = []
         for start in range(0, len(input_ids), step):
-            windows = input_ids[start : start + step]
-            outputs = self._prompt_logprobs(windows, k)
-            parts.append(topk_window_targets(outputs, windows, sequence_ids[start : start + step], k))
+            windows, counts = input_ids[start : start + step], _part(token_counts, start, step)
+            outputs = self._prompt_logprobs(windows, k, counts)
+            parts.append(topk_window_targets(outputs, windows, sequence_ids[start : start + step], k, counts))
         return JoinedTargets(parts)
 
     # -- sample -------------------------------------------------------------------------------------
 
-    def _hidden(self, input_ids: np.ndarray) -> torch.Tensor:
+    def _hidden(self, input_ids: np.ndarray, token_counts: np.ndarray | None = None) -> torch.Tensor:
         """Final hidden states ``[B, n, H]`` from the pooling runner, on the head's device and dtype."""
         llm = self._engine_for("pooling")
         (pooling_kwargs,) = without_normalisation(self.api.PoolingParams)
-        prompts = [self.api.TokensPrompt(prompt_token_ids=window.tolist()) for window in input_ids]
+        prompts = [self.api.TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts_of(input_ids, token_counts)]
         outputs = llm.encode(prompts, pooling_params=self.api.PoolingParams(**pooling_kwargs),
                              pooling_task="token_embed", use_tqdm=False)
-        return pooled_hidden(outputs, input_ids).to(self.head_device, self.head_weight.dtype)
+        return pooled_hidden(outputs, input_ids, token_counts).to(self.head_device, self.head_weight.dtype)
 
-    def _sample(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> JoinedTargets:
+    def _sample(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
+                token_counts: np.ndarray | None) -> JoinedTargets:
         step = windows_per_call(input_ids.shape[1], int(self.config.hidden_size) * 4)
         parts = []
         for start in range(0, len(input_ids), step):
-            windows = input_ids[start : start + step]
-            hidden = self._hidden(windows)[:, :-1]
+            windows, counts = input_ids[start : start + step], _part(token_counts, start, step)
+            hidden = self._hidden(windows, counts)[:, :-1]
             ids = torch.from_numpy(windows).to(self.head_device)
             seq = sequence_ids[start : start + step]
             rows = head_chunk_rows(self.chunk_mib, self.vocab_size, spec)
-            parts.append(targets_from_hidden(hidden, ids, seq, self.head, spec, rows))
+            parts.append(targets_from_hidden(hidden, ids, seq, self.head, spec, rows, counts))
         return JoinedTargets(parts)
 
     def _check_head(self, windows: np.ndarray) -> None:

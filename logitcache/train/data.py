@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from logitcache.cache.manifest import read_manifest
-from logitcache.corpus import Corpus, PackingStats, pack_windows, token_stream
+from logitcache.corpus import Corpus, PackingStats, layout_rows, pad_rows, resolve_layout
 from logitcache.errors import LogitcacheError
 from logitcache.loader.collate import collate
 from logitcache.loader.dataset import CacheDataset
@@ -43,14 +43,19 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
 
 
-def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray) -> Batch:
+def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray, token_counts: np.ndarray | None = None) -> Batch:
     """The collated batch of docs/CONTRACTS.md for text without a teacher: ``K = 0`` targets.
 
-    ``windows [B, T]`` token ids. Every position counts (``position_mask`` all true); the target
-    tensors are ``[B, P, 0]`` and there is no ``gold_logprob``: only ``ce`` applies.
+    ``windows [B, T]`` token ids, rows of ``token_counts [B]`` tokens right-padded (None: all full).
+    Every real position counts (``position_mask``); the target tensors are ``[B, P, 0]`` and there
+    is no ``gold_logprob``: only ``ce`` applies.
     """
     input_ids = torch.from_numpy(windows.astype(np.int64))
     b, p = input_ids.shape[0], input_ids.shape[1] - 1
+    if token_counts is None:
+        position_mask = torch.ones(b, p, dtype=torch.bool)
+    else:
+        position_mask = torch.arange(p)[None, :] < torch.from_numpy(token_counts - 1)[:, None]
     return {
         "input_ids": input_ids,
         "labels": input_ids[:, 1:].contiguous(),
@@ -60,20 +65,23 @@ def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray) -> Batch:
         "target_logprobs": torch.zeros(b, p, 0),
         "target_weights": torch.zeros(b, p, 0),
         "tail_logprob": torch.zeros(b, p),
-        "position_mask": torch.ones(b, p, dtype=torch.bool),
+        "position_mask": position_mask,
     }
 
 
 class CorpusStream:
-    """Endless step batches of in-memory windows ``[N, T]``, reshuffled each epoch from (seed, epoch).
+    """Endless step batches of in-memory windows ``[N, T]`` (rows of ``token_counts [N]`` tokens, or all
+    full), reshuffled each epoch from (seed, epoch).
 
     The order is :func:`logitcache.loader.partition.worker_samples` over one unit of ``N`` windows, so the
     position in the stream is ``(epoch, sample_in_epoch)``, as for a cache; a process takes its
     ``global_batch_size // world.size`` columns of every global batch.
     """
 
-    def __init__(self, windows: np.ndarray, *, seed: int, global_batch_size: int, world: World, lanes: int) -> None:
+    def __init__(self, windows: np.ndarray, *, seed: int, global_batch_size: int, world: World, lanes: int,
+                 token_counts: np.ndarray | None = None) -> None:
         self.windows = windows
+        self.token_counts = token_counts
         self.world = world
         self.order = OrderSettings(seed=seed, global_batch_size=global_batch_size, lanes=lanes, block_size=len(windows))
         self.epoch = self.sample_in_epoch = 0
@@ -87,7 +95,7 @@ class CorpusStream:
             )
             for ids in samples.reshape(-1, gbs // self.world.size):
                 self.sample_in_epoch += gbs
-                yield corpus_batch(self.windows[ids], ids)
+                yield corpus_batch(self.windows[ids], ids, None if self.token_counts is None else self.token_counts[ids])
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
@@ -236,20 +244,22 @@ def open_corpus(settings: TrainSettings, step_windows: int, world: World, lanes:
         raise LogitcacheError(f"the tokenizer in {settings.tokenizer} has no EOS token to separate documents")
     stats = PackingStats()
     documents = Corpus.open(settings.corpus, settings.text_field).documents()
-    pieces = token_stream(documents, tokenizer, tokenizer.eos_token_id, stats)
-    windows = list(pack_windows(pieces, settings.seq_len, stats))
+    layout = resolve_layout(tokenizer, settings.bos, settings.packing)
+    windows = list(layout_rows(documents, tokenizer, layout, settings.seq_len, stats))
     holdout = settings.eval_windows if settings.eval_every else 0
     if len(windows) < holdout + step_windows:
         raise LogitcacheError(
             f"--corpus {settings.corpus} gives {len(windows)} windows of --seq-len {settings.seq_len}; "
             f"need {holdout} for eval plus {step_windows} for one step of all processes (lower --eval-windows or --batch-size)"
         )
-    windows = np.stack(windows).astype(np.int32)
+    windows, counts = pad_rows(windows)
+    windows = windows.astype(np.int32)
     cut = len(windows) - holdout
     held_out = np.split(np.arange(cut, len(windows)), range(settings.batch_size, holdout, settings.batch_size))
-    eval_batches = [corpus_batch(windows[ids], ids) for ids in held_out] if holdout else []
+    eval_batches = [corpus_batch(windows[ids], ids, None if counts is None else counts[ids]) for ids in held_out] if holdout else []
     return Data(
-        train=CorpusStream(windows[:cut], seed=settings.seed, global_batch_size=step_windows, world=world, lanes=lanes),
+        train=CorpusStream(windows[:cut], seed=settings.seed, global_batch_size=step_windows, world=world, lanes=lanes,
+                           token_counts=None if counts is None else counts[:cut]),
         eval_batches=eval_batches,
         manifest=None,
         eval_manifest=None,

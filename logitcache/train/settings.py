@@ -36,6 +36,8 @@ class TrainSettings:
     corpus: Path | None = None
     tokenizer: Path | None = None
     seq_len: int = 512
+    bos: str = "auto"  # with corpus: the layout of logitcache.corpus, as a build's
+    packing: str = "stream"
     text_field: str = "text"
     steps: int = 1000
     batch_size: int = 8
