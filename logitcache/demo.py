@@ -37,6 +37,7 @@ from logitcache.train.student import llama_config
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+BOS = "<|begin|>"  # only in a tokenizer trained with bos=True, which puts it in front of every text (as Llama's does)
 
 
 def stdlib_docstrings(max_bytes: int | None = None) -> Iterator[str]:
@@ -71,9 +72,14 @@ def write_corpus(path: Path, documents: Iterator[str]) -> int:
     return count
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
-    """Train a byte-level BPE tokenizer on ``texts`` and save it in Hugging Face format under ``out``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path, bos: bool = False) -> None:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it in Hugging Face format under ``out``.
+
+    ``bos``: a BOS token of its own that the tokenizer puts in front of every text (a BOS-sensitive
+    tokenizer, as Llama's, Gemma's and Mistral's are); otherwise EOS doubles as BOS and nothing is
+    added (as GPT-2's).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -81,12 +87,15 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS, PAD, *([BOS] if bos else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=EOS)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, tok.token_to_id(BOS))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=BOS if bos else EOS)
     fast.save_pretrained(str(out))
 
 
@@ -115,7 +124,9 @@ class TeacherSizes:
     """The sizes of a teacher: tokenizer ids, model preset and context, initial weights' seed.
 
     The defaults are ``make demo``'s teacher. ``head_rows``: output rows when more than the
-    tokenizer's ids (a padded head, as many real checkpoints have); None: one per id.
+    tokenizer's ids (a padded head, as many real checkpoints have); None: one per id. ``bos``: a
+    tokenizer that puts a BOS of its own in front of every text, so that the teacher is pretrained
+    with a BOS at every window and document start (:func:`train_tokenizer`).
     """
 
     vocab: int = 2048
@@ -123,6 +134,7 @@ class TeacherSizes:
     max_positions: int = 128
     head_rows: int | None = None
     seed: int = 0
+    bos: bool = False
 
 
 PRETRAIN_STEPS = 1000  # make demo's teacher
@@ -130,7 +142,7 @@ PRETRAIN_STEPS = 1000  # make demo's teacher
 
 def make_teacher(folder: Path, documents: list[str], sizes: TeacherSizes = TeacherSizes()) -> Path:
     """A tokenizer trained on ``documents`` and a randomly initialised model for it; returns ``folder/teacher-init``."""
-    train_tokenizer(documents, sizes.vocab, folder / "tokenizer")
+    train_tokenizer(documents, sizes.vocab, folder / "tokenizer", bos=sizes.bos)
     make_model(folder / "tokenizer", folder / "teacher-init", preset=sizes.preset, max_positions=sizes.max_positions,
                seed=sizes.seed, vocab_size=sizes.head_rows)
     return folder / "teacher-init"

@@ -35,7 +35,9 @@ def _check_rows(name: str, targets, manifest: dict) -> list[str]:
         if values is not None and np.isnan(values).any():
             problems.append(f"{name}: {column} holds NaN (a teacher whose logits overflowed); rebuild this cache")
     if targets.target_counts is not None:
-        offsets = np.concatenate([[0], np.cumsum(targets.target_lengths.reshape(-1), dtype=np.int64)])
+        lengths = targets.target_lengths.reshape(-1).astype(np.int64)
+        lengths = lengths[lengths > 0]  # padding and positions without targets hold no counts
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
         sums = np.add.reduceat(targets.target_counts.astype(np.int64), offsets[:-1]) if len(targets.target_counts) else []
         n = manifest["params"]["samples"]
         if np.any(np.asarray(sums) != n):
