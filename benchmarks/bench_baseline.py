@@ -67,7 +67,8 @@ def case_build(c: dict) -> dict:
 
     extra = {"k": K} if c["method"] == "topk" else {"samples": SAMPLES}
     settings = BuildSettings(teacher=Path(c["teacher"]), corpus=Path(c["corpus"]), out=Path(c["out"]), method=c["method"],
-                             seq_len=c["seq_len"], batch_size=c["batch"], shard_size=SHARD_WINDOWS, overwrite=True, **extra)
+                             seq_len=c["seq_len"], batch_size=c["batch"], shard_size=SHARD_WINDOWS, overwrite=True,
+                             packing="stream", **extra)  # the same windows as the naive loop's
     teacher = load_teacher(settings.teacher, settings.teacher_options())
     resting, clock = rss(), CLOCKS[c["clock"]]
     start = clock()

@@ -83,7 +83,7 @@ def plain_model(teacher):
 def build_table(args, work: Path) -> list[str]:
     corpus = small_corpus(args.corpus, work / "bench.jsonl", args.corpus_bytes)
     base = dict(teacher=args.teacher, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512,
-                overwrite=True, chunk_mib=args.chunk_mib)
+                overwrite=True, chunk_mib=args.chunk_mib, packing="stream")
     settings = BuildSettings(out=work / "x", **base)
     teacher = load_teacher(settings.teacher, settings.teacher_options())
     params = sum(p.numel() for p in teacher.model.parameters())
@@ -201,7 +201,7 @@ def storage_table(args, work: Path) -> list[str]:
     teacher = None
     for method, extra in (("topk", {"k": 8}), ("topk", {"k": 32}), ("sample", {"samples": 50})):
         settings = BuildSettings(teacher=args.teacher, corpus=corpus, out=work / f"store-{method}-{extra}", method=method,
-                                 seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, **extra)
+                                 seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, packing="stream", **extra)
         teacher = teacher or load_teacher(settings.teacher, settings.teacher_options())
         run_build(settings, teacher=teacher)
         s = summarize(settings.out)

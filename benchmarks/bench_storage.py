@@ -397,7 +397,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
-        base = dict(teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
+        base = dict(teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True,
+                    packing="stream")
         builds = {"topk": {"method": "topk", "k": 32}, "sample": {"method": "sample", "samples": 50}}
         if args.sharp_tau:
             builds[f"sample τ={args.sharp_tau:g}"] = {"method": "sample", "samples": 50, "proposal_temperature": args.sharp_tau}

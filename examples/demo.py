@@ -74,7 +74,8 @@ def main() -> None:
     for method, extra in (("topk", ("--k", 32)), ("sample", ("--samples", 50))):
         logitcache(
             "build", "--teacher", teacher, "--corpus", distill, "--out", out / f"cache-{method}",
-            "--method", method, *extra, "--seq-len", args.seq_len, "--batch-size", 16, "--shard-size", 512, "--overwrite",
+            "--method", method, *extra, "--seq-len", args.seq_len, "--packing", "stream",  # as the teacher was trained
+            "--batch-size", 16, "--shard-size", 512, "--overwrite",
         )
     logitcache("validate", out / "cache-sample")
 

@@ -158,7 +158,8 @@ def build_caches(args: argparse.Namespace, teacher: Path, vocab_size: int) -> di
         caches[name] = args.out / "caches" / name
         run_build(BuildSettings(
             teacher=teacher, corpus=args.out / "corpus.jsonl", out=caches[name], seq_len=args.seq_len,
-            batch_size=args.batch_size, shard_size=512, seed=args.seed, device=args.device, overwrite=True, **fields,
+            batch_size=args.batch_size, shard_size=512, seed=args.seed, device=args.device, overwrite=True,
+            packing="stream", **fields,  # the teacher was pretrained on packed streams
         ))
     return caches
 
@@ -193,7 +194,8 @@ def rskd_redraws(args: argparse.Namespace, teacher: Path, init: Path) -> list[di
         cache = args.out / "caches" / f"{method.cache}-draw{build_seed}"
         run_build(BuildSettings(
             teacher=teacher, corpus=args.out / "corpus.jsonl", out=cache, seq_len=args.seq_len,
-            batch_size=args.batch_size, shard_size=512, seed=build_seed, device=args.device, overwrite=True, **fields,
+            batch_size=args.batch_size, shard_size=512, seed=build_seed, device=args.device, overwrite=True,
+            packing="stream", **fields,
         ))
         settings = replace(student_settings(args, method, cache, init), out=args.out / "students" / f"rs-kd-draw{build_seed}")
         metrics = run_train(settings)

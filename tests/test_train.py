@@ -62,7 +62,7 @@ def world(tmp_path_factory) -> SimpleNamespace:
     for method in ("sample", "topk"):
         caches[method] = root / f"cache-{method}"
         run_build(BuildSettings(teacher=teacher, corpus=root / "corpus.jsonl", out=caches[method], method=method,
-                                k=8, samples=16, seq_len=SEQ_LEN, batch_size=32, shard_size=64, device="cpu"))
+                                k=8, samples=16, seq_len=SEQ_LEN, batch_size=32, shard_size=64, device="cpu", packing="stream"))
     return SimpleNamespace(root=root, teacher=teacher, teacher_run=teacher_run, teacher_records=records,
                            teacher_final=final, caches=caches)
 
