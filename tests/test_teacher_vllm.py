@@ -167,6 +167,7 @@ class FakeLLM:
         self.kwargs = kwargs
         self.model = AutoModelForCausalLM.from_pretrained(kwargs["model"], dtype=torch.float32).eval()
         self.calls: list[tuple[str, int, object]] = []
+        self.prompt_lengths: list[int] = []  # every prompt's tokens, in the order received
         FakeLLM.started.append(self)
 
     @torch.inference_mode()
@@ -176,8 +177,10 @@ class FakeLLM:
         assert self.kwargs.get("runner") != "pooling"
         assert sampling_params.prompt_logprobs <= self.kwargs["max_logprobs"]
         self.calls.append(("generate", len(prompts), sampling_params))
-        ids = torch.tensor([p["prompt_token_ids"] for p in prompts])
-        logprobs = torch.log_softmax(self.model(input_ids=ids).logits.float(), dim=-1)
+        self.prompt_lengths += [len(p["prompt_token_ids"]) for p in prompts]
+        # each prompt alone, as the engine computes every sequence (of any length) on its own
+        logprobs = [torch.log_softmax(self.model(input_ids=torch.tensor([p["prompt_token_ids"]])).logits[0].float(), dim=-1)
+                    for p in prompts]
         k = sampling_params.prompt_logprobs
         generated = [CompletionOutput(0, "", [0], None, None, "length")]
         return [
@@ -190,8 +193,9 @@ class FakeLLM:
                pooling_task: str | None = None, use_tqdm: bool = True) -> list[PoolingRequestOutput]:
         assert self.kwargs["runner"] == "pooling" and pooling_task == "token_embed"
         self.calls.append(("encode", len(prompts), pooling_params))
-        ids = torch.tensor([p["prompt_token_ids"] for p in prompts])
-        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state.float()
+        self.prompt_lengths += [len(p["prompt_token_ids"]) for p in prompts]
+        hidden = [self.model.get_decoder()(input_ids=torch.tensor([p["prompt_token_ids"]])).last_hidden_state[0].float()
+                  for p in prompts]
         return [PoolingRequestOutput(str(i), PoolingOutput(h.clone()), p["prompt_token_ids"], 0, True)
                 for i, (p, h) in enumerate(zip(prompts, hidden))]
 
@@ -319,6 +323,31 @@ def test_a_vllm_build_writes_the_hf_builds_shards(fake_vllm, teacher_dir, corpus
     assert [s["rows"] for s in manifest["shards"]] == [s["rows"] for s in want["shards"]]
     for shard in want["shards"]:
         assert_same_targets(read_shard(tmp_path / "vllm" / shard["file"]), read_shard(topk_cache / shard["file"]))
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_rows_of_different_lengths_are_prompts_of_their_own(fake_vllm, hf_teacher, windows, teacher_dir, corpus_file,
+                                                           tmp_path, method):
+    """Right-padded rows (``packing documents``) reach vLLM without their padding and give the hf backend's targets."""
+    settings = settings_for(teacher_dir, corpus_file, tmp_path, method=method)
+    counts = np.array([N, 7, 15, 3])
+    batch = np.where(np.arange(N) < counts[:, None], windows, 0)
+    ids = np.arange(WINDOWS, dtype=np.int64)
+    got = backend.VLLMTeacher(teacher_dir, settings.teacher_options()).compute(batch, ids, settings.spec, counts)
+    served = fake_vllm.started[-1].prompt_lengths  # the engine that served the batch (sample: after the head check's)
+    assert served[-WINDOWS:] == counts.tolist()
+    assert_same_targets(got, hf_teacher.compute(batch, ids, settings.spec, counts))
+    assert np.array_equal(got.tokens(), counts)
+
+
+def test_a_vllm_documents_build_writes_the_hf_builds_shards(fake_vllm, teacher_dir, corpus_file, tmp_path):
+    """Both backends apply the same layout: the same rows, batched and written the same way."""
+    options = dict(method="sample", samples=SAMPLES, packing="documents", device="cpu", dtype="float32")
+    hf = build_cache(teacher_dir, corpus_file, tmp_path / "hf", **options)
+    vllm = build_cache(teacher_dir, corpus_file, tmp_path / "vllm", backend="vllm", **options)
+    assert [s["rows"] for s in vllm["shards"]] == [s["rows"] for s in hf["shards"]] and vllm["layout"] == hf["layout"]
+    for shard in hf["shards"]:
+        assert_same_targets(read_shard(tmp_path / "vllm" / shard["file"]), read_shard(tmp_path / "hf" / shard["file"]))
 
 
 @pytest.mark.parametrize("method", ["topk", "sample"])
