@@ -354,8 +354,11 @@ def test_head_weight_is_read_from_the_checkpoint(hf_teacher, teacher_dir, tmp_pa
     tied_config = config.__class__(**{**config.to_dict(), "tie_word_embeddings": True})
     tied = LlamaForCausalLM(tied_config)
     tied.save_pretrained(tmp_path / "tied")
-    assert set(backend.head_weight_names(tied_config)) == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert backend.head_weight_names(tied_config) == ["model.embed_tokens.weight", "lm_head.weight", "embed_tokens.weight"]
     torch.testing.assert_close(backend.load_head_weight(tmp_path / "tied", tied_config),
+                               tied.get_input_embeddings().weight.detach(), rtol=0, atol=0)
+    tied.model.save_pretrained(tmp_path / "base")  # saved from the base model: no "model." prefix, as GPT-2 on the Hub
+    torch.testing.assert_close(backend.load_head_weight(tmp_path / "base", tied_config),
                                tied.get_input_embeddings().weight.detach(), rtol=0, atol=0)
 
 

@@ -250,7 +250,12 @@ def load_text_config(path: Path):
 
 
 def head_weight_names(config) -> list[str]:
-    """Checkpoint names the output head's weight may be stored under (tied embeddings give several)."""
+    """Checkpoint names the output head's weight may be stored under, most likely first.
+
+    The model's own names (tied embeddings give several), then the names transformers saves them
+    under where it renames weights on loading (GPT-NeoX's ``embed_out``), then each without the
+    base model's prefix (a checkpoint saved from the base model, as GPT-2's and OPT's on the Hub).
+    """
     from transformers import AutoModelForCausalLM
 
     try:
@@ -261,7 +266,21 @@ def head_weight_names(config) -> list[str]:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise LogitcacheError(f"{type(model).__name__} has no plain output head; --method sample cannot use --backend vllm")
-    return [name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    own = {name: p for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+    names = [*own, *saved_names(model, own)]
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
+    names += [name.removeprefix(prefix) for name in names if prefix and name.startswith(prefix)]
+    return list(dict.fromkeys(names))
+
+
+def saved_names(model, parameters: dict[str, torch.Tensor]) -> list[str]:
+    """The names ``model.save_pretrained`` writes ``parameters`` under: transformers 5 reverts the
+    renamings it applies on loading; earlier versions rename nothing."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return []
+    return list(revert_weight_conversion(model, parameters))
 
 
 def load_head_weight(path: Path, config) -> torch.Tensor:
