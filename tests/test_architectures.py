@@ -1,6 +1,7 @@
 """The teacher on the architecture families users bring: tiny random-initialised models of 13 real
-transformers classes, each with its head transform set so that it bites (Granite's ``logits_scaling``,
-Cohere's ``logit_scale``, Gemma's ``final_logit_softcapping``, OPT's ``project_out``), compared with the
+transformers classes (and Phi, whose head has a bias), each with its head transform set so that it bites
+(Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma's ``final_logit_softcapping``, OPT's
+``project_out``, Phi's bias), compared with the
 model's own ``model(ids).logits``, through the hf backend and vLLM's sample path; and a logit transform
 logitcache does not know is still refused."""
 
@@ -47,9 +48,10 @@ ARCHITECTURES = {
                                          num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64)),
     "FalconForCausalLM": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                                num_attention_heads=4, max_position_embeddings=64)),
+    "PhiForCausalLM": ("PhiConfig", LLAMA_LIKE),  # a bias on the head
 }
 
-TRANSFORMED = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM"}
+TRANSFORMED = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM", "PhiForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,13 @@ def windows() -> torch.Tensor:
 
 
 def save_teacher(model: torch.nn.Module, tokenizer_dir, out):
-    """Save ``model`` (head weight × :data:`HEAD_GAIN`) with the tokenizer; returns ``out``."""
+    """Save ``model`` (head weight × :data:`HEAD_GAIN`, a random head bias where it has one) with the
+    tokenizer; returns ``out``."""
+    head = model.get_output_embeddings()
     with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(HEAD_GAIN)
+        head.weight.mul_(HEAD_GAIN)
+        if head.bias is not None:
+            head.bias.copy_(torch.randn(head.bias.shape))
     model.eval().save_pretrained(out)
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(out)
     return out
@@ -94,7 +100,7 @@ def test_chunked_head_gives_the_models_logits(architecture, windows):
     torch.testing.assert_close(ours.reshape(reference.shape), reference, rtol=0, atol=1e-4)
     if name in TRANSFORMED:  # the transform bites: the bare head would be far off
         with torch.inference_mode():
-            bare = torch.log_softmax(teacher.hidden_states(windows) @ teacher.head_weight.T, -1)
+            bare = torch.log_softmax(teacher.hidden_states(windows) @ teacher.head_weight.T, -1)  # no bias either
         assert (bare - reference).abs().max() > 0.5
 
 

@@ -90,9 +90,10 @@ def _declared(config, field: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
-    """Output head on ``hidden [R, H]`` (model dtype) → ``logits [R, V] float32``: the linear, then the
-    logit transforms that ``config`` (the model's text config) declares, in float32.
+def output_head(hidden: torch.Tensor, weight: torch.Tensor, config, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Output head on ``hidden [R, H]`` (model dtype) → ``logits [R, V] float32``: the linear with
+    ``weight [V, H]`` and the head's own ``bias [V]`` if it has one (Phi, GPT-J), then the logit
+    transforms that ``config`` (the model's text config) declares, in float32.
 
     transformers' causal LMs apply these after the linear (read in transformers 5.24's modeling code):
 
@@ -109,11 +110,11 @@ def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Ten
     is inside what ``get_decoder()`` returns, so its hidden states are what the head consumes: the
     final norm (``norm``, ``ln_f``, ``final_layer_norm``) and OPT's ``project_out`` (when
     ``word_embed_proj_dim`` differs from ``hidden_size``). Tied embeddings need nothing: the head
-    weight is the embedding matrix. Any other transform (a multiplier under another name, a bias on
-    the head, HyperCLOVAX's ``logits_scaling`` that multiplies, MPT's ``logit_scale`` that its
-    transformers class ignores) makes the backends' first-window checks refuse the teacher.
+    weight is the embedding matrix. Any other transform (a multiplier under another name,
+    HyperCLOVAX's ``logits_scaling`` that multiplies, MPT's ``logit_scale`` that its transformers
+    class ignores) makes the backends' first-window checks refuse the teacher.
     """
-    logits = linear(hidden, weight).float()
+    logits = linear(hidden, weight, bias).float()
     scale = _declared(config, "logit_scale")
     if scale is not None:
         logits = logits * scale

@@ -39,7 +39,8 @@ class HFTeacher:
             route_linears(self.model)  # oneDNN on x86 (see linear); the model is only ever run for inference here
         self.config = model.config
         self.text_config = model.config.get_text_config()  # where multimodal models keep their head transforms
-        self.head_weight = model.get_output_embeddings().weight
+        head = model.get_output_embeddings()
+        self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
         self.vocab_size = int(self.head_weight.shape[0])
         self.max_positions = context_length(self.config)
         self.chunk_mib = chunk_mib or (1024 if self.device.type == "cuda" else 16)
@@ -63,7 +64,7 @@ class HFTeacher:
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden [R, H]`` → ``logits [R, V] float32``, with the head transforms of :func:`output_head`."""
-        return output_head(hidden, self.head_weight, self.text_config)
+        return output_head(hidden, self.head_weight, self.text_config, self.head_bias)
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
