@@ -1,7 +1,7 @@
 """The teacher on the architecture families users bring: tiny random-initialised models of 13 real
-transformers classes (and Phi, whose head has a bias, and MPT), each with its head transform set so that it
-bites (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma's ``final_logit_softcapping``, OPT's
-``project_out``, Phi's bias), compared with the
+transformers classes (and Phi, HyperCLOVAX and MPT), each with its head transform set so that it bites
+(Granite's ``logits_scaling`` that divides and HyperCLOVAX's that multiplies, Cohere's ``logit_scale``,
+Gemma's ``final_logit_softcapping``, OPT's ``project_out``, Phi's head bias), compared with the
 model's own ``model(ids).logits``, through the hf backend and vLLM's sample path; and a logit transform
 logitcache does not know is still refused."""
 
@@ -49,12 +49,14 @@ ARCHITECTURES = {
     "FalconForCausalLM": ("FalconConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
                                                num_attention_heads=4, max_position_embeddings=64)),
     "PhiForCausalLM": ("PhiConfig", LLAMA_LIKE),  # a bias on the head
+    "HyperCLOVAXForCausalLM": ("HyperCLOVAXConfig", {**LLAMA_LIKE, "logits_scaling": 4.0}),  # multiplies
     # MPT's config declares a logit_scale that its transformers class does not apply: a string is not a transform
     "MptForCausalLM": ("MptConfig", dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=1, max_seq_len=64,
                                          logit_scale="inv_sqrt_d_model")),
 }
 
-TRANSFORMED = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM", "PhiForCausalLM"}
+TRANSFORMED = {"Gemma2ForCausalLM", "Gemma3ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM", "PhiForCausalLM",
+               "HyperCLOVAXForCausalLM"}
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,10 @@ def _declared(config, field: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+# Model types whose ``logits_scaling`` multiplies the logits; Granite's family divides by it.
+SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+
+
 def output_head(hidden: torch.Tensor, weight: torch.Tensor, config, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Output head on ``hidden [R, H]`` (model dtype) → ``logits [R, V] float32``: the linear with
     ``weight [V, H]`` and the head's own ``bias [V]`` if it has one (Phi, GPT-J), then the logit
@@ -102,6 +106,7 @@ def output_head(hidden: torch.Tensor, weight: torch.Tensor, config, bias: torch.
     =========================== ========================== ==============================================
     ``logit_scale``              ``logits * s``             Cohere, Cohere 2
     ``logits_scaling``           ``logits / s``             Granite, GraniteMoE, GraniteMoeShared/Hybrid
+    ``logits_scaling``           ``logits * s``             HyperCLOVAX (:data:`SCALING_MULTIPLIES`)
     ``final_logit_softcapping``  ``s * tanh(logits / s)``   Gemma 2, Gemma 3, Gemma 3n, VaultGemma
     =========================== ========================== ==============================================
 
@@ -110,17 +115,17 @@ def output_head(hidden: torch.Tensor, weight: torch.Tensor, config, bias: torch.
     is inside what ``get_decoder()`` returns, so its hidden states are what the head consumes: the
     final norm (``norm``, ``ln_f``, ``final_layer_norm``) and OPT's ``project_out`` (when
     ``word_embed_proj_dim`` differs from ``hidden_size``). Tied embeddings need nothing: the head
-    weight is the embedding matrix. Any other transform (a multiplier under another name,
-    HyperCLOVAX's ``logits_scaling`` that multiplies, MPT's ``logit_scale`` that its transformers
-    class ignores) makes the backends' first-window checks refuse the teacher.
+    weight is the embedding matrix. Any other transform (a multiplier under another name; a number in
+    MPT's ``logit_scale``, which its transformers class ignores) makes the backends' first-window
+    checks refuse the teacher.
     """
     logits = linear(hidden, weight, bias).float()
     scale = _declared(config, "logit_scale")
     if scale is not None:
         logits = logits * scale
-    divisor = _declared(config, "logits_scaling")
-    if divisor is not None:
-        logits = logits / divisor
+    scaling = _declared(config, "logits_scaling")
+    if scaling is not None:
+        logits = logits * scaling if getattr(config, "model_type", None) in SCALING_MULTIPLIES else logits / scaling
     cap = _declared(config, "final_logit_softcapping")
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
