@@ -27,10 +27,10 @@ sample. vLLM cannot sample at prompt positions nor return full prompt logits. Th
 ``pooling_task="token_embed"``) returns the final hidden states of every token; the output head (its
 weight and bias read from the checkpoint's safetensors, with the config's logit transforms:
 :func:`logitcache.teacher.head.output_head`) then runs on our GPU through
-:func:`logitcache.teacher.host.targets_from_hidden`, the sampler path of the hf backend. Before the first batch, a generate engine scores the first
-:data:`CHECK_WINDOWS` windows (at most :data:`CHECK_TOKENS` tokens each) with prompt log-probabilities;
-the head's log-probabilities at those top ids must agree within the dtype's tolerance, else the build
-is refused. Cost, once per worker: one extra engine start (weights loaded twice, eager mode, no CUDA
+:func:`logitcache.teacher.host.targets_from_hidden`, the sampler path of the hf backend. Before the
+first batch, a generate engine scores the first :data:`CHECK_WINDOWS` windows (at most
+:data:`CHECK_TOKENS` tokens each) with prompt log-probabilities; the head's log-probabilities at those
+top ids must agree within the dtype's tolerance, else the build is refused. Cost, once per worker: one extra engine start (weights loaded twice, eager mode, no CUDA
 graphs) and a forward pass over a few hundred tokens.
 
 Memory. vLLM computes prompt log-probabilities outside its memory profile: ``[rows, V]`` logits in the
@@ -268,18 +268,18 @@ def head_names(config) -> tuple[list[str], list[str]]:
     if head is None or getattr(head, "weight", None) is None:
         raise LogitcacheError(f"{type(model).__name__} has no plain output head; --method sample cannot use --backend vllm")
     bias = getattr(head, "bias", None)
-    return _checkpoint_names(model, head.weight), _checkpoint_names(model, bias) if bias is not None else []
+    return _checkpoint_names(model, head.weight), (_checkpoint_names(model, bias) if bias is not None else [])
 
 
 def _checkpoint_names(model, parameter: torch.Tensor) -> list[str]:
     own = {name: p for name, p in model.named_parameters(remove_duplicate=False) if p is parameter}
-    names = [*own, *saved_names(model, own)]
+    names = [*own, *_saved_names(model, own)]
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
     names += [name.removeprefix(prefix) for name in names if prefix and name.startswith(prefix)]
     return list(dict.fromkeys(names))
 
 
-def saved_names(model, parameters: dict[str, torch.Tensor]) -> list[str]:
+def _saved_names(model, parameters: dict[str, torch.Tensor]) -> list[str]:
     """The names ``model.save_pretrained`` writes ``parameters`` under: transformers 5 reverts the
     renamings it applies on loading; earlier versions rename nothing."""
     try:
