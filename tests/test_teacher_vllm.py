@@ -375,16 +375,20 @@ def test_a_head_that_disagrees_with_vllm_is_refused(fake_vllm, windows, teacher_
 
 def test_head_weight_is_read_from_the_checkpoint(hf_teacher, teacher_dir, tmp_path):
     config = backend.load_text_config(teacher_dir)
-    head = backend.load_head_weight(teacher_dir, config)
-    torch.testing.assert_close(head, hf_teacher.head_weight.detach(), rtol=0, atol=0)
+    weight, bias = backend.load_head(teacher_dir, config)
+    torch.testing.assert_close(weight, hf_teacher.head_weight.detach(), rtol=0, atol=0)
+    assert bias is None
 
     from transformers import LlamaForCausalLM
 
     tied_config = config.__class__(**{**config.to_dict(), "tie_word_embeddings": True})
     tied = LlamaForCausalLM(tied_config)
     tied.save_pretrained(tmp_path / "tied")
-    assert set(backend.head_weight_names(tied_config)) == {"model.embed_tokens.weight", "lm_head.weight"}
-    torch.testing.assert_close(backend.load_head_weight(tmp_path / "tied", tied_config),
+    assert backend.head_names(tied_config) == (["model.embed_tokens.weight", "lm_head.weight", "embed_tokens.weight"], [])
+    torch.testing.assert_close(backend.load_head(tmp_path / "tied", tied_config)[0],
+                               tied.get_input_embeddings().weight.detach(), rtol=0, atol=0)
+    tied.model.save_pretrained(tmp_path / "base")  # saved from the base model: no "model." prefix, as GPT-2 on the Hub
+    torch.testing.assert_close(backend.load_head(tmp_path / "base", tied_config)[0],
                                tied.get_input_embeddings().weight.detach(), rtol=0, atol=0)
 
 

@@ -1,5 +1,6 @@
 """The output head of a CPU or GPU teacher, applied by chunks of rows: ``hidden [R, H]`` → ``logits [R, V]``
-with the model's logit scaling and soft-capping; float32 linears on x86 CPUs through oneDNN.
+with the model's logit transforms (scaling, division, soft-capping; see :func:`output_head`); float32 linears
+on x86 CPUs through oneDNN.
 """
 
 from __future__ import annotations
@@ -83,14 +84,49 @@ def route_linears(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def output_head(hidden: torch.Tensor, weight: torch.Tensor, config) -> torch.Tensor:
-    """Output head on ``[R, H]`` hidden states → ``[R, V] float32`` logits, with the model's logit scaling
-    (``logit_scale``) and soft-capping (``final_logit_softcapping``)."""
-    logits = linear(hidden, weight).float()
-    scale = getattr(config, "logit_scale", None)
+def _declared(config, field: str) -> float | None:
+    """``config.field`` if it holds a number (``None``, a string such as MPT's ``"inv_sqrt_d_model"``: not)."""
+    value = getattr(config, field, None)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+# Model types whose ``logits_scaling`` multiplies the logits; Granite's family divides by it.
+SCALING_MULTIPLIES = frozenset({"hyperclovax"})
+
+
+def output_head(hidden: torch.Tensor, weight: torch.Tensor, config, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Output head on ``hidden [R, H]`` (model dtype) → ``logits [R, V] float32``: the linear with
+    ``weight [V, H]`` and the head's own ``bias [V]`` if it has one (Phi, GPT-J), then the logit
+    transforms that ``config`` (the model's text config) declares, in float32.
+
+    transformers' causal LMs apply these after the linear (read in transformers 5.24's modeling code):
+
+    =========================== ========================== ==============================================
+    config field                 logits become              architectures
+    =========================== ========================== ==============================================
+    ``logit_scale``              ``logits * s``             Cohere, Cohere 2
+    ``logits_scaling``           ``logits / s``             Granite, GraniteMoE, GraniteMoeShared/Hybrid
+    ``logits_scaling``           ``logits * s``             HyperCLOVAX (:data:`SCALING_MULTIPLIES`)
+    ``final_logit_softcapping``  ``s * tanh(logits / s)``   Gemma 2, Gemma 3, Gemma 3n, VaultGemma
+    =========================== ========================== ==============================================
+
+    No architecture sets more than one; a field that is not a number is skipped. Everything else
+    between the decoder and the logits in the architectures tested (``tests/test_architectures.py``)
+    is inside what ``get_decoder()`` returns, so its hidden states are what the head consumes: the
+    final norm (``norm``, ``ln_f``, ``final_layer_norm``) and OPT's ``project_out`` (when
+    ``word_embed_proj_dim`` differs from ``hidden_size``). Tied embeddings need nothing: the head
+    weight is the embedding matrix. Any other transform (a multiplier under another name; a number in
+    MPT's ``logit_scale``, which its transformers class ignores) makes the backends' first-window
+    checks refuse the teacher.
+    """
+    logits = linear(hidden, weight, bias).float()
+    scale = _declared(config, "logit_scale")
     if scale is not None:
         logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
+    scaling = _declared(config, "logits_scaling")
+    if scaling is not None:
+        logits = logits * scaling if getattr(config, "model_type", None) in SCALING_MULTIPLIES else logits / scaling
+    cap = _declared(config, "final_logit_softcapping")
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     return logits

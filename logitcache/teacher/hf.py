@@ -38,7 +38,9 @@ class HFTeacher:
         if self.device.type == "cpu" and self.torch_dtype == torch.float32:
             route_linears(self.model)  # oneDNN on x86 (see linear); the model is only ever run for inference here
         self.config = model.config
-        self.head_weight = model.get_output_embeddings().weight
+        self.text_config = model.config.get_text_config()  # where multimodal models keep their head transforms
+        head = model.get_output_embeddings()
+        self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
         self.vocab_size = int(self.head_weight.shape[0])
         self.max_positions = context_length(self.config)
         self.chunk_mib = chunk_mib or (1024 if self.device.type == "cuda" else 16)
@@ -61,7 +63,8 @@ class HFTeacher:
         }
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return output_head(hidden, self.head_weight, self.config)
+        """``hidden [R, H]`` → ``logits [R, V] float32``, with the head transforms of :func:`output_head`."""
+        return output_head(hidden, self.head_weight, self.text_config, self.head_bias)
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -72,7 +75,7 @@ class HFTeacher:
     def verify_head(self, input_ids: torch.Tensor) -> None:
         """Check the chunked head against the model's own logits on one window; refuse a mismatch.
 
-        Catches a logit scaling or soft-capping the head does not know, instead of caching wrong targets.
+        Catches a logit transform :func:`output_head` does not know, instead of caching wrong targets.
         """
         ids = input_ids[:1]
         reference = torch.log_softmax(self.model(input_ids=ids, use_cache=False).logits[0].float(), -1)

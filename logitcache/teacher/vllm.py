@@ -15,7 +15,7 @@ first the prompt token itself (its log-probability and true rank), then the top-
 the top-k (the dict layout merges them, hence its "k or k + 1" entries). Our position ``t`` (the
 distribution over token ``t + 1``) is vLLM's entry ``t + 1``: its first value is our gold
 log-probability, the other ``k`` our targets. The values are the float32 log-softmax of the raw logits
-(``logprobs_mode="raw_logprobs"``, temperature 1, after the model's own logit scaling or soft-capping).
+(``logprobs_mode="raw_logprobs"``, temperature 1, after the model's own logit transforms).
 
 Tail. vLLM gives no tail mass, so it is derived as ``log(1 - sum(exp(top-k)))`` in float64. The
 log-probabilities are float32, so the sum is uncertain by about 1e-7: tails below :data:`TAIL_FLOOR`
@@ -24,13 +24,13 @@ exact ``logsumexp`` of the rest and may store smaller tails; either is far below
 
 sample. vLLM cannot sample at prompt positions nor return full prompt logits. The pooling runner
 (``runner="pooling"``, ``convert="embed"``, ``pooling_type="ALL"``, normalisation off,
-``pooling_task="token_embed"``) returns the final hidden states of every token; the output head (the
-lm_head weight read from the checkpoint's safetensors, with the config's logit scaling and
-soft-capping) then runs on our GPU through :func:`logitcache.teacher.host.targets_from_hidden`, the sampler
-path of the hf backend. Before the first batch, a generate engine scores the first
-:data:`CHECK_WINDOWS` windows (at most :data:`CHECK_TOKENS` tokens each) with prompt log-probabilities;
-the head's log-probabilities at those top ids must agree within the dtype's tolerance, else the build
-is refused. Cost, once per worker: one extra engine start (weights loaded twice, eager mode, no CUDA
+``pooling_task="token_embed"``) returns the final hidden states of every token; the output head (its
+weight and bias read from the checkpoint's safetensors, with the config's logit transforms:
+:func:`logitcache.teacher.head.output_head`) then runs on our GPU through
+:func:`logitcache.teacher.host.targets_from_hidden`, the sampler path of the hf backend. Before the
+first batch, a generate engine scores the first :data:`CHECK_WINDOWS` windows (at most
+:data:`CHECK_TOKENS` tokens each) with prompt log-probabilities; the head's log-probabilities at those
+top ids must agree within the dtype's tolerance, else the build is refused. Cost, once per worker: one extra engine start (weights loaded twice, eager mode, no CUDA
 graphs) and a forward pass over a few hundred tokens.
 
 Memory. vLLM computes prompt log-probabilities outside its memory profile: ``[rows, V]`` logits in the
@@ -276,8 +276,14 @@ def load_text_config(path: Path):
     return config.get_text_config()
 
 
-def head_weight_names(config) -> list[str]:
-    """Checkpoint names the output head's weight may be stored under (tied embeddings give several)."""
+def head_names(config) -> tuple[list[str], list[str]]:
+    """Checkpoint names the output head's weight may be stored under, and its bias's (none without one),
+    most likely first.
+
+    The model's own names (tied embeddings give several), then the names transformers saves them
+    under where it renames weights on loading (GPT-NeoX's ``embed_out``), then each without the
+    base model's prefix (a checkpoint saved from the base model, as GPT-2's and OPT's on the Hub).
+    """
     from transformers import AutoModelForCausalLM
 
     try:
@@ -288,15 +294,48 @@ def head_weight_names(config) -> list[str]:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise LogitcacheError(f"{type(model).__name__} has no plain output head; --method sample cannot use --backend vllm")
-    return [name for name, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+    bias = getattr(head, "bias", None)
+    return _checkpoint_names(model, head.weight), (_checkpoint_names(model, bias) if bias is not None else [])
 
 
-def load_head_weight(path: Path, config) -> torch.Tensor:
-    """The output head's weight ``[V, H]`` (checkpoint dtype, CPU) from the checkpoint's safetensors."""
+def _checkpoint_names(model, parameter: torch.Tensor) -> list[str]:
+    own = {name: p for name, p in model.named_parameters(remove_duplicate=False) if p is parameter}
+    names = [*own, *_saved_names(model, own)]
+    prefix = f"{model.base_model_prefix}." if model.base_model_prefix else None
+    names += [name.removeprefix(prefix) for name in names if prefix and name.startswith(prefix)]
+    return list(dict.fromkeys(names))
+
+
+def _saved_names(model, parameters: dict[str, torch.Tensor]) -> list[str]:
+    """The names ``model.save_pretrained`` writes ``parameters`` under: transformers 5 reverts the
+    renamings it applies on loading; earlier versions rename nothing."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return []
+    return list(revert_weight_conversion(model, parameters))
+
+
+def load_head(path: Path, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output head's weight ``[V, H]`` and bias ``[V]`` (None without one), in the checkpoint's dtype
+    on the CPU, from the checkpoint's safetensors."""
+    path = Path(path)
+    weight_names, bias_names = head_names(config)
+    weight = _read_tensor(path, weight_names)
+    bias = _read_tensor(path, bias_names) if bias_names else None
+    for tensor, names, what in ((weight, weight_names, "weight"), (bias, bias_names, "bias")):
+        if tensor is None and names:
+            raise LogitcacheError(
+                f"teacher {path}: no output head {what} ({' or '.join(names)}) in its safetensors files; "
+                "--method sample with --backend vllm needs a safetensors checkpoint with an unquantised head"
+            )
+    return weight, bias
+
+
+def _read_tensor(path: Path, names: list[str]) -> torch.Tensor | None:
+    """The first of ``names`` found in the safetensors files of ``path`` (by its index if it has one)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    names = head_weight_names(config)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -307,10 +346,7 @@ def load_head_weight(path: Path, config) -> torch.Tensor:
         with safe_open(str(file), framework="pt") as f:
             if name in f.keys():
                 return f.get_tensor(name)
-    raise LogitcacheError(
-        f"teacher {path}: no output head weight ({' or '.join(names)}) in its safetensors files; "
-        "--method sample with --backend vllm needs a safetensors checkpoint with an unquantised head"
-    )
+    return None
 
 
 def head_gap(reference_ids: torch.Tensor, reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -357,6 +393,7 @@ class VLLMTeacher:
         self.chunk_mib = options.chunk_mib or DEFAULT_CHUNK_MIB
         self.head_device = torch.device(options.device or "cuda")
         self.head_weight: torch.Tensor | None = None
+        self.head_bias: torch.Tensor | None = None
         self._engine = None
         self._engine_kind: str | None = None
         self._verified = False
@@ -366,8 +403,8 @@ class VLLMTeacher:
         return head_chunk_rows(self.chunk_mib, self.vocab_size)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The teacher's output head with its logit scaling and soft-capping, as in the hf backend."""
-        return output_head(hidden, self.head_weight, self.config)
+        """The teacher's output head (bias and logit transforms included), as in the hf backend."""
+        return output_head(hidden, self.head_weight, self.config, self.head_bias)
 
     def describe(self) -> dict:
         return {
@@ -467,8 +504,10 @@ class VLLMTeacher:
 
     def _load_head(self) -> None:
         if self.head_weight is None:
-            weight = load_head_weight(self.path, self.config)
-            self.head_weight = weight.to(self.head_device, getattr(torch, self.dtype))
+            weight, bias = load_head(self.path, self.config)
+            dtype = getattr(torch, self.dtype)
+            self.head_weight = weight.to(self.head_device, dtype)
+            self.head_bias = bias.to(self.head_device, dtype) if bias is not None else None
 
     # -- engines ------------------------------------------------------------------------------------
 
