@@ -57,7 +57,7 @@ class RecordFields:
     prompt_field: str = "prompt"
     response_field: str = "response"
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.format not in FORMATS:
             raise LogitcacheError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
 
@@ -179,6 +179,7 @@ class ChatRenderer:
     """Renders checked conversations with one tokenizer and template into token ids and target masks."""
 
     def __init__(self, tokenizer, fields: RecordFields = RecordFields(), template_file: Path | None = None) -> None:
+        fields.check()
         self.tokenizer = tokenizer
         self.template = chat_template(tokenizer, fields, template_file)
         self.before, self.after = _added_tokens(tokenizer)
