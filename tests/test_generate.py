@@ -191,6 +191,11 @@ def test_an_interrupted_file_resumes_to_the_same_records(settings, generated, tm
     _assert_same_responses(_records(out), _records(generated))
     with pytest.raises(LogitcacheError, match=r"was generated with other settings \(seed\)"):
         run_generate(replace(resumed, seed=1))
+    too_long = replace(settings, out=tmp_path / "long.jsonl", max_new_tokens=200)
+    with pytest.raises(LogitcacheError, match=r"held_out.jsonl:1: the prompt is \d+ tokens; with --max-new-tokens 200 that "
+                                              "passes the model's context of 128 tokens"):
+        run_generate(too_long)
+    assert not too_long.out.exists() and not settings_path(too_long.out).exists()  # nothing half-written
     (tmp_path / "foreign.jsonl").write_text("{}\n")
     with pytest.raises(LogitcacheError, match="exists and was not written by `logitcache generate`"):
         run_generate(replace(settings, out=tmp_path / "foreign.jsonl"))

@@ -20,8 +20,10 @@ import torch
 from transformers import DynamicCache
 
 from logitcache.chat import ChatRenderer, Message, RecordFields
+from logitcache.errors import LogitcacheError
 from logitcache.generate.settings import Sampling
 from logitcache.targets.rng import row_keys, uniforms
+from logitcache.teacher.folder import context_length
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,6 @@ class Response:
     logprobs: np.ndarray
     text: str
     finished: bool
-
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -76,9 +77,14 @@ def _left_padded(prompts: Sequence[np.ndarray], pad_id: int, device: torch.devic
     return ids.to(device), mask.to(device)
 
 
-def _cache_argument(model) -> str:
-    """The forward argument that takes the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def _forward_options(model) -> dict:
+    """A fresh KV cache under the name the forward pass takes (``cache`` in recent transformers,
+    ``past_key_values`` before), and logits of the last position only where it can say so."""
+    accepted = inspect.signature(model.forward).parameters
+    options = {"cache" if "cache" in accepted else "past_key_values": DynamicCache(config=model.config)}
+    if "logits_to_keep" in accepted:
+        options["logits_to_keep"] = 1
+    return options
 
 
 @torch.no_grad()
@@ -94,9 +100,9 @@ def generate_batch(
     sequence_ids = torch.tensor(list(indices), dtype=torch.int64)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     picked, logprobs = [], []
-    cache = {_cache_argument(model): DynamicCache(config=model.config)}  # filled in place by each forward pass
+    options = _forward_options(model)  # the cache in it is filled in place by each forward pass
     for step in range(sampling.max_new_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **options)
         keys = row_keys(sampling.seed, sequence_ids, torch.full_like(sequence_ids, step))
         token, logprob = pick_tokens(out.logits[:, -1].float(), sampling, keys)
         token = torch.where(done, torch.full_like(token, pad_id), token)
@@ -125,11 +131,23 @@ def _responses(tokenizer, picked: torch.Tensor, logprobs: torch.Tensor, stops: t
 def generate_responses(
     model, renderer: ChatRenderer, prompts: Sequence[tuple[int, str, list[Message]]], sampling: Sampling, batch_size: int
 ) -> Iterator[list[Response]]:
-    """Responses to ``(index, place, messages)`` prompts, in their order, one list per ``batch_size`` prompts."""
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        ids = [renderer.prompt_ids(messages, where) for _, where, messages in batch]
-        yield generate_batch(model, renderer.tokenizer, ids, [index for index, _, _ in batch], sampling)
+    """Responses to ``(index, place, messages)`` prompts, in their order, one list per ``batch_size`` prompts.
+
+    Every prompt is rendered and checked against the model's context here, before the first batch.
+    """
+    ids = [renderer.prompt_ids(messages, where) for _, where, messages in prompts]
+    context = context_length(model.config)
+    for (_, where, _), prompt in zip(prompts, ids):
+        if context is not None and len(prompt) + sampling.max_new_tokens > context:
+            raise LogitcacheError(
+                f"{where}: the prompt is {len(prompt)} tokens; with --max-new-tokens {sampling.max_new_tokens} "
+                f"that passes the model's context of {context} tokens"
+            )
+    indices = [index for index, _, _ in prompts]
+    return (
+        generate_batch(model, renderer.tokenizer, ids[start : start + batch_size], indices[start : start + batch_size], sampling)
+        for start in range(0, len(prompts), batch_size)
+    )
 
 
 def load_generator(

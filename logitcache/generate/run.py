@@ -109,16 +109,17 @@ def run_generate(settings: GenerateSettings, on_progress: Callable[[int, int], N
     prompts = read_prompts(settings.prompts, settings.fields)
     _check_resumable(settings)
     model, renderer = load_generator(settings.model, settings.fields, settings.chat_template, settings.device, settings.dtype)
-    settings.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings_path(settings.out), _settings_record(settings))
     start = resume_point(settings.out)
     todo = [(index, where, messages) for index, where, messages, _ in prompts if index >= start]
+    batches = generate_responses(model, renderer, todo, settings.sampling, settings.batch_size)  # checks every prompt
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings_path(settings.out), _settings_record(settings))
     counts = {"prompts": len(prompts), "resumed_at": start, "written": 0, "empty": 0, "unfinished": 0}
     progress = on_progress or (lambda done, total: None)
     progress(len(prompts) - len(todo), len(prompts))
     messages = {index: prompt for index, _, prompt in todo}
     with open(settings.out, "a", encoding="utf-8") as out:
-        for batch in generate_responses(model, renderer, todo, settings.sampling, settings.batch_size):
+        for batch in batches:
             for response in batch:
                 if not response.text.strip():
                     counts["empty"] += 1
