@@ -2,7 +2,9 @@
 
 Sources: plain text (one file = one document), JSON Lines (``.jsonl``, ``.jsonl.zst``; one line =
 one document, text in ``text_field``), Parquet (one row = one document), a folder of these (files in
-sorted path order, recursively), or a ``datasets`` dataset saved with ``save_to_disk``.
+sorted path order, recursively), or a ``datasets`` dataset saved with ``save_to_disk``. Chat and
+prompt-response corpora are the same files read as whole records (:meth:`Corpus.records`, used by
+:mod:`logitcache.chat`).
 
 Packing: documents are tokenized with the teacher's tokenizer without special tokens, each is
 followed by EOS, and the token stream is cut into consecutive windows of ``seq_len`` tokens.
