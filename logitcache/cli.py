@@ -17,13 +17,22 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from logitcache import __version__
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.layout import MANIFEST_NAME
 from logitcache.errors import LogitcacheError
+from logitcache.generate.settings import EvaluateSettings, GenerateSettings
 from logitcache.train.settings import TrainSettings
 
 app = typer.Typer(
@@ -42,6 +51,8 @@ def _defaults(settings: type) -> dict[str, object]:
 
 BUILD = _defaults(BuildSettings)
 TRAIN = _defaults(TrainSettings)
+GENERATE = _defaults(GenerateSettings)
+EVALUATE = _defaults(EvaluateSettings)
 
 # Options and arguments that mean the same in several commands, declared once.
 CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
@@ -52,6 +63,18 @@ Packing = Annotated[str, typer.Option(
     help="documents: one document per row, seen alone (pretrained LLMs); stream: fixed windows cut "
          "across documents, attention crossing them (teachers trained that way, like the demo's).")]
 TextField = Annotated[str, typer.Option(help="Field holding the text in JSON Lines, Parquet and datasets corpora.")]
+ModelDir = Annotated[Path, typer.Option(help="Model folder in Hugging Face format (config, weights, tokenizer).")]
+RecordFormat = Annotated[str, typer.Option(
+    "--format", help="chat: a list of {role, content} messages per record; prompt-response: plain-text prompt and response fields.")]
+MessagesField = Annotated[str, typer.Option(help="Field holding the messages of chat records.")]
+PromptField = Annotated[str, typer.Option(help="Field holding the prompt of prompt-response records.")]
+ResponseField = Annotated[str, typer.Option(help="Field holding the response of prompt-response records.")]
+ChatTemplate = Annotated[Optional[Path], typer.Option(
+    help="Jinja chat template file, for a model whose tokenizer has none (default: the tokenizer's own).")]
+MaxNewTokens = Annotated[int, typer.Option(help="Most tokens generated per response.")]
+PromptsPerBatch = Annotated[int, typer.Option("--batch-size", help="Prompts generated for at once (left-padded).")]
+ModelDevice = Annotated[Optional[str], typer.Option(help="Torch device (default: cuda if present, else cpu).")]
+ModelDtype = Annotated[Optional[str], typer.Option(help="Model dtype (default: bfloat16 on CUDA, float32 on CPU).")]
 
 
 @contextmanager
@@ -74,7 +97,8 @@ def user_errors():
 @contextmanager
 def progress_bar(description: str, total: int | None = None):
     """A rich progress bar on stderr, shown from the first ``advance(n)`` on (so early errors stay one line)."""
-    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
     progress = Progress(*columns, console=console, transient=False)
     task = progress.add_task(description, total=total)
 
@@ -355,6 +379,71 @@ def train(
 
         final = run_train(settings, on_step=on_step)
     _print_summary(final)
+
+
+@app.command()
+def generate(
+    ctx: typer.Context,
+    model: ModelDir,
+    prompts: Annotated[Path, typer.Option(
+        help="Prompts: chat records ending with a user turn (or with a reference answer, which is left out), or "
+             "prompt records; .jsonl, .jsonl.zst, .parquet, a folder of these or a saved `datasets` dataset.")],
+    out: Annotated[Path, typer.Option(
+        help="Output JSON Lines file: the prompts' records with the responses; rerun to continue an interrupted run.")],
+    format: RecordFormat = GENERATE["format"],
+    messages_field: MessagesField = GENERATE["messages_field"],
+    prompt_field: PromptField = GENERATE["prompt_field"],
+    response_field: ResponseField = GENERATE["response_field"],
+    chat_template: ChatTemplate = GENERATE["chat_template"],
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0: greedy decoding.")] = GENERATE["temperature"],
+    top_p: Annotated[float, typer.Option(
+        help="Sample from the smallest set of likeliest tokens holding this much probability (1: all).")] = GENERATE["top_p"],
+    max_new_tokens: MaxNewTokens = GENERATE["max_new_tokens"],
+    seed: Annotated[int, typer.Option(
+        help="Sampling seed; a response depends only on (seed, prompt index), not on the batch size.")] = GENERATE["seed"],
+    batch_size: PromptsPerBatch = GENERATE["batch_size"],
+    device: ModelDevice = GENERATE["device"],
+    dtype: ModelDtype = GENERATE["dtype"],
+) -> None:
+    """Generate a model's responses to prompts, written as a corpus that `build --format chat` reads (resumable)."""
+    import transformers
+
+    from logitcache.generate.run import run_generate
+
+    settings = GenerateSettings(**ctx.params)  # the options, by name: one field per option
+    transformers.logging.disable_progress_bar()
+    with user_errors(), progress_bar("generate") as advance:
+        counts = run_generate(settings, on_progress=lambda done, total: advance(completed=done, total=total))
+    _print_summary(counts)
+
+
+@app.command()
+def evaluate(
+    ctx: typer.Context,
+    model: ModelDir,
+    prompts: Annotated[Path, typer.Option(
+        help="Held-out prompts with reference answers: chat records ending with the assistant's answer, or "
+             "prompt-response records.")],
+    format: RecordFormat = EVALUATE["format"],
+    messages_field: MessagesField = EVALUATE["messages_field"],
+    prompt_field: PromptField = EVALUATE["prompt_field"],
+    response_field: ResponseField = EVALUATE["response_field"],
+    chat_template: ChatTemplate = EVALUATE["chat_template"],
+    max_new_tokens: MaxNewTokens = EVALUATE["max_new_tokens"],
+    batch_size: PromptsPerBatch = EVALUATE["batch_size"],
+    device: ModelDevice = EVALUATE["device"],
+    dtype: ModelDtype = EVALUATE["dtype"],
+) -> None:
+    """Score a model's greedy answers against reference answers: exact match and ROUGE-L."""
+    import transformers
+
+    from logitcache.generate.tasks import run_evaluate
+
+    settings = EvaluateSettings(**ctx.params)  # the options, by name: one field per option
+    transformers.logging.disable_progress_bar()
+    with user_errors(), progress_bar("evaluate") as advance:
+        scores = run_evaluate(settings, on_progress=lambda done, total: advance(completed=done, total=total))
+    _print_summary(scores)
 
 
 if __name__ == "__main__":  # pragma: no cover

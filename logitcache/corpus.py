@@ -2,7 +2,9 @@
 
 Sources: plain text (one file = one document), JSON Lines (``.jsonl``, ``.jsonl.zst``; one line =
 one document, text in ``text_field``), Parquet (one row = one document), a folder of these (files in
-sorted path order, recursively), or a ``datasets`` dataset saved with ``save_to_disk``.
+sorted path order, recursively), or a ``datasets`` dataset saved with ``save_to_disk``. Chat and
+prompt-response corpora are the same files read as whole records (:meth:`Corpus.records`, used by
+:mod:`logitcache.chat`).
 
 Layout (:class:`Layout`, recorded in the manifest and every shard): documents are tokenized with the
 teacher's tokenizer without special tokens and each is followed by EOS; a BOS goes in front as the
@@ -140,23 +142,26 @@ class Corpus:
         return value
 
     def _jsonl_documents(self, path: Path) -> Iterator[str]:
-        with _open_text(path) as text:
-            for number, line in enumerate(_lines(text, path), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LogitcacheError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(record, dict):
-                    raise LogitcacheError(f"{path}:{number}: expected a JSON object per line")
-                yield self._field(record, f"{path}:{number}")
+        for where, record in _jsonl_records(path):
+            yield self._field(record, where)
+
+    def records(self) -> Iterator[tuple[str, dict]]:
+        """Every record (a JSON line, a Parquet or dataset row, all its fields) with its place
+        (``file:line``, ``file row i``), in the corpus order. Plain text files have no records."""
+        if self.dataset:
+            yield from ((f"{self.path} row {i}", row) for i, row in enumerate(self._load_dataset()))
+            return
+        for f in self.files:
+            kind = _kind(f)
+            if kind == "text":
+                raise LogitcacheError(f"{f}: plain text holds no records; use .jsonl, .jsonl.zst, .parquet or a datasets dataset")
+            if kind == "jsonl":
+                yield from _jsonl_records(f)
+            else:
+                yield from _parquet_records(f)
 
     def _parquet_documents(self, path: Path) -> Iterator[str]:
-        try:
-            pf = pq.ParquetFile(path)
-        except Exception as exc:
-            raise LogitcacheError(f"{path}: not a readable Parquet file ({exc})") from exc
+        pf = _parquet_file(path)
         if self.text_field not in pf.schema_arrow.names:
             raise LogitcacheError(
                 f"{path}: no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
@@ -194,6 +199,35 @@ class Corpus:
             raise LogitcacheError(f"{self.path}: column {self.text_field!r} holds {feature}, not text; pick one with --text-field")
         for batch in ds.select_columns([self.text_field]).iter(batch_size=1024):
             yield from (t or "" for t in batch[self.text_field])
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """The JSON object on each non-blank line, with its place ``path:line``."""
+    with _open_text(path) as text:
+        for number, line in enumerate(_lines(text, path), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LogitcacheError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise LogitcacheError(f"{path}:{number}: expected a JSON object per line")
+            yield f"{path}:{number}", record
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:
+        raise LogitcacheError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """Each row of a Parquet file as a dict, with its place ``path row i``."""
+    pf = _parquet_file(path)
+    rows = (row for group in range(pf.num_row_groups) for row in pf.read_row_group(group).to_pylist())
+    yield from ((f"{path} row {i}", row) for i, row in enumerate(rows))
 
 
 def _lines(text: io.TextIOBase, path: Path) -> Iterator[str]:

@@ -1,0 +1,265 @@
+"""Chat and prompt/response records → the tokens a teacher sees, and the positions that get targets.
+
+Two record formats, read from any corpus :class:`~logitcache.corpus.Corpus` opens except plain text:
+
+- ``chat``: a field (default ``messages``) holding a list of ``{"role", "content"}`` messages, the
+  OpenAI / Hugging Face layout (roles: :data:`ROLES`). Rendered with the teacher tokenizer's own chat
+  template, or with a Jinja template from a file (``--chat-template``) for a teacher without one.
+- ``prompt-response``: fields ``prompt`` and ``response`` (names overridable). Rendered as plain text,
+  ``prompt + response + EOS``, with no chat template (:data:`PLAIN_TEMPLATE`): the format for base
+  models that continue a text. To use a chat template, write the records as ``chat``.
+
+Targets go where the next token belongs to an assistant turn: position ``t`` of the ``target_mask``
+is True when token ``t + 1`` is part of an assistant turn's rendered content, its end-of-turn text
+included, in every assistant turn of a conversation.
+
+How the assistant turns are found: the template renders the conversation up to each assistant turn
+twice, with the generation prompt (where the answer starts) and with the turn (where it ends); each
+must be a prefix of the whole conversation's text, which gives the turn's character span. The whole
+text is tokenized once, and a token is the assistant's when its characters (the tokenizer's offset
+mapping) overlap a span. Comparing token prefixes instead would break where BPE merges across a turn
+boundary; ``return_assistant_tokens_mask`` needs ``{% generation %}`` markers most templates lack.
+
+Special tokens: what the template renders is what the teacher sees. The text is tokenized without the
+tokenizer's special tokens, and those the tokenizer adds around a text (a BOS, say) are added only
+where the rendered text does not already start (or end) with them, so a template that writes the BOS
+and a tokenizer that adds one give one BOS, not two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from logitcache.corpus import Corpus
+from logitcache.errors import LogitcacheError
+
+ROLES = ("system", "user", "assistant", "tool")
+FORMATS = ("chat", "prompt-response")
+LENGTH_POLICIES = ("truncate", "skip")
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class RecordFields:
+    """The record format and the names of its fields."""
+
+    format: str = "chat"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise LogitcacheError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One rendered conversation: ``input_ids [n] int64`` and ``target_mask [n-1] bool`` (True at ``t``
+    when token ``t + 1`` is an assistant's)."""
+
+    input_ids: np.ndarray
+    target_mask: np.ndarray
+
+
+@dataclass
+class ChatStats:
+    """What rendering saw: records read, examples kept, truncated and skipped (too long), tokens and target positions kept."""
+
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    skipped: int = 0
+    tokens: int = 0
+    target_positions: int = 0
+
+
+# ---- records → messages -----------------------------------------------------------------------
+
+
+def _field(record: dict, name: str, where: str, option: str) -> object:
+    if name not in record:
+        fields = ", ".join(sorted(record)) or "none"
+        raise LogitcacheError(f"{where}: no field {name!r} (fields: {fields}); pick one with {option}")
+    return record[name]
+
+
+def _text(value: object, where: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise LogitcacheError(f"{where}: {what} is {type(value).__name__}, not text")
+    return value
+
+
+def _messages(value: object, where: str, name: str) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise LogitcacheError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise LogitcacheError(f"{where}: message {i} is not a {{role, content}} object")
+        role = message["role"]
+        if role not in ROLES:
+            raise LogitcacheError(f"{where}: message {i} has the unknown role {role!r}; roles are {', '.join(ROLES)}")
+        content = _text(message["content"], where, f"the content of message {i}")
+        if role == "assistant" and not content.strip():
+            raise LogitcacheError(f"{where}: message {i} is an empty assistant turn")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def conversation(record: dict, fields: RecordFields, where: str) -> list[Message]:
+    """A record's messages, checked. A prompt-response record is a user turn and, when the record has a
+    response, an assistant turn."""
+    if fields.format == "chat":
+        return _messages(_field(record, fields.messages_field, where, "--messages-field"), where, fields.messages_field)
+    prompt = _text(_field(record, fields.prompt_field, where, "--prompt-field"), where, f"field {fields.prompt_field!r}")
+    messages = [{"role": "user", "content": prompt}]
+    if fields.response_field in record:
+        response = _text(record[fields.response_field], where, f"field {fields.response_field!r}")
+        messages.append({"role": "assistant", "content": response})
+    return _messages(messages, where, fields.response_field)
+
+
+def read_conversations(corpus: Corpus, fields: RecordFields) -> Iterator[tuple[str, list[Message]]]:
+    """Each record's place and checked messages, in the corpus order."""
+    for where, record in corpus.records():
+        yield where, conversation(record, fields, where)
+
+
+def split_reference(messages: list[Message], where: str) -> tuple[list[Message], str | None]:
+    """``(prompt messages, reference answer)``: a final assistant turn is the reference (None without one);
+    the prompt must end with the user's turn."""
+    reference = None
+    if messages[-1]["role"] == "assistant":
+        messages, reference = messages[:-1], messages[-1]["content"]
+    if not messages or messages[-1]["role"] != "user":
+        raise LogitcacheError(f"{where}: a prompt must end with a user turn (before the reference answer, if any)")
+    return messages, reference
+
+
+# ---- messages → tokens ------------------------------------------------------------------------
+
+
+def chat_template(tokenizer, fields: RecordFields, template_file: Path | None) -> str:
+    """The Jinja template that renders ``fields.format`` records for ``tokenizer``."""
+    if fields.format == "prompt-response":
+        if template_file is not None:
+            raise LogitcacheError("--chat-template goes with --format chat; prompt-response records are plain text")
+        return PLAIN_TEMPLATE
+    if template_file is not None:
+        try:
+            return Path(template_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise LogitcacheError(f"--chat-template {template_file}: cannot read it ({exc.strerror})") from exc
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        raise LogitcacheError(
+            "the teacher's tokenizer has no chat template; pass one as a Jinja file with --chat-template FILE"
+        )
+    return tokenizer.chat_template
+
+
+def _added_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer adds before and after a text (a BOS, an EOS, or none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(s for s in range(len(full) - len(plain) + 1) if full[s : s + len(plain)] == plain)
+    return full[:start], full[start + len(plain) :]
+
+
+class ChatRenderer:
+    """Renders checked conversations with one tokenizer and template into token ids and target masks."""
+
+    def __init__(self, tokenizer, fields: RecordFields = RecordFields(), template_file: Path | None = None) -> None:
+        fields.check()
+        self.tokenizer = tokenizer
+        self.template = chat_template(tokenizer, fields, template_file)
+        self.before, self.after = _added_tokens(tokenizer)
+
+    def render(self, messages: list[Message], where: str, add_generation_prompt: bool = False) -> str:
+        """The template's text for ``messages``; a template that fails is named with the record."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:
+            raise LogitcacheError(f"{where}: the chat template failed to render this record ({exc})") from exc
+
+    def _tokens(self, text: str, with_after: bool) -> tuple[list[int], np.ndarray, int]:
+        """``(ids, offsets [m, 2] int64 of the text's own tokens, number of tokens added before them)``."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        before = [] if ids[: len(self.before)] == self.before else self.before
+        after = [] if not with_after or ids[len(ids) - len(self.after) :] == self.after else self.after
+        offsets = np.asarray(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return [*before, *ids, *after], offsets, len(before)
+
+    def prompt_ids(self, messages: list[Message], where: str) -> np.ndarray:
+        """The generation prompt for ``messages`` (ending with a user turn): ``[n] int64``."""
+        ids, _, _ = self._tokens(self.render(messages, where, add_generation_prompt=True), with_after=False)
+        return np.asarray(ids, dtype=np.int64)
+
+    def _prefix_length(self, messages: list[Message], text: str, where: str, add_generation_prompt: bool) -> int:
+        prefix = self.render(messages, where, add_generation_prompt)
+        if not text.startswith(prefix):
+            raise LogitcacheError(
+                f"{where}: the chat template does not render turn by turn (the conversation up to turn {len(messages)} "
+                "is not the start of the whole), so the assistant turns cannot be found"
+            )
+        return len(prefix)
+
+    def assistant_spans(self, messages: list[Message], text: str, where: str) -> list[tuple[int, int]]:
+        """Character spans ``[start, end)`` of the assistant turns in ``text``, the rendering of ``messages``."""
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = self._prefix_length(messages[:i], text, where, add_generation_prompt=True)
+                end = self._prefix_length(messages[: i + 1], text, where, add_generation_prompt=False)
+                if end <= start:
+                    raise LogitcacheError(f"{where}: the chat template renders no text for assistant turn {i}")
+                spans.append((start, end))
+        return spans
+
+    def example(self, messages: list[Message], where: str) -> ChatExample:
+        """``messages`` (with at least one assistant turn) as input ids and the assistant target mask."""
+        if not any(m["role"] == "assistant" for m in messages):
+            raise LogitcacheError(f"{where}: no assistant turn (or response) to take targets from")
+        text = self.render(messages, where)
+        ids, offsets, before = self._tokens(text, with_after=True)
+        starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)  # an empty span still has a place
+        assistant = np.zeros(len(ids), dtype=bool)
+        own = assistant[before : before + len(offsets)]
+        for start, end in self.assistant_spans(messages, text, where):
+            own |= (starts < end) & (ends > start)
+        return ChatExample(np.asarray(ids, dtype=np.int64), assistant[1:])
+
+    def examples(
+        self, conversations: Iterator[tuple[str, list[Message]]], max_len: int | None = None,
+        policy: str = "truncate", stats: ChatStats | None = None,
+    ) -> Iterator[ChatExample]:
+        """The examples of ``conversations``; longer than ``max_len`` tokens: cut to ``max_len`` (``truncate``;
+        skipped if no target is left) or ``skip``ped. ``stats`` counts what happened."""
+        if policy not in LENGTH_POLICIES:
+            raise LogitcacheError(f"length policy {policy!r}: use one of {', '.join(LENGTH_POLICIES)}")
+        stats = ChatStats() if stats is None else stats
+        for where, messages in conversations:
+            stats.records += 1
+            example = self.example(messages, where)
+            if max_len is not None and len(example.input_ids) > max_len:
+                if policy == "skip" or not example.target_mask[: max_len - 1].any():
+                    stats.skipped += 1
+                    continue
+                stats.truncated += 1
+                example = ChatExample(example.input_ids[:max_len], example.target_mask[: max_len - 1])
+            stats.examples += 1
+            stats.tokens += len(example.input_ids)
+            stats.target_positions += int(example.target_mask.sum())
+            yield example

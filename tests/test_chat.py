@@ -1,0 +1,221 @@
+"""Chat and prompt-response records (logitcache/chat.py): the rendered chat is exactly what the teacher
+sees, targets sit exactly where the next token is an assistant's (every turn), one BOS, one clear line
+for every bad record; every corpus format gives the same conversations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from logitcache.chat import ChatRenderer, ChatStats, RecordFields, conversation, read_conversations, split_reference
+from logitcache.corpus import Corpus
+from logitcache.errors import LogitcacheError
+
+# A small template in the usual shape: a role header per turn, an end-of-turn token after the assistant's.
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+BOS = "<s>"
+
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Reverse: apple river"},
+    {"role": "assistant", "content": "river apple"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(teacher_dir):
+    """The demo tokenizer with :data:`TEMPLATE` as its own chat template."""
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(teacher_dir, tmp_path_factory) -> PreTrainedTokenizerFast:
+    """The demo tokenizer made to add a BOS before every text (a post-processor, as Llama's tokenizers do)."""
+    from tokenizers import AddedToken
+    from tokenizers.processors import TemplateProcessing
+
+    backend = AutoTokenizer.from_pretrained(str(teacher_dir)).backend_tokenizer
+    backend.add_special_tokens([AddedToken(BOS, special=True)])
+    bos_id = backend.token_to_id(BOS)
+    backend.post_processor = TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, bos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    assert tok("a")["input_ids"][0] == bos_id  # the tokenizer really adds it
+    return tok
+
+
+def _runs(example) -> list[list[int]]:
+    """The token ids at target positions' next tokens, as runs of consecutive positions."""
+    runs, previous = [], None
+    for t in np.flatnonzero(example.target_mask):
+        if previous is None or t != previous + 1:
+            runs.append([])
+        runs[-1].append(int(example.input_ids[t + 1]))
+        previous = t
+    return runs
+
+
+def test_multi_turn_targets_are_every_assistant_turn(tokenizer):
+    example = ChatRenderer(tokenizer).example(CHAT, "record")
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert example.input_ids.dtype == np.int64 and example.target_mask.dtype == np.bool_
+    assert len(example.target_mask) == len(example.input_ids) - 1
+    assert example.input_ids.tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]  # the rendering, nothing else
+    runs = _runs(example)
+    assert [tokenizer.decode(run) for run in runs] == ["5<|endoftext|>", "river apple<|endoftext|>"]
+
+
+def test_chat_template_file_equals_the_tokenizers_own(teacher_dir, tokenizer, tmp_path):
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    plain = AutoTokenizer.from_pretrained(str(teacher_dir))
+    assert plain.chat_template is None
+    from_file = ChatRenderer(plain, RecordFields(), tmp_path / "chat.jinja").example(CHAT, "record")
+    own = ChatRenderer(tokenizer).example(CHAT, "record")
+    assert np.array_equal(from_file.input_ids, own.input_ids) and np.array_equal(from_file.target_mask, own.target_mask)
+    with pytest.raises(LogitcacheError, match="no chat template; pass one as a Jinja file with --chat-template"):
+        ChatRenderer(plain)
+    with pytest.raises(LogitcacheError, match="--chat-template .*missing.jinja: cannot read it"):
+        ChatRenderer(plain, RecordFields(), tmp_path / "missing.jinja")
+
+
+@pytest.mark.parametrize("template_writes_bos", [True, False])
+def test_one_bos_whether_the_template_writes_it_or_not(bos_tokenizer, template_writes_bos, tmp_path):
+    template = ("{{ bos_token }}" if template_writes_bos else "") + TEMPLATE
+    (tmp_path / "chat.jinja").write_text(template)
+    renderer = ChatRenderer(bos_tokenizer, RecordFields(), tmp_path / "chat.jinja")
+    ids = renderer.example(CHAT, "record").input_ids.tolist()
+    prompt = renderer.prompt_ids(CHAT[:2], "record").tolist()
+    bos = bos_tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1
+    assert prompt[0] == bos and prompt.count(bos) == 1
+    assert ids[: len(prompt)] == prompt  # the generation prompt is the start of the conversation
+
+
+def test_a_token_merged_across_the_turn_boundary_is_a_target(tokenizer, tmp_path):
+    """The assistant header ' th' and the answer 'e answer' tokenize as ' the' + ' answer': that token is a target."""
+    (tmp_path / "tight.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}{% else %} th{{ m['content'] }}{{ eos_token }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %} th{% endif %}"
+    )
+    renderer = ChatRenderer(tokenizer, RecordFields(), tmp_path / "tight.jinja")
+    messages = [{"role": "user", "content": "Say it"}, {"role": "assistant", "content": "e answer"}]
+    example = renderer.example(messages, "record")
+    start = len("Say it th")
+    offsets = tokenizer("Say it the answer", add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert any(b < start < e for b, e in offsets)  # the merge happens
+    expected = [e > start for _, e in offsets[1:]] + [True]  # every token reaching into the answer, then EOS
+    assert example.target_mask.tolist() == expected
+
+
+def test_prompt_response_is_plain_text(tokenizer):
+    fields = RecordFields(format="prompt-response", prompt_field="q", response_field="a")
+    messages = conversation({"q": "2 + 3 =", "a": " 5"}, fields, "r")
+    example = ChatRenderer(tokenizer, fields).example(messages, "r")
+    assert example.input_ids.tolist() == tokenizer("2 + 3 = 5", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert tokenizer.decode(sum(_runs(example), [])) == " 5<|endoftext|>"
+    with pytest.raises(LogitcacheError, match="--chat-template goes with --format chat"):
+        ChatRenderer(tokenizer, fields, Path("chat.jinja"))
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ({"text": "hi"}, r"r.jsonl:1: no field 'messages' \(fields: text\); pick one with --messages-field"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "r.jsonl:1: message 0 has the unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},
+     "r.jsonl:1: message 1 is an empty assistant turn"),
+    ({"messages": [{"role": "user", "content": 3}]}, "r.jsonl:1: the content of message 0 is int, not text"),
+    ({"messages": []}, "r.jsonl:1: field 'messages' must be a non-empty list"),
+    ({"messages": ["hi"]}, r"r.jsonl:1: message 0 is not a \{role, content\} object"),
+])
+def test_bad_records_are_one_clear_line(tmp_path, record, message):
+    corpus = Corpus.open(_write_jsonl(tmp_path / "r.jsonl", [record]))
+    with pytest.raises(LogitcacheError, match=message):
+        list(read_conversations(corpus, RecordFields()))
+
+
+def test_bad_prompt_response_records(tmp_path):
+    fields = RecordFields(format="prompt-response")
+    corpus = Corpus.open(_write_jsonl(tmp_path / "r.jsonl", [{"question": "hi"}]))
+    with pytest.raises(LogitcacheError, match=r"no field 'prompt' \(fields: question\); pick one with --prompt-field"):
+        list(read_conversations(corpus, fields))
+    corpus = Corpus.open(_write_jsonl(tmp_path / "s.jsonl", [{"prompt": "hi", "response": ""}]))
+    with pytest.raises(LogitcacheError, match="empty assistant turn"):
+        list(read_conversations(corpus, fields))
+    with pytest.raises(LogitcacheError, match="--format qa: use one of chat, prompt-response"):
+        RecordFields(format="qa").check()
+
+
+def test_templates_that_cannot_serve_are_named(tokenizer, tmp_path):
+    (tmp_path / "raises.jinja").write_text("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(LogitcacheError, match="record: the chat template failed to render this record .*roles must alternate"):
+        ChatRenderer(tokenizer, RecordFields(), tmp_path / "raises.jinja").example(CHAT, "record")
+    # A template that renders the last turn differently: no prefix of the whole, so no turn can be found.
+    (tmp_path / "last.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% if loop.last %}!{% endif %}{% endfor %}")
+    with pytest.raises(LogitcacheError, match="does not render turn by turn"):
+        ChatRenderer(tokenizer, RecordFields(), tmp_path / "last.jinja").example(CHAT, "record")
+    with pytest.raises(LogitcacheError, match="record: no assistant turn"):
+        ChatRenderer(tokenizer).example(CHAT[:2], "record")
+
+
+def test_max_len_truncates_or_skips_and_counts(tokenizer):
+    renderer = ChatRenderer(tokenizer)
+    full = renderer.example(CHAT, "r")
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    n = len(full.input_ids) - 3
+    conversations = [("a", CHAT), ("b", short)]
+    stats = ChatStats()
+    kept = list(renderer.examples(iter(conversations), max_len=n, policy="truncate", stats=stats))
+    assert np.array_equal(kept[0].input_ids, full.input_ids[:n]) and np.array_equal(kept[0].target_mask, full.target_mask[: n - 1])
+    assert (stats.records, stats.examples, stats.truncated, stats.skipped) == (2, 2, 1, 0)
+    assert stats.tokens == n + len(kept[1].input_ids)
+    assert stats.target_positions == int(kept[0].target_mask.sum() + kept[1].target_mask.sum())
+    stats = ChatStats()
+    kept = list(renderer.examples(iter(conversations), max_len=n, policy="skip", stats=stats))
+    assert len(kept) == 1 and (stats.examples, stats.truncated, stats.skipped) == (1, 0, 1)
+    # Cut before the first answer: nothing left to learn, skipped even under truncate.
+    stats = ChatStats()
+    assert not list(renderer.examples(iter(conversations[:1]), max_len=8, policy="truncate", stats=stats))
+    assert stats.skipped == 1
+    with pytest.raises(LogitcacheError, match="length policy 'cut'"):
+        list(renderer.examples(iter(conversations), policy="cut"))
+
+
+def test_every_corpus_format_gives_the_same_conversations(tmp_path):
+    import datasets
+
+    records = [{"messages": CHAT, "id": 0}, {"messages": CHAT[1:3], "id": 1}]
+    _write_jsonl(tmp_path / "c.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet", row_group_size=1)
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
+    expected = [CHAT, CHAT[1:3]]
+    for path in ("c.jsonl", "c.parquet", "ds"):
+        assert [m for _, m in read_conversations(Corpus.open(tmp_path / path), RecordFields())] == expected, path
+    places = [where for where, _ in read_conversations(Corpus.open(tmp_path / "c.parquet"), RecordFields())]
+    assert places == [f"{tmp_path / 'c.parquet'} row 0", f"{tmp_path / 'c.parquet'} row 1"]
+    (tmp_path / "t.txt").write_text("plain")
+    with pytest.raises(LogitcacheError, match="plain text holds no records"):
+        list(read_conversations(Corpus.open(tmp_path / "t.txt"), RecordFields()))
+
+
+def test_split_reference():
+    assert split_reference(CHAT, "r") == (CHAT[:4], "river apple")
+    assert split_reference(CHAT[:2], "r") == (CHAT[:2], None)
+    with pytest.raises(LogitcacheError, match="r: a prompt must end with a user turn"):
+        split_reference(CHAT[:1], "r")
