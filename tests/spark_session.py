@@ -36,12 +36,17 @@ def java_problem() -> str | None:
     return None
 
 
-@contextmanager
-def local_spark() -> Iterator:
-    """A ``local[1]`` SparkSession (no UI); without Java 17+ the test is skipped, or fails under CI."""
+def require_java() -> None:
+    """Skip the test without Java 17+, or fail it under CI (where .ci/run installs Java)."""
     problem = java_problem()
     if problem:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"Spark cannot start: {problem}")
+
+
+@contextmanager
+def local_spark() -> Iterator:
+    """A ``local[1]`` SparkSession (no UI, no console progress); see :func:`require_java`."""
+    require_java()
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
@@ -49,7 +54,8 @@ def local_spark() -> Iterator:
     os.environ[processes.MARK] = mark  # inherited by the JVM that getOrCreate starts, and only by it
     try:
         session = (SparkSession.builder.master("local[1]").appName("logitcache-tests")
-                   .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "1").getOrCreate())
+                   .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+                   .config("spark.sql.shuffle.partitions", "1").getOrCreate())
     except BaseException:
         _forget_gateway(SparkContext, mark)
         raise
