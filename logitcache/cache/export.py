@@ -39,7 +39,7 @@ token ``n``) of id 0, log-prob -1e9 and mask 0. The target log-probs are at temp
   (``tail_logprob``) and the absolute teacher log-probs; ``--to hf`` keeps both.
 - ``sample``: RS-KD's self-normalised importance weights, ``log(w_i / sum_j w_j)`` with
   ``w_i = count_i * exp((1 - 1/tau) * logprob_i)`` (``count_i / N`` for a proposal at the teacher's
-  temperature), the distribution logitcache's ``rs_kd`` loss trains on. axolotl has no field for
+  temperature), the distribution logitcache's ``rs-kd`` loss trains on. axolotl has no field for
   counts; with ``kd_beta: 0`` and ``kd_normalize_topk: false`` its forward KL against these targets
   differs from RS-KD's loss by a constant (the targets' entropy), so the gradients are RS-KD's
   (unbiased for the full-distribution KD gradient when ``tau = 1``; self-normalised, hence
