@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from spark_session import local_spark
@@ -57,8 +58,8 @@ def pyarrow_windows(files: list[Path], scale: float) -> list[dict]:
         for name in LOGPROB_COLUMNS:
             if name in table.column_names:
                 lists = table.column(name).combine_chunks()
-                decoded = pa.compute.multiply(lists.flatten().cast(pa.float64()), scale)
-                offsets = pa.compute.subtract(lists.offsets, lists.offsets[0])
+                decoded = pc.multiply(lists.flatten().cast(pa.float64()), scale)
+                offsets = pc.subtract(lists.offsets, lists.offsets[0])
                 table = table.set_column(table.column_names.index(name), name, pa.ListArray.from_arrays(offsets, decoded))
         windows += table.to_pylist()
     return windows

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from datasets import Dataset, DatasetInfo, concatenate_datasets
 
 from logitcache.cache.format import WindowTargets, read_shard
 from logitcache.cache.manifest import check_complete, read_manifest
@@ -184,8 +185,6 @@ def export_cache(cache: Path, out: Path, to: str, *, overwrite: bool = False,
     _check_out(cache, out, overwrite)
     if not manifest["shards"]:
         raise LogitcacheError(f"{cache}: the manifest lists no shards; nothing to export")
-    from datasets import Dataset, DatasetInfo, concatenate_datasets
-
     tau = float(manifest["params"].get("proposal_temperature", 1.0))
     about = {"logitcache_export": to, "cache_fingerprint": manifest["fingerprint"], "method": manifest["method"],
              "params": manifest["params"], "teacher": manifest["teacher"]["name"], "sequences": manifest["totals"]["sequences"]}
