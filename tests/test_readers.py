@@ -135,19 +135,19 @@ def by_sequence(windows: list[dict]) -> dict[int, tuple[list, list[tuple]]]:
     return {int(w["sequence_id"]): (np.asarray(w["input_ids"]).tolist(), positions(w)) for w in windows}
 
 
-def reference_windows(files: list[Path], scale: float) -> list[dict]:
-    """The same windows from logitcache's own reader."""
+def reference_windows(files: list[Path]) -> list[dict]:
+    """The same windows from logitcache's own reader, whose log-prob arrays are the log-probs (float64 here)."""
     windows = []
     for file in files:
         targets = read_shard(file)
         entries = targets.target_lengths.sum(axis=1, dtype=np.int64)
         ends = np.cumsum(entries)
-        per_id = {"target_ids": targets.target_ids, "target_logprobs": targets.target_logprobs.astype(np.float64) * scale}
+        per_id = {"target_ids": targets.target_ids, "target_logprobs": targets.target_logprobs.astype(np.float64)}
         if targets.target_counts is not None:
             per_id["target_counts"] = targets.target_counts
-        per_position = {"target_lengths": targets.target_lengths, "gold_logprob": targets.gold_logprob.astype(np.float64) * scale}
+        per_position = {"target_lengths": targets.target_lengths, "gold_logprob": targets.gold_logprob.astype(np.float64)}
         if targets.tail_logprob is not None:
-            per_position["tail_logprob"] = targets.tail_logprob.astype(np.float64) * scale
+            per_position["tail_logprob"] = targets.tail_logprob.astype(np.float64)
         for b, (start, end) in enumerate(zip(ends - entries, ends)):
             window = {"sequence_id": targets.sequence_ids[b], "input_ids": targets.input_ids[b]}
             window.update({name: values[start:end] for name, values in per_id.items()})
@@ -182,7 +182,7 @@ def test_engine_recovers_every_positions_targets(engine, cache, request):
     scale = logprob_scale(pq.read_schema(files[0]))
     extra = [request.getfixturevalue("spark")] if engine == "spark" else []
     windows = ENGINES[engine](files, scale, *extra)
-    expected = reference_windows(files, scale)
+    expected = reference_windows(files)
     assert all(set(window) == set(pq.read_schema(files[0]).names) for window in windows)
     assert by_sequence(windows) == by_sequence(expected)
     assert len(windows) == len(expected) == read_manifest(cache)["totals"]["sequences"]
@@ -206,5 +206,5 @@ def test_spark_recovers_every_positions_targets_from_a_float32_copy(cache, spark
     copies = float32_copy(files, tmp_path / "float32")
     assert not _float16_columns(pq.read_schema(copies[0]))
     windows = spark_windows(copies, logprob_scale(pq.read_schema(copies[0])), spark)
-    assert by_sequence(windows) == by_sequence(reference_windows(files, logprob_scale(pq.read_schema(files[0]))))
+    assert by_sequence(windows) == by_sequence(reference_windows(files))
     assert {name for window in windows for name in window} == set(pq.read_schema(files[0]).names)
