@@ -51,6 +51,7 @@ def local_spark() -> Iterator:
     from pyspark.sql import SparkSession
 
     mark = f"{processes.SESSION}:{uuid.uuid4().hex}"
+    outer = os.environ.get(processes.MARK)
     os.environ[processes.MARK] = mark  # inherited by the JVM that getOrCreate starts, and only by it
     try:
         session = (SparkSession.builder.master("local[1]").appName("logitcache-tests")
@@ -60,13 +61,18 @@ def local_spark() -> Iterator:
         _forget_gateway(SparkContext, mark)
         raise
     finally:
-        del os.environ[processes.MARK]
+        if outer is None:
+            del os.environ[processes.MARK]
+        else:
+            os.environ[processes.MARK] = outer
     try:
         assert processes.marked(mark), "Spark's JVM does not carry the test mark: nothing could stop it"
         yield session
     finally:
-        session.stop()
-        _forget_gateway(SparkContext, mark)
+        try:
+            session.stop()
+        finally:
+            _forget_gateway(SparkContext, mark)
 
 
 def _forget_gateway(spark_context: type, mark: str) -> None:
