@@ -272,6 +272,31 @@ def merge(cache: CacheDir) -> None:
 
 
 @app.command()
+def export(
+    cache: CacheDir,
+    to: Annotated[str, typer.Option(
+        help="axolotl: the rows axolotl's KD trainer reads (top-k renormalised over its ids, sample counts as RS-KD "
+             "weights; tail mass and counts dropped); hf: every stored value, one list per position, for TRL or "
+             "your own loop.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset to (open it with datasets.load_from_disk).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
+) -> None:
+    """Write a cache as a Hugging Face dataset: for axolotl's KD trainer, or for TRL and custom loops (README: Export)."""
+    import datasets
+
+    from logitcache.cache.export import export_cache
+    from logitcache.cache.manifest import read_manifest
+
+    datasets.disable_progress_bars()  # the command draws its own
+    with user_errors():
+        total = read_manifest(cache)["totals"]["sequences"]
+    with user_errors(), progress_bar(f"export {to}", total=total) as advance:
+        about = export_cache(cache, out, to, overwrite=overwrite, progress=advance)
+    done = f"exported {about['sequences']} windows ({about['method']}) to {escape(str(out))} for {to}"
+    Console().print(f"[green]✓[/green] {done}", soft_wrap=True)
+
+
+@app.command()
 def train(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Output folder: metrics.jsonl, checkpoint/, student/, loss.png.")],

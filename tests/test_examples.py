@@ -1,4 +1,4 @@
-"""The reader examples (pyarrow, datasets, polars, duckdb) agree with logitcache.cache.format.read_shard.
+"""The reader examples (pyarrow, datasets, polars, duckdb, spark) agree with logitcache.cache.format.read_shard.
 
 Each example recovers the first window's targets from a cache with one tool only; on synthetic
 caches of both methods (one with a tempered proposal) and on real builds they must match the
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import processes
 import pytest
+from spark_session import local_spark, require_java
 
 import logitcache
 from logitcache.cache.format import FORMAT_VERSION, WindowTargets, read_shard, write_shard
@@ -24,7 +25,7 @@ from logitcache.cache.manifest import FORMAT_NAME, fingerprint, write_manifest
 from logitcache.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = ["read_pyarrow", "read_datasets", "read_polars", "read_duckdb"]
+EXAMPLES = ["read_pyarrow", "read_datasets", "read_polars", "read_duckdb", "read_spark"]
 VOCAB = 64
 
 
@@ -164,8 +165,17 @@ def _same_f16(got, expected) -> bool:
     return np.array_equal(np.asarray(got, dtype=np.float32).astype(np.float16), np.asarray(expected))
 
 
+@pytest.fixture(scope="module")
+def spark():
+    """The Spark example's ``getOrCreate`` joins this session, whose JVM is stopped after the module."""
+    with local_spark() as session:
+        yield session
+
+
 @pytest.mark.parametrize("example", EXAMPLES)
-def test_example_recovers_the_writers_targets(example, example_cache, capsys):
+def test_example_recovers_the_writers_targets(example, example_cache, capsys, request):
+    if example == "read_spark":
+        request.getfixturevalue("spark")
     module = _load_example(example)
     got = module.first_window_targets(example_cache)
     expected = _expected_first_window(example_cache)
@@ -188,6 +198,8 @@ def test_example_recovers_the_writers_targets(example, example_cache, capsys):
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_script_runs(example, tmp_path):
+    if example == "read_spark":
+        require_java()
     cache_dir = tmp_path / "cache"
     write_synthetic_cache(cache_dir, *CACHES["sample-tempered"])
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}

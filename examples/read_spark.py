@@ -1,0 +1,125 @@
+"""Read a logitcache cache with Apache Spark (pyspark, local mode): the teacher targets of the first window.
+
+Usage: python examples/read_spark.py CACHE_DIR        (Spark 4 needs a Java 17+ runtime)
+
+``posexplode(target_lengths)`` gives one row per position; the sum of the lengths before it is
+where its entries start in the flat per-id lists, and ``slice`` takes them. Spark 4 has no
+Parquet FLOAT16 type (``[PARQUET_TYPE_ILLEGAL]``), in which format v1 stores log-probabilities,
+so the example first copies the window's row group with those columns cast to float32 (pyarrow;
+exact). Format: schemas/SHARD_FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import SparkSession
+
+FORMAT_VERSION = 1
+
+# Per-method SQL: the extra column of a position (and its name), and the target probability of its entries.
+# sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),
+# self-normalised per position; at tau = 1 this is exactly count / N, the unbiased RS-KD estimate.
+METHOD_SQL = {
+    "topk": {
+        "extra": "CAST(tail_logprob[position] AS DOUBLE) AS tail_logprob",
+        "extra_name": "tail_logprob",
+        "weights": "transform(logprobs, x -> exp(x))",
+        "probs": "weights",
+    },
+    "sample": {
+        "extra": "slice(target_counts, start + 1, length) AS counts",
+        "extra_name": "counts",
+        "weights": "zip_with(counts, logprobs, (c, x) -> c * exp(x * (1 - 1 / {tau})))",
+        "probs": "transform(weights, w -> w / aggregate(weights, 0D, (total, v) -> total + v))",
+    },
+}
+
+QUERY = """
+WITH positions AS (
+    SELECT *, posexplode(target_lengths) AS (position, length) FROM first_window
+), spans AS (
+    SELECT *, aggregate(slice(target_lengths, 1, position), 0, (total, n) -> total + n) AS start FROM positions
+), targets AS (
+    SELECT position, input_ids[position + 1] AS gold_id, CAST(gold_logprob[position] AS DOUBLE) AS gold_logprob,
+           slice(target_ids, start + 1, length) AS ids,
+           transform(slice(target_logprobs, start + 1, length), x -> CAST(x AS DOUBLE)) AS logprobs,
+           {extra}
+    FROM spans
+), weighted AS (
+    SELECT *, {weights} AS weights FROM targets
+)
+SELECT position, gold_id, gold_logprob, ids, logprobs, {extra_name}, {probs} AS probs FROM weighted ORDER BY position
+"""
+
+
+def read_manifest(cache_dir: str | Path) -> dict:
+    path = Path(cache_dir) / "manifest.json"
+    if not path.is_file():
+        raise SystemExit(f"{cache_dir}: no manifest.json; give the folder `logitcache build --out` wrote")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "logitcache" or manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cache_dir}: not a logitcache format v{FORMAT_VERSION} cache")
+    return manifest
+
+
+def spark_readable_first_row_group(shard: Path, folder: Path) -> Path:
+    """A Parquet file of the shard's first row group (it holds the first window) with float16 columns as float32."""
+    table = pq.ParquetFile(shard).read_row_group(0)
+    wide = pa.schema([field.with_type(pa.list_(pa.float32())) if field.type == pa.list_(pa.float16()) else field
+                      for field in table.schema])
+    path = folder / shard.name
+    pq.write_table(table.cast(wide), path)
+    return path
+
+
+def first_window_targets(cache_dir: str | Path) -> list[dict]:
+    """One dict per position of the cache's first window (sequence_id 0)."""
+    manifest = read_manifest(cache_dir)
+    method, tau = manifest["method"], manifest["params"].get("proposal_temperature", 1.0)
+    spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    parts = METHOD_SQL[method]
+    sql = QUERY.format(extra=parts["extra"], extra_name=parts["extra_name"], probs=parts["probs"],
+                       weights=parts["weights"].format(tau=float(tau)))
+    with tempfile.TemporaryDirectory() as folder:
+        shard = spark_readable_first_row_group(Path(cache_dir) / manifest["shards"][0]["file"], Path(folder))
+        spark.read.parquet(str(shard)).orderBy("sequence_id").limit(1).createOrReplaceTempView("first_window")
+        result = [row.asDict() for row in spark.sql(sql).collect()]
+    rows = []
+    for row in result:
+        row["ids"] = np.asarray(row["ids"], dtype=np.int64)
+        row["logprobs"] = np.asarray(row["logprobs"], dtype=np.float32)
+        row["probs"] = np.asarray(row["probs"], dtype=np.float64)
+        if method == "sample":
+            row["counts"] = np.asarray(row["counts"], dtype=np.int64)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict], width: int = 3) -> None:
+    """A short table: each position's gold token and its first ``width`` target ids."""
+    extra = "counts" if "counts" in rows[0] else "tail_logprob"
+    print(f"{'pos':>4} {'gold_id':>8} {'gold_lp':>8}  {extra:<14} top ids (prob)")
+    for row in rows:
+        top = "  ".join(f"{i}({p:.3f})" for i, p in zip(row["ids"][:width], row["probs"][:width]))
+        value = str(row["counts"][:width].tolist()) if extra == "counts" else f"{row['tail_logprob']:.4f}"
+        print(f"{row['position']:>4} {row['gold_id']:>8} {row['gold_logprob']:>8.4f}  {value:<14} {top}")
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python {sys.argv[0]} CACHE_DIR")
+    rows = first_window_targets(sys.argv[1])
+    SparkSession.getActiveSession().stop()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
