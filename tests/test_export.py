@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import all_targets, run_cli
+from conftest import all_targets, build_cache, run_cli
 from datasets import load_from_disk
 from test_examples import CACHES, write_synthetic_cache
 
@@ -25,9 +25,15 @@ from logitcache.losses.sparse import Rows, masked_log_softmax, rs_kd_log_weights
 FLOAT32_LOGPROB_ERROR = 2e-6  # float64 arithmetic rounded once to float32, on log-probs of magnitude < 16
 
 
-@pytest.fixture(scope="module", params=["topk_cache", "sample_cache", "sample-tempered"])
+@pytest.fixture(scope="module", params=["topk_cache", "sample_cache", "sample-tempered", "documents"])
 def cache(request, tmp_path_factory):
-    """The conftest's real builds, and a synthetic sample cache drawn from a tempered proposal (tau = 2)."""
+    """The conftest's real builds, a synthetic sample cache drawn from a tempered proposal (tau = 2), and a
+    real build with a row per document (rows of different lengths)."""
+    if request.param == "documents":
+        folder = tmp_path_factory.mktemp("documents") / "cache"
+        build_cache(request.getfixturevalue("teacher_dir"), request.getfixturevalue("corpus_file"), folder,
+                    packing="documents", method="sample", samples=16)
+        return folder
     if request.param in CACHES:
         folder = tmp_path_factory.mktemp("synthetic")
         write_synthetic_cache(folder, *CACHES[request.param], windows=7, seq_len=9)
@@ -51,8 +57,8 @@ def windows(cache) -> list[tuple[int, np.ndarray, list[tuple[int, int]], WindowT
     targets = all_targets(cache)
     ends = np.cumsum(targets.target_lengths.reshape(-1).astype(np.int64))
     spans = list(zip((ends - targets.target_lengths.reshape(-1)).tolist(), ends.tolist()))
-    positions = targets.target_lengths.shape[1]
-    return [(int(sid), targets.input_ids[b], spans[b * positions:(b + 1) * positions], targets)
+    positions, tokens = targets.target_lengths.shape[1], targets.tokens()
+    return [(int(sid), targets.input_ids[b, : tokens[b]], spans[b * positions : b * positions + tokens[b] - 1], targets)
             for b, sid in enumerate(targets.sequence_ids)]
 
 
@@ -68,9 +74,9 @@ def test_hf_export_keeps_every_stored_value(cache, exported):
             np.testing.assert_array_equal(row["target_logprobs"][t], targets.target_logprobs[start:end].astype(np.float32))
             if targets.method == "sample":
                 np.testing.assert_array_equal(row["target_counts"][t], targets.target_counts[start:end])
-        np.testing.assert_array_equal(row["gold_logprob"], targets.gold_logprob[b].astype(np.float32))
+        np.testing.assert_array_equal(row["gold_logprob"], targets.gold_logprob[b, : len(spans)].astype(np.float32))
         if targets.method == "topk":
-            np.testing.assert_array_equal(row["tail_logprob"], targets.tail_logprob[b].astype(np.float32))
+            np.testing.assert_array_equal(row["tail_logprob"], targets.tail_logprob[b, : len(spans)].astype(np.float32))
         assert ("tail_logprob" in row) == (targets.method == "topk") != ("target_counts" in row)
 
 

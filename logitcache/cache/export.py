@@ -80,17 +80,25 @@ def _lists(values: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> 
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=arrow_type))
 
 
-def _per_position(values: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    """Flat per-id ``values [S]`` → one list per window of one list per position; ``lengths [B, P]``."""
+def _real(width: int, counts: np.ndarray) -> np.ndarray:
+    """``[B, width] bool``: the first ``counts[b]`` entries of each row (the rest is padding)."""
+    return np.arange(width)[None, :] < counts[:, None]
+
+
+def _per_position(values: np.ndarray, lengths: np.ndarray, positions: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+    """Flat per-id ``values [S]`` → one list per window of one list per position; ``lengths [B, P]``
+    padded after each window's ``positions [B]``."""
+    offsets = np.zeros(len(positions) + 1, dtype=np.int64)
+    np.cumsum(positions, out=offsets[1:])
     return pa.ListArray.from_arrays(
-        pa.array(np.arange(0, lengths.size + 1, lengths.shape[1], dtype=np.int32)),
-        _lists(values, lengths.reshape(-1), arrow_type),
+        pa.array(offsets.astype(np.int32)),
+        _lists(values, lengths[_real(lengths.shape[1], positions)], arrow_type),
     )
 
 
-def _window_lists(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    """``values [B, P]`` → one list of ``P`` per window."""
-    return _lists(values.reshape(-1), np.full(values.shape[0], values.shape[1]), arrow_type)
+def _window_lists(values: np.ndarray, counts: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+    """``values [B, W]`` → one list per window of its first ``counts [B]`` values."""
+    return _lists(values[_real(values.shape[1], counts)], counts, arrow_type)
 
 
 def log_normalise(logits: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -115,42 +123,46 @@ def axolotl_logprobs(targets: WindowTargets, proposal_temperature: float) -> np.
             logits += (1.0 - 1.0 / proposal_temperature) * logprobs
     else:
         logits = logprobs
-    return log_normalise(logits, targets.target_lengths.reshape(-1).astype(np.int64))
+    lengths = targets.target_lengths.reshape(-1).astype(np.int64)
+    return log_normalise(logits, lengths[lengths > 0])  # padding (and positions without targets) holds no entries
 
 
 def _hf_table(targets: WindowTargets) -> pa.Table:
     lengths = targets.target_lengths.astype(np.int64)
+    tokens = targets.tokens()
+    positions = tokens - 1
     columns = {
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _window_lists(targets.input_ids, pa.int32()),
-        "target_ids": _per_position(targets.target_ids, lengths, pa.int32()),
-        "target_logprobs": _per_position(targets.target_logprobs.astype(np.float32), lengths, pa.float32()),
+        "input_ids": _window_lists(targets.input_ids, tokens, pa.int32()),
+        "target_ids": _per_position(targets.target_ids, lengths, positions, pa.int32()),
+        "target_logprobs": _per_position(targets.target_logprobs.astype(np.float32), lengths, positions, pa.float32()),
     }
     if targets.method == "topk":
-        columns["tail_logprob"] = _window_lists(targets.tail_logprob.astype(np.float32), pa.float32())
+        columns["tail_logprob"] = _window_lists(targets.tail_logprob.astype(np.float32), positions, pa.float32())
     else:
-        columns["target_counts"] = _per_position(targets.target_counts, lengths, pa.uint16())
-    columns["gold_logprob"] = _window_lists(targets.gold_logprob.astype(np.float32), pa.float32())
+        columns["target_counts"] = _per_position(targets.target_counts, lengths, positions, pa.uint16())
+    columns["gold_logprob"] = _window_lists(targets.gold_logprob.astype(np.float32), positions, pa.float32())
     return pa.table(columns)
 
 
 def _axolotl_table(targets: WindowTargets, proposal_temperature: float) -> pa.Table:
-    windows = len(targets)
     lengths = targets.target_lengths.astype(np.int64)
-    # One padding entry closes each window: it goes after the window's last stored entry.
+    tokens = targets.tokens()
+    # One padding entry closes each window, at its last token: it goes after the window's last stored entry.
     window_ends = np.cumsum(lengths.sum(axis=1))
-    padded_lengths = np.concatenate([lengths, np.ones((windows, 1), dtype=np.int64)], axis=1)
+    padded_lengths = np.concatenate([lengths, np.zeros((len(targets), 1), dtype=np.int64)], axis=1)
+    padded_lengths[np.arange(len(targets)), tokens - 1] = 1
     ids = np.insert(targets.target_ids, window_ends, 0)
     logprobs = np.insert(axolotl_logprobs(targets, proposal_temperature).astype(np.float32), window_ends, PAD_LOGPROB)
     mask = np.insert(np.ones(len(targets.target_ids), dtype=np.int8), window_ends, 0)
     return pa.table({
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _window_lists(targets.input_ids, pa.int32()),
-        "attention_mask": _window_lists(np.ones_like(targets.input_ids, dtype=np.int8), pa.int8()),
-        "labels": _window_lists(targets.input_ids, pa.int32()),
-        "target_token_ids": _per_position(ids, padded_lengths, pa.int32()),
-        "target_logprobs": _per_position(logprobs, padded_lengths, pa.float32()),
-        "target_mask": _per_position(mask, padded_lengths, pa.int8()),
+        "input_ids": _window_lists(targets.input_ids, tokens, pa.int32()),
+        "attention_mask": _window_lists(np.ones_like(targets.input_ids, dtype=np.int8), tokens, pa.int8()),
+        "labels": _window_lists(targets.input_ids, tokens, pa.int32()),
+        "target_token_ids": _per_position(ids, padded_lengths, tokens, pa.int32()),
+        "target_logprobs": _per_position(logprobs, padded_lengths, tokens, pa.float32()),
+        "target_mask": _per_position(mask, padded_lengths, tokens, pa.int8()),
     })
 
 
