@@ -39,6 +39,7 @@ from logitcache.errors import LogitcacheError
 
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS = ("chat", "prompt-response")
+CORPUS_FORMATS = ("text", *FORMATS)  # what `build --format` and `train --format` take: text is corpus.py's
 LENGTH_POLICIES = ("truncate", "skip")
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}"
@@ -69,6 +70,9 @@ class ChatExample:
 
     input_ids: np.ndarray
     target_mask: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass
@@ -263,3 +267,23 @@ class ChatRenderer:
             stats.tokens += len(example.input_ids)
             stats.target_positions += int(example.target_mask.sum())
             yield example
+
+
+def chat_rows(corpus: Corpus, tokenizer, fields: RecordFields, template_file: Path | None, max_len: int,
+              policy: str, stats: ChatStats) -> Iterator[ChatExample]:
+    """Every record of ``corpus`` as a :class:`ChatExample` of at most ``max_len`` tokens (a row of a
+    build or of ``train --corpus``); ``stats`` counts what happened."""
+    renderer = ChatRenderer(tokenizer, fields, template_file)
+    return renderer.examples(read_conversations(corpus, fields), max_len, policy, stats)
+
+
+def pad_examples(examples: list[ChatExample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``examples`` right-padded: ``input_ids [B, n] int64``, ``token_counts [B] int64`` and
+    ``target_mask [B, n-1] bool`` (False at padding)."""
+    counts = np.fromiter((len(e) for e in examples), dtype=np.int64, count=len(examples))
+    n = int(counts.max())
+    ids, mask = np.zeros((len(examples), n), dtype=np.int64), np.zeros((len(examples), n - 1), dtype=bool)
+    for i, e in enumerate(examples):
+        ids[i, : len(e)] = e.input_ids
+        mask[i, : len(e) - 1] = e.target_mask
+    return ids, counts, mask

@@ -66,6 +66,11 @@ TextField = Annotated[str, typer.Option(help="Field holding the text in JSON Lin
 ModelDir = Annotated[Path, typer.Option(help="Model folder in Hugging Face format (config, weights, tokenizer).")]
 RecordFormat = Annotated[str, typer.Option(
     "--format", help="chat: a list of {role, content} messages per record; prompt-response: plain-text prompt and response fields.")]
+CorpusFormat = Annotated[str, typer.Option(
+    "--format", help="text: documents in --text-field; chat: {role, content} messages per record (targets only "
+                     "at assistant tokens); prompt-response: prompt and response fields (targets only at the response).")]
+TooLong = Annotated[str, typer.Option(
+    help="chat/prompt-response: an example beyond --seq-len is cut to it (truncate) or left out (skip); counted in the manifest.")]
 MessagesField = Annotated[str, typer.Option(help="Field holding the messages of chat records.")]
 PromptField = Annotated[str, typer.Option(help="Field holding the prompt of prompt-response records.")]
 ResponseField = Annotated[str, typer.Option(help="Field holding the response of prompt-response records.")]
@@ -163,6 +168,12 @@ def build(
     batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = BUILD["batch_size"],
     shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = BUILD["shard_size"],
     text_field: TextField = BUILD["text_field"],
+    format: CorpusFormat = BUILD["format"],
+    messages_field: MessagesField = BUILD["messages_field"],
+    prompt_field: PromptField = BUILD["prompt_field"],
+    response_field: ResponseField = BUILD["response_field"],
+    chat_template: ChatTemplate = BUILD["chat_template"],
+    too_long: TooLong = BUILD["too_long"],
     overwrite: Annotated[bool, typer.Option(help="Replace a different build found in --out.")] = BUILD["overwrite"],
     backend: Annotated[str, typer.Option(help="Teacher engine: hf (transformers; CPU or GPU) or vllm (GPU).")] = BUILD["backend"],
     device: Annotated[Optional[str], typer.Option(
@@ -315,6 +326,12 @@ def train(
     bos: Bos = TRAIN["bos"],
     packing: Annotated[str, typer.Option(
         help="With --corpus: documents (one per row, padded) or stream (fixed windows across documents).")] = TRAIN["packing"],
+    format: CorpusFormat = TRAIN["format"],
+    messages_field: MessagesField = TRAIN["messages_field"],
+    prompt_field: PromptField = TRAIN["prompt_field"],
+    response_field: ResponseField = TRAIN["response_field"],
+    chat_template: ChatTemplate = TRAIN["chat_template"],
+    too_long: TooLong = TRAIN["too_long"],
     text_field: TextField = TRAIN["text_field"],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = TRAIN["steps"],
     batch_size: Annotated[int, typer.Option(

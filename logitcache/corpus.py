@@ -275,9 +275,10 @@ class Layout:
     bos_token_id: int | None  # put in front of every document and every row; None: no BOS
     eos_token_id: int  # after every document
 
-    def describe(self, bos_policy: str) -> dict:
-        """What the manifest and every shard record under ``layout``."""
-        return {"packing": self.packing, "bos": bos_policy, "bos_token_id": self.bos_token_id,
+    def describe(self, bos_policy: str, corpus_format: str = "text") -> dict:
+        """What the manifest and every shard record under ``layout`` (``bos_policy`` ``template``: a chat
+        template's own special tokens, see :mod:`logitcache.chat`)."""
+        return {"format": corpus_format, "packing": self.packing, "bos": bos_policy, "bos_token_id": self.bos_token_id,
                 "eos_token_id": self.eos_token_id}
 
 

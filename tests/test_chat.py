@@ -5,15 +5,19 @@ for every bad record; every corpus format gives the same conversations."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import all_targets, build_cache
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from logitcache.chat import ChatRenderer, ChatStats, RecordFields, conversation, read_conversations, split_reference
+from logitcache.cache.summary import summarize
+from logitcache.cache.validate import validate_cache
 from logitcache.corpus import Corpus
 from logitcache.errors import LogitcacheError
 
@@ -219,3 +223,62 @@ def test_split_reference():
     assert split_reference(CHAT[:2], "r") == (CHAT[:2], None)
     with pytest.raises(LogitcacheError, match="r: a prompt must end with a user turn"):
         split_reference(CHAT[:1], "r")
+
+
+# ---- chat corpora through the build -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat-corpus")
+    (folder / "chat.jinja").write_text(TEMPLATE)
+    records = [{"messages": CHAT}, {"messages": CHAT[1:3]}, {"messages": [{"role": "user", "content": "Hi"},
+                                                                          {"role": "assistant", "content": "Hello there"}]}]
+    (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records * 4))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+def test_a_chat_build_stores_targets_only_at_assistant_tokens(teacher_dir, chat_corpus, tmp_path, method):
+    out = tmp_path / "cache"
+    options = dict(method=method, k=4, samples=8, format="chat", chat_template=chat_corpus / "chat.jinja", seq_len=128,
+                   packing="documents")
+    manifest = build_cache(teacher_dir, chat_corpus / "chats.jsonl", out, **options)
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok.chat_template = TEMPLATE
+    renderer = ChatRenderer(tok, RecordFields())
+    targets = all_targets(out)
+    conversations = [c for _, c in read_conversations(Corpus.open(chat_corpus / "chats.jsonl"), RecordFields())]
+    for row, messages in enumerate(conversations):
+        want = renderer.example(messages, "record")
+        n = targets.tokens()[row]
+        assert targets.input_ids[row, :n].tolist() == want.input_ids.tolist()
+        assert ((targets.target_lengths[row, : n - 1] > 0) == want.target_mask).all()  # every assistant token, no other
+    assert manifest["layout"]["format"] == "chat" and manifest["corpus"]["examples"] == len(conversations)
+    assert manifest["corpus"]["target_positions"] == int((targets.target_lengths > 0).sum())
+    assert validate_cache(out) == []
+    summary = summarize(out)
+    assert summary["positions"] == manifest["totals"]["positions"] and math.isfinite(summary["teacher_perplexity"])
+
+
+def test_sft_on_a_chat_corpus_counts_only_the_assistant_tokens(teacher_dir, chat_corpus, tmp_path):
+    """``train --corpus --format chat --loss ce``: the SFT baseline, cross-entropy at the assistant's tokens only."""
+    from logitcache.train.data import open_corpus
+    from logitcache.train.distributed import World
+    from logitcache.train.loop import run_train
+    from logitcache.train.settings import TrainSettings
+
+    settings = TrainSettings(out=tmp_path / "sft", corpus=chat_corpus / "chats.jsonl", tokenizer=teacher_dir, format="chat",
+                             chat_template=chat_corpus / "chat.jinja", seq_len=128, student="nano", steps=2, batch_size=2,
+                             eval_every=2, eval_windows=4, save_every=0, device="cpu")
+    data = open_corpus(settings, step_windows=2, world=World(), lanes=1)
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok.chat_template = TEMPLATE
+    renderer = ChatRenderer(tok, RecordFields())
+    conversations = [c for _, c in read_conversations(Corpus.open(chat_corpus / "chats.jsonl"), RecordFields())]
+    held_out = [renderer.example(c, "record") for c in conversations[-4:]]
+    got = np.concatenate([b["position_mask"].numpy() for b in data.eval_batches])
+    for mask, example in zip(got, held_out):
+        assert mask[: len(example.target_mask)].tolist() == example.target_mask.tolist() and not mask[len(example.target_mask):].any()
+    metrics = run_train(settings)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["eval_lm_loss"])

@@ -340,11 +340,27 @@ def test_rows_of_different_lengths_are_prompts_of_their_own(fake_vllm, hf_teache
     assert np.array_equal(got.tokens(), counts)
 
 
-def test_a_vllm_documents_build_writes_the_hf_builds_shards(fake_vllm, teacher_dir, corpus_file, tmp_path):
-    """Both backends apply the same layout: the same rows, batched and written the same way."""
-    options = dict(method="sample", samples=SAMPLES, packing="documents", device="cpu", dtype="float32")
-    hf = build_cache(teacher_dir, corpus_file, tmp_path / "hf", **options)
-    vllm = build_cache(teacher_dir, corpus_file, tmp_path / "vllm", backend="vllm", **options)
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}")
+
+
+@pytest.mark.parametrize("method", ["topk", "sample"])
+@pytest.mark.parametrize("corpus_format", ["text", "chat"])
+def test_a_vllm_documents_build_writes_the_hf_builds_shards(fake_vllm, teacher_dir, corpus_file, tmp_path, method,
+                                                            corpus_format):
+    """Both backends apply the same layout (a row per document; a chat's targets only at its assistant tokens):
+    the same rows, batched and written the same way."""
+    options = dict(method=method, k=K, samples=SAMPLES, packing="documents", device="cpu", dtype="float32")
+    corpus = corpus_file
+    if corpus_format == "chat":
+        (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+        corpus = tmp_path / "chats.jsonl"
+        turns = [{"role": "user", "content": "Sort: 3 1 2"}, {"role": "assistant", "content": "1 2 3"},
+                 {"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]
+        corpus.write_text("".join(json.dumps({"messages": turns[: 2 + 2 * (i % 2)]}) + "\n" for i in range(10)))
+        options.update(format="chat", chat_template=tmp_path / "chat.jinja")
+    hf = build_cache(teacher_dir, corpus, tmp_path / "hf", **options)
+    vllm = build_cache(teacher_dir, corpus, tmp_path / "vllm", backend="vllm", **options)
     assert [s["rows"] for s in vllm["shards"]] == [s["rows"] for s in hf["shards"]] and vllm["layout"] == hf["layout"]
     for shard in hf["shards"]:
         assert_same_targets(read_shard(tmp_path / "vllm" / shard["file"]), read_shard(tmp_path / "hf" / shard["file"]))

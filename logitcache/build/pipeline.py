@@ -13,6 +13,8 @@ from threading import Event, Thread
 
 import numpy as np
 
+from logitcache.chat import ChatExample, pad_examples
+from logitcache.corpus import pad_rows
 from logitcache.targets.spec import TargetSpec
 
 IN_FLIGHT = 2
@@ -126,10 +128,20 @@ def cpu_streams(teacher, requested: int | None) -> Iterator[ThreadPoolExecutor |
         torch.set_num_threads(threads)
 
 
+def batch_of(rows: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A batch of rows (token id arrays, or :class:`~logitcache.chat.ChatExample`) as the teacher takes it:
+    ``input_ids [B, n] int64`` right-padded, ``token_counts [B]`` (None: no padding) and ``target_mask
+    [B, n-1] bool`` (None: every real position gets targets)."""
+    if isinstance(rows[0], ChatExample):
+        return pad_examples(rows)
+    return (*pad_rows(rows), None)
+
+
 def queue_batch(teacher, batch: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec, host: ThreadPoolExecutor,
-                 streams: ThreadPoolExecutor | None = None, token_counts: np.ndarray | None = None) -> Future:
-    """Queue one batch of rows ``[B, n]`` (``token_counts`` of them real, see :func:`logitcache.corpus.pad_rows`) on
-    the teacher; the future gives its :class:`WindowTargets`.
+                 streams: ThreadPoolExecutor | None = None, token_counts: np.ndarray | None = None,
+                 target_mask: np.ndarray | None = None) -> Future:
+    """Queue one batch of rows ``[B, n]`` (see :func:`batch_of`) on the teacher; the future gives its
+    :class:`WindowTargets`.
 
     Without CPU ``streams`` the device work is queued now and a host thread turns it into numpy as
     its copies land; the caller keeps at most ``IN_FLIGHT`` batches outstanding, which bounds pinned
@@ -138,5 +150,5 @@ def queue_batch(teacher, batch: np.ndarray, sequence_ids: np.ndarray, spec: Targ
     keep two streams busy.
     """
     if streams is None:
-        return host.submit(teacher.compute_async(batch, sequence_ids, spec, token_counts).result)
-    return streams.submit(teacher.compute, batch, sequence_ids, spec, token_counts)
+        return host.submit(teacher.compute_async(batch, sequence_ids, spec, token_counts, target_mask).result)
+    return streams.submit(teacher.compute, batch, sequence_ids, spec, token_counts, target_mask)

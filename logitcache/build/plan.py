@@ -4,7 +4,7 @@ its ``build.json`` and its manifest say about it. The one place that spells the 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -12,7 +12,9 @@ from logitcache import __version__
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import FORMAT_VERSION
 from logitcache.cache.manifest import FORMAT_NAME, fingerprint
+from logitcache.chat import ChatStats, chat_rows
 from logitcache.corpus import Corpus, Layout, PackingStats, layout_rows, resolve_layout
+from logitcache.files import sha256_file
 from logitcache.teacher.base import Teacher
 from logitcache.teacher.folder import tokenizer_fingerprint
 
@@ -32,10 +34,28 @@ class Plan:
     corpus: Corpus
     stats: PackingStats
     layout: Layout
+    settings: BuildSettings
+    chat_stats: ChatStats
 
-    def windows(self, tokenizer) -> Iterator[np.ndarray]:
-        """The corpus as rows ``[<= seq_len] int64`` of the build's layout; counts go to :attr:`stats`."""
-        return layout_rows(self.corpus.documents(), tokenizer, self.layout, self.identity["seq_len"], self.stats)
+    def windows(self, tokenizer) -> Iterator:
+        """The corpus as rows of the build's layout: ``[<= seq_len] int64`` token ids, or for chat and
+        prompt-response records :class:`~logitcache.chat.ChatExample` (ids and the positions that get
+        targets); counts go to :attr:`stats` / :attr:`chat_stats`."""
+        s = self.settings
+        if s.format == "text":
+            return layout_rows(self.corpus.documents(), tokenizer, self.layout, s.seq_len, self.stats)
+        return chat_rows(self.corpus, tokenizer, s.record_fields, s.chat_template, s.seq_len, s.too_long, self.chat_stats)
+
+    def _corpus(self) -> dict:
+        about = {"description": self.corpus.describe(), "fingerprint": self.identity["corpus_fingerprint"],
+                 "text_field": self.identity["text_field"]}
+        if self.settings.format == "text":
+            return {**about, "documents": self.stats.documents, "tokens": self.stats.tokens,
+                    "dropped_tokens": self.stats.dropped_tokens}
+        chat = self.chat_stats
+        return {**about, "documents": chat.records, "tokens": chat.tokens, "dropped_tokens": 0, "records": self.identity["records"],
+                "examples": chat.examples, "truncated": chat.truncated, "skipped": chat.skipped,
+                "target_positions": chat.target_positions}
 
     def _header(self) -> dict:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "logitcache_version": __version__}
@@ -71,14 +91,7 @@ class Plan:
             "vocab_size": self.vocab_size,
             "teacher": self.teacher,
             "tokenizer": self.tokenizer,
-            "corpus": {
-                "description": self.corpus.describe(),
-                "fingerprint": self.identity["corpus_fingerprint"],
-                "text_field": self.identity["text_field"],
-                "documents": self.stats.documents,
-                "tokens": self.stats.tokens,
-                "dropped_tokens": self.stats.dropped_tokens,
-            },
+            "corpus": self._corpus(),
             "totals": {
                 "sequences": rows,
                 "tokens": tokens,
@@ -96,7 +109,12 @@ def plan_build(settings: BuildSettings, teacher: Teacher) -> Plan:
     teacher_info = teacher.describe()
     tok = teacher.tokenizer
     tokenizer_info = {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": len(tok), "eos_token_id": int(tok.eos_token_id)}
-    layout = resolve_layout(tok, settings.bos, settings.packing)
+    if settings.format == "text":
+        layout = resolve_layout(tok, settings.bos, settings.packing)
+        described = layout.describe(settings.bos)
+    else:  # the chat template's (or the plain rendering's) own special tokens: logitcache.chat adds none
+        layout = Layout("documents", None, int(tok.eos_token_id))
+        described = layout.describe("template", settings.format)
     identity = {
         "format_version": FORMAT_VERSION,
         "teacher_fingerprint": teacher_info["fingerprint"],
@@ -104,12 +122,15 @@ def plan_build(settings: BuildSettings, teacher: Teacher) -> Plan:
         "teacher_dtype": teacher_info["dtype"],
         "tokenizer_fingerprint": tokenizer_info["fingerprint"],
         "corpus_fingerprint": corpus.fingerprint(),
-        "text_field": settings.text_field if corpus.has_fields else None,
+        "text_field": settings.text_field if corpus.has_fields and settings.format == "text" else None,
+        "records": None if settings.format == "text" else {
+            **asdict(settings.record_fields), "too_long": settings.too_long,
+            "chat_template": sha256_file(settings.chat_template) if settings.chat_template else None},
         "method": settings.method,
         "params": settings.spec.params,
         "seq_len": settings.seq_len,
-        "layout": layout.describe(settings.bos),
+        "layout": described,
         "seed": settings.seed,
         "shard_size": settings.shard_size,
     }
-    return Plan(identity, fingerprint(identity), teacher.vocab_size, teacher_info, tokenizer_info, corpus, PackingStats(), layout)
+    return Plan(identity, fingerprint(identity), teacher.vocab_size, teacher_info, tokenizer_info, corpus, PackingStats(), layout, settings, ChatStats())

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.build.pipeline import IN_FLIGHT, background, cpu_streams, frozen_heap, pieces_of, queue_batch
+from logitcache.build.pipeline import IN_FLIGHT, background, batch_of, cpu_streams, frozen_heap, pieces_of, queue_batch
 from logitcache.build.plan import Plan, plan_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import WindowTargets, shard_metadata, write_shard
 from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME, MANIFESTS_PATTERN, SHARD_PATTERN, part_name, shard_name
 from logitcache.cache.manifest import write_manifest
 from logitcache.cache.merge import merge_parts
-from logitcache.corpus import pad_rows
 from logitcache.errors import LogitcacheError
 from logitcache.files import TMP_SUFFIX, clear_temporaries, sha256_file, write_json_atomic
 from logitcache.teacher.base import Teacher
@@ -130,7 +129,8 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
         raise LogitcacheError(
             f"corpus {settings.corpus} gives {plan.stats.tokens} tokens, fewer than one window of "
             f"--seq-len {settings.seq_len}" if settings.packing == "stream" else
-            f"corpus {settings.corpus} gives no document of 2 tokens or more"
+            f"corpus {settings.corpus} gives no document of 2 tokens or more" if settings.format == "text" else
+            f"corpus {settings.corpus} gives no example with a target within --seq-len {settings.seq_len}"
         )
     _prepare_out(settings, plan)
     out = Path(settings.out)
@@ -154,8 +154,9 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
             if rows == 0:  # the shard's first piece
                 todo = not _shard_complete(path, plan)
             if todo:
-                batch, token_counts = pad_rows(part)
-                batches.append(queue_batch(teacher, batch, first_id + places, settings.spec, host, streams, token_counts))
+                batch, token_counts, target_mask = batch_of(part)
+                batches.append(queue_batch(teacher, batch, first_id + places, settings.spec, host, streams, token_counts,
+                                           target_mask))
                 in_flight.append(batches[-1])
                 if len(in_flight) > IN_FLIGHT:
                     in_flight.popleft().result()

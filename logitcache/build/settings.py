@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from logitcache.cache.format import MAX_IDS_PER_POSITION, METHODS
+from logitcache.chat import CORPUS_FORMATS, LENGTH_POLICIES, RecordFields
 from logitcache.corpus import BOS_POLICIES, PACKINGS, Corpus
 from logitcache.errors import LogitcacheError
 from logitcache.targets.spec import SAMPLE_LOGPROB_BITS, TargetSpec
@@ -33,6 +34,12 @@ class BuildSettings:
     batch_size: int = 8
     shard_size: int = 1024
     text_field: str = "text"
+    format: str = "text"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    chat_template: Path | None = None
+    too_long: str = "truncate"
     overwrite: bool = False
     backend: str = "hf"
     device: str | None = None
@@ -54,6 +61,10 @@ class BuildSettings:
         )
 
     @property
+    def record_fields(self) -> RecordFields:
+        return RecordFields(self.format, self.messages_field, self.prompt_field, self.response_field)
+
+    @property
     def spec(self) -> TargetSpec:
         return TargetSpec(self.method, self.k, self.samples, self.seed, self.proposal_temperature, self.logprob_bits)
 
@@ -64,6 +75,11 @@ class BuildSettings:
         rules = [
             (self.bos in BOS_POLICIES, f"--bos {self.bos!r}: choose one of {', '.join(BOS_POLICIES)}"),
             (self.packing in PACKINGS, f"--packing {self.packing!r}: choose one of {', '.join(PACKINGS)}"),
+            (self.format in CORPUS_FORMATS, f"--format {self.format!r}: choose one of {', '.join(CORPUS_FORMATS)}"),
+            (self.too_long in LENGTH_POLICIES, f"--too-long {self.too_long!r}: choose one of {', '.join(LENGTH_POLICIES)}"),
+            (self.format == "text" or self.packing == "documents",
+             f"--format {self.format} keeps one example per row: --packing stream does not apply"),
+            (self.chat_template is None or Path(self.chat_template).is_file(), f"--chat-template {self.chat_template}: no such file"),
             (self.seq_len >= 2, f"--seq-len {self.seq_len}: need at least 2 tokens per window"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
             (self.shard_size >= 1, f"--shard-size {self.shard_size}: must be at least 1"),

@@ -3,7 +3,8 @@
 A backend turns rows of token ids into sparse targets: ``compute(input_ids [B, n] int64,
 sequence_ids [B] int64, spec, token_counts [B] int64 | None) -> WindowTargets``, or ``compute_async``
 returning something whose ``result()`` gives them (so the device can run ahead of the host). Rows
-shorter than ``n`` (``token_counts``) are right-padded; each is one context of its own. ``hf`` (:mod:`.hf`) runs a
+shorter than ``n`` (``token_counts``) are right-padded; each is one context of its own. Only the
+positions of ``target_mask [B, n-1]`` (None: every real one) get targets; the others store nothing. ``hf`` (:mod:`.hf`) runs a
 transformers model on CPU or GPU; ``vllm`` (:mod:`.vllm`) runs a vLLM engine on GPUs.
 """
 
@@ -32,7 +33,7 @@ class Teacher(Protocol):
         ...
 
     def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                      token_counts: np.ndarray | None = None) -> PendingResult: ...
+                      token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> PendingResult: ...
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                token_counts: np.ndarray | None = None) -> WindowTargets: ...
+                token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> WindowTargets: ...

@@ -96,10 +96,11 @@ class HFTeacher:
 
     @torch.inference_mode()
     def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                      token_counts: np.ndarray | None = None) -> PendingTargets:
+                      token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> PendingTargets:
         """Queue the targets of rows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
 
-        ``token_counts [B]``: tokens of each row, right-padded to ``n`` (None: all full). No mask is
+        ``token_counts [B]``: tokens of each row, right-padded to ``n`` (None: all full); ``target_mask
+        [B, n-1]``: the positions that get targets (None: all real ones). No attention mask is
         needed: attention is causal, so no real token sees the padding after it. On CUDA this
         returns as soon as the work is queued, so the next batch can be queued while the host
         finishes this one; :meth:`PendingTargets.result` waits for the copies.
@@ -109,8 +110,8 @@ class HFTeacher:
             self.verify_head(ids[:1, : None if token_counts is None else int(token_counts[0])])
         hidden = self.hidden_states(ids)[:, :-1]
         return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec,
-                                   head_chunk_rows(self.chunk_mib, self.vocab_size, spec), token_counts)
+                                   head_chunk_rows(self.chunk_mib, self.vocab_size, spec), token_counts, target_mask)
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                token_counts: np.ndarray | None = None) -> WindowTargets:
-        return self.compute_async(input_ids, sequence_ids, spec, token_counts).result()
+                token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> WindowTargets:
+        return self.compute_async(input_ids, sequence_ids, spec, token_counts, target_mask).result()

@@ -24,23 +24,26 @@ def targets_from_hidden(
     spec: TargetSpec,
     chunk_rows: int,
     token_counts: np.ndarray | None = None,
+    target_mask: np.ndarray | None = None,
 ) -> PendingTargets:
     """Apply ``head`` to ``hidden [B, n-1, H]`` in chunks of rows and extract sparse targets.
 
     ``token_counts [B]``: the tokens of each row of ``input_ids [B, n]`` (right padding after them
-    gets no targets, and costs no head work); None: every row is full. Shared by every backend
+    gets no targets, and costs no head work); None: every row is full. ``target_mask [B, n-1] bool``:
+    the only positions that get targets (the rest store nothing; a chat's non-assistant tokens). Shared by every backend
     that can give final hidden states (``hf``, and vLLM's sampling path). Nothing here waits for
     the device: padded per-row results go to host memory asynchronously.
     """
     b, positions, _ = hidden.shape
     seq = torch.from_numpy(np.asarray(sequence_ids, dtype=np.int64)).to(hidden.device)[:, None].expand(b, positions)
     pos = torch.arange(positions, device=hidden.device)[None, :].expand(b, positions)
-    real = None
-    if token_counts is None:
+    real = target_mask
+    if real is None and token_counts is not None:
+        real = np.arange(positions)[None, :] < (np.asarray(token_counts, dtype=np.int64) - 1)[:, None]
+    if real is None:
         rows, labels = hidden.reshape(b * positions, -1), input_ids[:, 1:].reshape(-1)
         seq, pos = seq.reshape(-1), pos.reshape(-1)
     else:
-        real = np.arange(positions)[None, :] < (np.asarray(token_counts, dtype=np.int64) - 1)[:, None]
         on_device = torch.from_numpy(real).to(hidden.device)
         rows, labels, seq, pos = hidden[on_device], input_ids[:, 1:][on_device], seq[on_device], pos[on_device]
     keys = row_keys(spec.seed, seq, pos)
@@ -126,7 +129,7 @@ class PendingTargets:
             out[self.real] = values
             return out
 
-        if self.real is not None:  # padding: input id 0, as the shard reader gives it back
+        if self.token_counts is not None:  # padding: input id 0, as the shard reader gives it back
             input_ids = np.where(np.arange(positions + 1) < self.token_counts[:, None], input_ids, 0).astype(np.int32)
         return WindowTargets(
             sequence_ids=self.sequence_ids,

@@ -153,6 +153,13 @@ def _check_prompts(outputs: Sequence, prompts: list[np.ndarray]) -> None:
             raise LogitcacheError("vLLM returned outputs whose prompt tokens differ from the windows sent")
 
 
+def _scatter(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``values`` of the True positions of ``mask`` in place, zeros elsewhere: ``[len(mask)]``."""
+    out = np.zeros(len(mask), dtype=values.dtype)
+    out[mask] = values
+    return out
+
+
 def _padded(per_row: list[np.ndarray], width: int, dtype: type) -> np.ndarray:
     """``[B, width]`` of rows of different lengths, zeros after each."""
     out = np.zeros((len(per_row), width), dtype=dtype)
@@ -162,15 +169,21 @@ def _padded(per_row: list[np.ndarray], width: int, dtype: type) -> np.ndarray:
 
 
 def topk_window_targets(outputs: Sequence, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int,
-                        token_counts: np.ndarray | None = None) -> WindowTargets:
+                        token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> WindowTargets:
     """``RequestOutput``-shaped objects (one per row of ``input_ids [B, n]``, rows of ``token_counts``
-    tokens) → :class:`WindowTargets`."""
+    tokens) → :class:`WindowTargets`; only the positions of ``target_mask [B, n-1]`` (None: all) are kept."""
     prompts = prompts_of(input_ids, token_counts)
     _check_prompts(outputs, prompts)
     b, n = input_ids.shape
     per_window = [prompt_topk(prompt, output.prompt_logprobs, k) for output, prompt in zip(outputs, prompts)]
-    ids, logprobs, gold = (list(parts) for parts in zip(*per_window))
-    lengths = [np.full(len(g), k) for g in gold]
+    # vLLM scores every prompt position: keep the asked ones, store nothing (and gold 0) at the others
+    kept = [np.ones(len(p) - 1, dtype=bool) if target_mask is None else target_mask[i, : len(p) - 1]
+            for i, p in enumerate(prompts)]
+    ids = [top[m] for (top, _, _), m in zip(per_window, kept)]
+    logprobs = [lp[m] for (_, lp, _), m in zip(per_window, kept)]
+    gold = [np.where(m, g, 0.0) for (_, _, g), m in zip(per_window, kept)]
+    tails = [_scatter(tail_logprob(lp), m) for lp, m in zip(logprobs, kept)]
+    lengths = [np.where(m, k, 0) for m in kept]
     return WindowTargets(
         sequence_ids=np.asarray(sequence_ids, dtype=np.int64),
         input_ids=_padded(prompts, n, np.int32),
@@ -178,7 +191,7 @@ def topk_window_targets(outputs: Sequence, input_ids: np.ndarray, sequence_ids: 
         target_ids=np.concatenate(ids).reshape(-1).astype(np.int32),
         target_logprobs=np.concatenate(logprobs).reshape(-1).astype(np.float16),
         gold_logprob=_padded(gold, n - 1, np.float16),
-        tail_logprob=_padded([tail_logprob(lp) for lp in logprobs], n - 1, np.float16),
+        tail_logprob=_padded(tails, n - 1, np.float16),
         token_counts=None if token_counts is None else np.asarray(token_counts, dtype=np.int64),
     )
 
@@ -195,8 +208,8 @@ def pooled_hidden(outputs: Sequence, input_ids: np.ndarray, token_counts: np.nda
     return torch.stack([torch.nn.functional.pad(h, (0, 0, 0, n - h.shape[0])) for h in hidden])
 
 
-def _part(token_counts: np.ndarray | None, start: int, step: int) -> np.ndarray | None:
-    return None if token_counts is None else token_counts[start : start + step]
+def _part(values: np.ndarray | None, start: int, step: int) -> np.ndarray | None:
+    return None if values is None else values[start : start + step]
 
 
 def tokens_per_step(vocab_size: int, chunk_mib: int) -> int:
@@ -421,23 +434,24 @@ class VLLMTeacher:
 
     @torch.inference_mode()
     def compute_async(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                      token_counts: np.ndarray | None = None) -> JoinedTargets:
+                      token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> JoinedTargets:
         """Targets of rows ``input_ids [B, n] int64`` with ids ``sequence_ids [B] int64``.
 
         ``token_counts [B]``: tokens of each right-padded row (None: all full); each row goes to
-        vLLM as a prompt of its own, without its padding. vLLM's calls return when their work is
+        vLLM as a prompt of its own, without its padding; only ``target_mask [B, n-1]``'s positions
+        (None: all) get targets. vLLM's calls return when their work is
         done, so only the sample path's head (on our GPU) may still be copying to the host when this returns.
         """
         if spec.method == "topk":
-            return self._topk(input_ids, sequence_ids, spec.k, token_counts)
+            return self._topk(input_ids, sequence_ids, spec.k, token_counts, target_mask)
         if not self._verified:
             first = input_ids.shape[1] if token_counts is None else int(np.min(token_counts[:CHECK_WINDOWS]))
             self._check_head(input_ids[:CHECK_WINDOWS, : min(CHECK_TOKENS, first)])
-        return self._sample(input_ids, sequence_ids, spec, token_counts)
+        return self._sample(input_ids, sequence_ids, spec, token_counts, target_mask)
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                token_counts: np.ndarray | None = None) -> WindowTargets:
-        return self.compute_async(input_ids, sequence_ids, spec, token_counts).result()
+                token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> WindowTargets:
+        return self.compute_async(input_ids, sequence_ids, spec, token_counts, target_mask).result()
 
     # -- topk ---------------------------------------------------------------------------------------
 
@@ -447,13 +461,15 @@ class VLLMTeacher:
         prompts = [self.api.TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts_of(input_ids, token_counts)]
         return llm.generate(prompts, params, use_tqdm=False)
 
-    def _topk(self, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int, token_counts: np.ndarray | None) -> JoinedTargets:
+    def _topk(self, input_ids: np.ndarray, sequence_ids: np.ndarray, k: int, token_counts: np.ndarray | None,
+              target_mask: np.ndarray | None) -> JoinedTargets:
         step = windows_per_call(input_ids.shape[1], (k + 1) * PROMPT_VALUE_BYTES)
         parts = []
         for start in range(0, len(input_ids), step):
             windows, counts = input_ids[start : start + step], _part(token_counts, start, step)
             outputs = self._prompt_logprobs(windows, k, counts)
-            parts.append(topk_window_targets(outputs, windows, sequence_ids[start : start + step], k, counts))
+            parts.append(topk_window_targets(outputs, windows, sequence_ids[start : start + step], k, counts,
+                                             _part(target_mask, start, step)))
         return JoinedTargets(parts)
 
     # -- sample -------------------------------------------------------------------------------------
@@ -468,7 +484,7 @@ class VLLMTeacher:
         return pooled_hidden(outputs, input_ids, token_counts).to(self.head_device, self.head_weight.dtype)
 
     def _sample(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
-                token_counts: np.ndarray | None) -> JoinedTargets:
+                token_counts: np.ndarray | None, target_mask: np.ndarray | None) -> JoinedTargets:
         step = windows_per_call(input_ids.shape[1], int(self.config.hidden_size) * 4)
         parts = []
         for start in range(0, len(input_ids), step):
@@ -477,7 +493,7 @@ class VLLMTeacher:
             ids = torch.from_numpy(windows).to(self.head_device)
             seq = sequence_ids[start : start + step]
             rows = head_chunk_rows(self.chunk_mib, self.vocab_size, spec)
-            parts.append(targets_from_hidden(hidden, ids, seq, self.head, spec, rows, counts))
+            parts.append(targets_from_hidden(hidden, ids, seq, self.head, spec, rows, counts, _part(target_mask, start, step)))
         return JoinedTargets(parts)
 
     def _check_head(self, windows: np.ndarray) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from logitcache.cache.manifest import read_manifest
+from logitcache.chat import ChatStats, chat_rows, pad_examples
 from logitcache.corpus import Corpus, PackingStats, layout_rows, pad_rows, resolve_layout
 from logitcache.errors import LogitcacheError
 from logitcache.loader.collate import collate
@@ -43,19 +44,16 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Tensor]
 
 
-def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray, token_counts: np.ndarray | None = None) -> Batch:
+def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray, position_mask: np.ndarray | None = None) -> Batch:
     """The collated batch of docs/CONTRACTS.md for text without a teacher: ``K = 0`` targets.
 
-    ``windows [B, T]`` token ids, rows of ``token_counts [B]`` tokens right-padded (None: all full).
-    Every real position counts (``position_mask``); the target tensors are ``[B, P, 0]`` and there
-    is no ``gold_logprob``: only ``ce`` applies.
+    ``windows [B, T]`` token ids; ``position_mask [B, T-1] bool``: the positions that count (right
+    padding and, in a chat, the non-assistant tokens do not; None: all). The target tensors are
+    ``[B, P, 0]`` and there is no ``gold_logprob``: only ``ce`` applies.
     """
     input_ids = torch.from_numpy(windows.astype(np.int64))
     b, p = input_ids.shape[0], input_ids.shape[1] - 1
-    if token_counts is None:
-        position_mask = torch.ones(b, p, dtype=torch.bool)
-    else:
-        position_mask = torch.arange(p)[None, :] < torch.from_numpy(token_counts - 1)[:, None]
+    mask = torch.ones(b, p, dtype=torch.bool) if position_mask is None else torch.from_numpy(position_mask)
     return {
         "input_ids": input_ids,
         "labels": input_ids[:, 1:].contiguous(),
@@ -65,13 +63,13 @@ def corpus_batch(windows: np.ndarray, sequence_ids: np.ndarray, token_counts: np
         "target_logprobs": torch.zeros(b, p, 0),
         "target_weights": torch.zeros(b, p, 0),
         "tail_logprob": torch.zeros(b, p),
-        "position_mask": position_mask,
+        "position_mask": mask,
     }
 
 
 class CorpusStream:
-    """Endless step batches of in-memory windows ``[N, T]`` (rows of ``token_counts [N]`` tokens, or all
-    full), reshuffled each epoch from (seed, epoch).
+    """Endless step batches of in-memory windows ``[N, T]`` (the positions of ``position_mask [N, T-1]``
+    counting, or all), reshuffled each epoch from (seed, epoch).
 
     The order is :func:`logitcache.loader.partition.worker_samples` over one unit of ``N`` windows, so the
     position in the stream is ``(epoch, sample_in_epoch)``, as for a cache; a process takes its
@@ -79,9 +77,9 @@ class CorpusStream:
     """
 
     def __init__(self, windows: np.ndarray, *, seed: int, global_batch_size: int, world: World, lanes: int,
-                 token_counts: np.ndarray | None = None) -> None:
+                 position_mask: np.ndarray | None = None) -> None:
         self.windows = windows
-        self.token_counts = token_counts
+        self.position_mask = position_mask
         self.world = world
         self.order = OrderSettings(seed=seed, global_batch_size=global_batch_size, lanes=lanes, block_size=len(windows))
         self.epoch = self.sample_in_epoch = 0
@@ -95,7 +93,7 @@ class CorpusStream:
             )
             for ids in samples.reshape(-1, gbs // self.world.size):
                 self.sample_in_epoch += gbs
-                yield corpus_batch(self.windows[ids], ids, None if self.token_counts is None else self.token_counts[ids])
+                yield corpus_batch(self.windows[ids], ids, None if self.position_mask is None else self.position_mask[ids])
             self.epoch, self.sample_in_epoch = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
@@ -242,24 +240,29 @@ def open_corpus(settings: TrainSettings, step_windows: int, world: World, lanes:
     tokenizer = load_tokenizer(settings.tokenizer)
     if tokenizer.eos_token_id is None:
         raise LogitcacheError(f"the tokenizer in {settings.tokenizer} has no EOS token to separate documents")
-    stats = PackingStats()
-    documents = Corpus.open(settings.corpus, settings.text_field).documents()
-    layout = resolve_layout(tokenizer, settings.bos, settings.packing)
-    windows = list(layout_rows(documents, tokenizer, layout, settings.seq_len, stats))
+    corpus = Corpus.open(settings.corpus, settings.text_field)
+    if settings.format == "text":
+        layout = resolve_layout(tokenizer, settings.bos, settings.packing)
+        rows = list(layout_rows(corpus.documents(), tokenizer, layout, settings.seq_len, PackingStats()))
+        windows, counts = pad_rows(rows) if rows else (np.zeros((0, 2), dtype=np.int64), None)
+        mask = None if counts is None else np.arange(windows.shape[1] - 1)[None, :] < (counts - 1)[:, None]
+    else:  # SFT: cross-entropy on the assistant's (the response's) tokens only
+        rows = list(chat_rows(corpus, tokenizer, settings.record_fields, settings.chat_template, settings.seq_len,
+                              settings.too_long, ChatStats()))
+        windows, _, mask = pad_examples(rows) if rows else (np.zeros((0, 2), dtype=np.int64), None, None)
     holdout = settings.eval_windows if settings.eval_every else 0
-    if len(windows) < holdout + step_windows:
+    if len(rows) < holdout + step_windows:
         raise LogitcacheError(
             f"--corpus {settings.corpus} gives {len(windows)} windows of --seq-len {settings.seq_len}; "
             f"need {holdout} for eval plus {step_windows} for one step of all processes (lower --eval-windows or --batch-size)"
         )
-    windows, counts = pad_rows(windows)
     windows = windows.astype(np.int32)
     cut = len(windows) - holdout
     held_out = np.split(np.arange(cut, len(windows)), range(settings.batch_size, holdout, settings.batch_size))
-    eval_batches = [corpus_batch(windows[ids], ids, None if counts is None else counts[ids]) for ids in held_out] if holdout else []
+    eval_batches = [corpus_batch(windows[ids], ids, None if mask is None else mask[ids]) for ids in held_out] if holdout else []
     return Data(
         train=CorpusStream(windows[:cut], seed=settings.seed, global_batch_size=step_windows, world=world, lanes=lanes,
-                           token_counts=None if counts is None else counts[:cut]),
+                           position_mask=None if mask is None else mask[:cut]),
         eval_batches=eval_batches,
         manifest=None,
         eval_manifest=None,

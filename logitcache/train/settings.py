@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from logitcache.cache.manifest import read_manifest
+from logitcache.chat import CORPUS_FORMATS, LENGTH_POLICIES, RecordFields
 from logitcache.errors import LogitcacheError
 
 # Loss-specific settings: field -> (CLI option, the loss's keyword, the losses that take it); None
@@ -39,6 +40,12 @@ class TrainSettings:
     bos: str = "auto"  # with corpus: the layout of logitcache.corpus, as a build's
     packing: str = "stream"
     text_field: str = "text"
+    format: str = "text"  # with corpus: text, or chat / prompt-response records (SFT: CE on the assistant's tokens)
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    chat_template: Path | None = None
+    too_long: str = "truncate"
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
@@ -68,6 +75,10 @@ class TrainSettings:
     fsdp: bool = False
     lanes: int | None = None
 
+    @property
+    def record_fields(self) -> RecordFields:
+        return RecordFields(self.format, self.messages_field, self.prompt_field, self.response_field)
+
     def check(self) -> None:
         """Reject settings that can never work, before anything is loaded or written."""
         # torch loads here, not when this module does: the CLI reads the defaults above at every start.
@@ -88,6 +99,9 @@ class TrainSettings:
                 (self.loss in (None, "ce"), f"--loss {self.loss} needs a teacher: with --corpus only ce works"),
                 (self.eval_cache is None, "--eval-cache goes with --cache; --corpus holds out its own last windows"),
                 (self.seq_len >= 2, f"--seq-len {self.seq_len}: need at least 2 tokens per window"),
+                (self.format in CORPUS_FORMATS, f"--format {self.format!r}: choose one of {', '.join(CORPUS_FORMATS)}"),
+                (self.too_long in LENGTH_POLICIES, f"--too-long {self.too_long!r}: choose one of {', '.join(LENGTH_POLICIES)}"),
+                (self.chat_template is None or Path(self.chat_template).is_file(), f"--chat-template {self.chat_template}: no such file"),
             ]
             _enforce(rules)
         _enforce([
