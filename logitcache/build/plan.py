@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from logitcache import __version__
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import FORMAT_VERSION
