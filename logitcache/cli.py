@@ -366,6 +366,11 @@ def train(
     eval_windows: Annotated[int, typer.Option(
         help="Windows to evaluate on; without --eval-cache "
              "they are held out of training (the last ones).")] = TRAIN["eval_windows"],
+    eval_prompts: Annotated[Optional[Path], typer.Option(
+        help="Chat or prompt-response records ending in a reference answer: at each evaluation the student answers "
+             "greedily and is scored (task_exact_match, task_rouge_l); one process only.")] = TRAIN["eval_prompts"],
+    eval_max_new_tokens: Annotated[int, typer.Option(
+        help="Most tokens of each answer to --eval-prompts.")] = TRAIN["eval_max_new_tokens"],
     eval_cache: Annotated[Optional[Path], typer.Option(
         help="Evaluate on the first --eval-windows windows of this cache instead of a held-out split.")] = TRAIN["eval_cache"],
     save_every: Annotated[int, typer.Option(

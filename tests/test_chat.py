@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -280,5 +281,8 @@ def test_sft_on_a_chat_corpus_counts_only_the_assistant_tokens(teacher_dir, chat
     got = np.concatenate([b["position_mask"].numpy() for b in data.eval_batches])
     for mask, example in zip(got, held_out):
         assert mask[: len(example.target_mask)].tolist() == example.target_mask.tolist() and not mask[len(example.target_mask):].any()
-    metrics = run_train(settings)
+    prompts = tmp_path / "prompts.jsonl"  # --eval-prompts: each record ends in its reference answer
+    prompts.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations[:3]))
+    metrics = run_train(replace(settings, eval_prompts=prompts, eval_max_new_tokens=4))
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["eval_lm_loss"])
+    assert 0 <= metrics["eval_task_exact_match"] <= 1 and 0 <= metrics["eval_task_rouge_l"] <= 1

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from logitcache.errors import LogitcacheError
 from logitcache.losses.fused import linear_head, supports
 from logitcache.train.checkpoint import (
     STUDENT_NAME,
@@ -78,6 +79,7 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
         step = restore_trainer(checkpoint, student, optimizer, scheduler, data.train, settings.fsdp)
     head = fused_head(settings, student, data.vocab_size, device)
     train_loss, kd_loss = make_losses(settings, data, head)
+    tasks = task_prompts(settings, data, world)
     forward = torch.compile(model) if settings.compile else model
     autocast = mixed_precision(device)
     batches = iter(data.train)
@@ -115,7 +117,10 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
             record({"kind": "train", "step": step, "loss": (step_loss / step_tokens).item(), "lr": lr,
                     "grad_norm": grad_norm.item(), "tokens": int(step_tokens)})
             if settings.eval_every and (step % settings.eval_every == 0 or step == settings.steps):
-                record({"kind": "eval", "step": step, **evaluate(student, data, kd_loss, device, autocast, world, head)})
+                scores = evaluate(student, data, kd_loss, device, autocast, world, head)
+                if tasks is not None:
+                    scores.update(task_scores(student, tasks, settings))
+                record({"kind": "eval", "step": step, **scores})
             if (settings.save_every and step % settings.save_every == 0) or step == settings.steps:
                 state = trainer_state(step, student, optimizer, scheduler, data.train, settings, world)
                 weights = full_weights(student, world, settings.fsdp)
@@ -132,6 +137,35 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
 
 
 # ---- set-up, in the order train_student calls it ----
+
+
+def task_prompts(settings: TrainSettings, data, world: World):
+    """``--eval-prompts``: the renderer of the student's prompts and the prompts with their references (or None)."""
+    if settings.eval_prompts is None:
+        return None
+    from logitcache.chat import ChatRenderer, RecordFields
+    from logitcache.generate.tasks import read_references
+
+    if world.size > 1:
+        raise LogitcacheError("--eval-prompts runs in one process; score a multi-process run's student with `logitcache evaluate`")
+    fields = RecordFields("chat" if settings.format == "text" else settings.format, settings.messages_field,
+                          settings.prompt_field, settings.response_field)
+    renderer = ChatRenderer(data.tokenizer, fields, settings.chat_template)
+    return renderer, read_references(settings.eval_prompts, fields)
+
+
+def task_scores(student: torch.nn.Module, tasks, settings: TrainSettings) -> dict[str, float]:
+    """The student's greedy answers to the ``--eval-prompts``, scored: ``task_exact_match``, ``task_rouge_l``."""
+    from logitcache.generate.tasks import evaluate_tasks
+
+    renderer, prompts = tasks
+    was_training = student.training
+    student.eval()
+    try:
+        scores = evaluate_tasks(student, renderer, prompts, settings.eval_max_new_tokens, settings.batch_size)
+    finally:
+        student.train(was_training)
+    return {f"task_{name}": value for name, value in scores.items() if name != "prompts"}
 
 
 def make_student(settings: TrainSettings, data: Data, checkpoint_dir: Path | None) -> torch.nn.Module:

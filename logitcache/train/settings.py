@@ -46,6 +46,8 @@ class TrainSettings:
     response_field: str = "response"
     chat_template: Path | None = None
     too_long: str = "truncate"
+    eval_prompts: Path | None = None  # chat / prompt-response records with references: exact match, ROUGE-L at each eval
+    eval_max_new_tokens: int = 64
     steps: int = 1000
     batch_size: int = 8
     grad_accum: int = 1
@@ -105,6 +107,9 @@ class TrainSettings:
             ]
             _enforce(rules)
         _enforce([
+            (self.eval_prompts is None or Path(self.eval_prompts).is_file(), f"--eval-prompts {self.eval_prompts}: no such file"),
+            (self.eval_prompts is None or self.eval_every > 0, "--eval-prompts scores at each evaluation: set --eval-every"),
+            (self.eval_max_new_tokens >= 1, f"--eval-max-new-tokens {self.eval_max_new_tokens}: must be at least 1"),
             (not Path(self.out).exists() or Path(self.out).is_dir(), f"--out {self.out} is a file; give a folder"),
             (self.steps >= 1, f"--steps {self.steps}: must be at least 1"),
             (self.batch_size >= 1, f"--batch-size {self.batch_size}: must be at least 1"),
