@@ -366,6 +366,9 @@ def train(
     eval_windows: Annotated[int, typer.Option(
         help="Windows to evaluate on; without --eval-cache "
              "they are held out of training (the last ones).")] = TRAIN["eval_windows"],
+    pack: Annotated[bool, typer.Option(
+        help="A cache whose rows differ in length (--packing documents, chat): several rows per student row, each "
+             "seen alone (position ids restart; transformers masks across rows), instead of padding each.")] = TRAIN["pack"],
     eval_prompts: Annotated[Optional[Path], typer.Option(
         help="Chat or prompt-response records ending in a reference answer: at each evaluation the student answers "
              "greedily and is scored (task_exact_match, task_rouge_l); one process only.")] = TRAIN["eval_prompts"],

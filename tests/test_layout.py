@@ -185,3 +185,29 @@ def test_student_reads_the_rows_as_the_teacher_saw_them(bos_teacher, short_docum
     metrics = run_train(TrainSettings(out=tmp_path / "run", cache=cache, loss="topk-ghost", student="nano", steps=3,
                                       batch_size=4, eval_every=3, eval_windows=4, save_every=0, device="cpu"))
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["eval_lm_loss"])
+
+
+def test_packed_rows_give_the_loss_of_the_rows_alone(bos_teacher, short_documents, tmp_path):
+    """Several rows per student row, position ids restarting: the same loss (every term) as the padded rows,
+    on fewer, fuller rows."""
+    from logitcache.loader.collate import pack_batch
+    from logitcache.losses.sparse import get_loss
+    from logitcache.train.objective import student_outputs
+
+    corpus, _ = short_documents
+    cache = tmp_path / "cache"
+    build_cache(bos_teacher, corpus, cache, seq_len=ROW, packing="documents", shard_size=64)
+    batch = next(iter(CacheDataset(cache, seed=3, global_batch_size=16).dataloader()))
+    packed = pack_batch(batch)
+    assert len(packed["input_ids"]) < len(batch["input_ids"])
+    assert packed["position_mask"].sum() == batch["position_mask"].sum()
+    assert sorted(packed["sequence_id"][packed["sequence_id"] >= 0].tolist()) == sorted(batch["sequence_id"].tolist())
+    useful = [float(b["token_counts"].sum()) / b["input_ids"].numel() for b in (batch, packed)]
+    assert useful[1] > useful[0]
+    student = AutoModelForCausalLM.from_pretrained(str(bos_teacher), dtype=torch.float32).eval()
+    loss = get_loss("topk-ghost")
+    with torch.no_grad():
+        alone = loss(student_outputs(student, batch, fused=False), batch)
+        together = loss(student_outputs(student, packed, fused=False), packed)
+    assert together.tokens == alone.tokens
+    assert float(together.total) == pytest.approx(float(alone.total), rel=1e-5)

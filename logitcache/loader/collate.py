@@ -80,7 +80,8 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
     ``target_ids [B, P, K]`` int64 (padding 0), ``target_mask [B, P, K]`` bool,
     ``target_logprobs`` and ``target_weights [B, P, K]`` float32 (0 at padding);
     ``tail_logprob``, ``gold_logprob [B, P]`` float32 and ``position_mask [B, P]`` bool
-    (a position counts when it has stored ids). ``K`` is the widest position in the batch.
+    (a position counts when it has stored ids), ``token_counts [B]`` int64 (each row's tokens; the
+    rest is right padding). ``K`` is the widest position in the batch.
     """
     batch = WindowTargets.concat(list(samples))
     lengths = batch.target_lengths
@@ -109,5 +110,70 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
         "tail_logprob": tail,
         "gold_logprob": batch.gold_logprob.astype(np.float32),
         "position_mask": lengths > 0,
+        "token_counts": batch.tokens().astype(np.int64),
     }
     return {name: torch.from_numpy(array) for name, array in dense.items()}
+
+
+def pack_plan(tokens: np.ndarray, capacity: int) -> list[list[int]]:
+    """Rows of ``tokens [B]`` tokens packed first-fit, longest first, into rows of at most ``capacity``
+    tokens: the row indices of each packed row, in packing order (a pure function of ``tokens``)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for row in sorted(range(len(tokens)), key=lambda r: -int(tokens[r])):
+        fit = next((i for i, free in enumerate(room) if free >= tokens[row]), None)
+        if fit is None:
+            bins.append([row])
+            room.append(capacity - int(tokens[row]))
+        else:
+            bins[fit].append(row)
+            room[fit] -= int(tokens[row])
+    return bins
+
+
+def pack_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch of right-padded rows (``token_counts [B]``) repacked into fewer rows of the same
+    width ``T``, several rows one after another in each, with ``position_ids [B', T]`` restarting at
+    every row: the student sees each row alone (transformers builds a block-diagonal causal mask from
+    restarting position ids; ``tests/test_loader.py`` checks the logits equal the rows' own), and
+    padding falls from ``B × T`` to about the tokens the rows hold.
+
+    Per-position tensors follow their rows; a row's last position (whose next token is the next row's)
+    and the padding are out of ``position_mask``. ``sequence_id [B', S]`` lists each packed row's
+    sequence ids (-1 after them).
+    """
+    tokens = batch["token_counts"].numpy()
+    width = batch["input_ids"].shape[1]
+    if (tokens == width).all():  # nothing padded: nothing to gain
+        return dict(batch)
+    bins = pack_plan(tokens, width)
+    src_row = np.full((len(bins), width), -1, dtype=np.int64)
+    src_col = np.zeros((len(bins), width), dtype=np.int64)
+    for packed, rows in enumerate(bins):
+        offset = 0
+        for row in rows:
+            n = int(tokens[row])
+            src_row[packed, offset : offset + n] = row
+            src_col[packed, offset : offset + n] = np.arange(n)
+            offset += n
+    real = torch.from_numpy(src_row >= 0)
+    rows, cols = torch.from_numpy(np.maximum(src_row, 0)), torch.from_numpy(src_col)
+    # position t predicts token t + 1: it counts only where both are the same row's
+    same = real[:, :-1] & real[:, 1:] & (rows[:, :-1] == rows[:, 1:])
+    pos_rows, pos_cols = rows[:, :-1], cols[:, :-1].clamp_max(width - 2)
+
+    def gather(name: str) -> torch.Tensor:
+        values = batch[name][pos_rows, pos_cols]
+        keep = same.reshape(*same.shape, *([1] * (values.dim() - 2)))
+        return torch.where(keep, values, torch.zeros((), dtype=values.dtype))
+
+    input_ids = torch.where(real, batch["input_ids"][rows, cols], 0)
+    out = {name: gather(name) for name in batch if batch[name].dim() >= 2 and batch[name].shape[1] == width - 1}
+    out["position_mask"] = out["position_mask"] & same
+    segments = max(len(b) for b in bins)
+    sequence_ids = torch.full((len(bins), segments), -1, dtype=torch.int64)
+    for packed, members in enumerate(bins):
+        sequence_ids[packed, : len(members)] = batch["sequence_id"][members]
+    out.update(input_ids=input_ids, labels=input_ids[:, 1:].contiguous(), position_ids=torch.where(real, cols, 0),
+               sequence_id=sequence_ids, token_counts=torch.from_numpy(np.array([tokens[b].sum() for b in bins])))
+    return out

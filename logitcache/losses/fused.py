@@ -73,10 +73,19 @@ def supports(name: str) -> bool:
     return name in LOSSES
 
 
-def student_hidden(model: torch.nn.Module, input_ids: Tensor) -> Tensor:
+def packed_inputs(position_ids: Tensor | None) -> dict:
+    """The keyword arguments that make an HF causal LM see packed rows alone: ``position_ids`` restarting at
+    each row and no KV cache (transformers derives a block-diagonal causal mask from the position ids
+    only when there is no attention mask and no cache; with a cache the rows would attend to each other)."""
+    return {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+
+
+def student_hidden(model: torch.nn.Module, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
     """``[B, T, H]``: an HF causal LM's final hidden states (after its last norm), from its own
-    forward so that wrappers (DDP, ``torch.compile``) see the call; logits only for the last position."""
-    return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    forward so that wrappers (DDP, ``torch.compile``) see the call; logits only for the last position.
+    ``position_ids [B, T]`` (packed rows, restarting per row) when given: see :func:`packed_inputs`."""
+    extra = packed_inputs(position_ids)
+    return model(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1, **extra).hidden_states[-1]
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from logitcache.cache.manifest import read_manifest
 from logitcache.chat import ChatStats, chat_rows, pad_examples
 from logitcache.corpus import Corpus, PackingStats, layout_rows, pad_rows, resolve_layout
 from logitcache.errors import LogitcacheError
-from logitcache.loader.collate import collate
+from logitcache.loader.collate import collate, pack_batch
 from logitcache.loader.dataset import CacheDataset
 from logitcache.loader.partition import OrderSettings, worker_samples
 from logitcache.teacher.folder import load_tokenizer, tokenizer_fingerprint
@@ -185,7 +185,8 @@ def _eval_cache_batches(settings: TrainSettings, manifest: Mapping, holdout: int
     if len(windows) < settings.eval_windows and world.main:
         log.info("--eval-cache %s has %d windows, fewer than --eval-windows %d: evaluating on those",
                  source, len(windows), settings.eval_windows)
-    return [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)], other
+    batches = [collate(chunk, other) for chunk in _chunks(windows, settings.batch_size)]
+    return [pack_batch(b) if settings.pack else b for b in batches], other
 
 
 def open_data(settings: TrainSettings, world: World, checkpoint: Mapping | None) -> Data:

@@ -99,7 +99,7 @@ def evaluate(
     for batch, counts in eval_share(data.eval_batches, world):
         batch = to_device(batch, device)
         with autocast:
-            outputs = student_outputs(model, batch["input_ids"], fused=head is not None)
+            outputs = student_outputs(model, batch, fused=head is not None)
         if not counts:
             continue
         keep = batch["position_mask"]

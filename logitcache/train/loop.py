@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from logitcache.errors import LogitcacheError
+from logitcache.loader.collate import pack_batch
 from logitcache.losses.fused import linear_head, supports
 from logitcache.train.checkpoint import (
     STUDENT_NAME,
@@ -98,10 +99,10 @@ def train_student(settings: TrainSettings, world: World, device: torch.device, o
             step_loss = torch.zeros((), device=device)
             micros = split_batch(batch, settings.grad_accum)
             for i, micro in enumerate(micros):
-                micro = to_device(micro, device)
+                micro = to_device(pack_batch(micro) if settings.pack and "token_counts" in micro else micro, device)
                 with gradient_sync(model, sync=i == len(micros) - 1):
                     with autocast:  # the fused loss runs the head's matmuls in autocast's dtype too
-                        loss = train_loss(student_outputs(forward, micro["input_ids"], fused=head is not None), micro)
+                        loss = train_loss(student_outputs(forward, micro, fused=head is not None), micro)
                     (loss.total * world.size / step_tokens).backward()
                 step_loss += loss.total.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip or math.inf)

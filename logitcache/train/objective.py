@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from logitcache.losses.fused import fused_loss, student_hidden
+from logitcache.losses.fused import fused_loss, packed_inputs, student_hidden
 from logitcache.losses.sparse import LossOutput, get_loss
 from logitcache.train.settings import TrainSettings, options_from_cache
 
@@ -40,9 +40,11 @@ def make_loss(
     return partial(get_loss(name), alpha=alpha, **options)
 
 
-def student_outputs(model: torch.nn.Module, input_ids: Tensor, fused: bool) -> Tensor:
-    """What a loss takes from the student for ``input_ids [B, T] int64``, at the ``T - 1`` positions that
-    have a next token: final hidden states ``[B, T-1, H]`` for a ``fused`` loss, else logits ``[B, T-1, V]``."""
+def student_outputs(model: torch.nn.Module, batch: dict[str, Tensor], fused: bool) -> Tensor:
+    """What a loss takes from the student for ``batch["input_ids"] [B, T] int64`` (with its
+    ``position_ids`` where rows are packed), at the ``T - 1`` positions that have a next token: final
+    hidden states ``[B, T-1, H]`` for a ``fused`` loss, else logits ``[B, T-1, V]``."""
+    position_ids = batch.get("position_ids")
     if fused:
-        return student_hidden(model, input_ids)[:, :-1]
-    return model(input_ids=input_ids).logits[:, :-1]
+        return student_hidden(model, batch["input_ids"], position_ids)[:, :-1]
+    return model(input_ids=batch["input_ids"], **packed_inputs(position_ids)).logits[:, :-1]

@@ -46,6 +46,7 @@ class TrainSettings:
     response_field: str = "response"
     chat_template: Path | None = None
     too_long: str = "truncate"
+    pack: bool = True  # a cache's rows of different lengths: several per student row, each seen alone
     eval_prompts: Path | None = None  # chat / prompt-response records with references: exact match, ROUGE-L at each eval
     eval_max_new_tokens: int = 64
     steps: int = 1000
