@@ -126,8 +126,8 @@ def build(
     proposal_temperature: Annotated[float, typer.Option(
         help="Sample from softmax(logits / T) instead of the teacher; losses reweight by t/q.")] = BUILD["proposal_temperature"],
     logprob_bits: Annotated[int, typer.Option(
-        min=1, max=10, help="sample: mantissa bits kept in stored float16 log-probabilities (10 = "
-                            "all; 8 keeps relative error below 2^-9 and saves ~0.4 B per entry).")] = BUILD["logprob_bits"],
+        min=1, max=10, help="sample: fraction bits of the stored fixed-point log-probabilities (error "
+                            "at most 2^-(bits+1) nats; top-k and gold keep 10).")] = BUILD["logprob_bits"],
     seq_len: SeqLen = BUILD["seq_len"],
     batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = BUILD["batch_size"],
     shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = BUILD["shard_size"],
@@ -229,6 +229,24 @@ def merge(cache: CacheDir) -> None:
         manifest = merge_parts(cache)
     merged = f"merged {len(manifest['shards'])} shards into {escape(str(cache / 'manifest.json'))}"
     Console().print(f"[green]✓[/green] {merged}", soft_wrap=True)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A cache in shard format v1 (written by logitcache before format v2).")],
+    dst: Annotated[Path, typer.Argument(help="A new or empty folder for the converted cache; the folder of an "
+                                             "interrupted conversion of SRC continues.")],
+) -> None:
+    """Rewrite a v1 cache as shard format v2 (fixed-point log-probabilities), shard by shard, resumable."""
+    from logitcache.cache.convert import convert_cache
+    from logitcache.cache.manifest import read_manifest
+
+    with user_errors():
+        shards = len(read_manifest(src)["shards"])
+        with progress_bar("convert", total=shards) as advance:
+            manifest = convert_cache(src, dst, on_shard=lambda _: advance(1))
+    done = f"{escape(str(dst))}: {len(manifest['shards'])} shards in format v{manifest['format_version']}"
+    Console().print(f"[green]✓[/green] {done}", soft_wrap=True)
 
 
 @app.command()

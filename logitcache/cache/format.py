@@ -1,9 +1,14 @@
-"""Shard format v1: one Parquet row per window, fixed Arrow schema per method, zstd.
+"""Shard format v2 (and v1, still read): one Parquet row per window, fixed Arrow schema per method, zstd.
 
 A window of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's
 distribution over token ``t + 1``. Per-id columns are flat and position-major: the ids
 of position 0 come first, then those of position 1, and so on; ``target_lengths[t]``
 says how many ids position ``t`` has. See schemas/SHARD_FORMAT.md for every column.
+
+In memory (:class:`WindowTargets`) log-probabilities are float32 whatever the version; only
+:func:`to_table` and :func:`from_table` know how a version stores them: v1 as float16, v2 as
+``uint16`` fixed-point codes ``round(-logprob * 2**bits)`` (:func:`encode_logprobs`), a Parquet type
+every engine reads, with ``bits`` per column in the shard metadata (``logprob_fraction_bits``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+READABLE_VERSIONS = (1, 2)  # v1 caches are read as they are, or rewritten by `logitcache convert`
 
 
 METADATA_KEY = b"logitcache"
@@ -36,9 +44,8 @@ ZSTD_LEVEL = 5  # vs 3: ~2 % smaller shards for ~25 % more write CPU (benchmarks
 
 # Integer columns whose values recur within a row group (ids, draw counts, per-position lengths) are
 # dictionary-encoded: the dictionary holds only the ids a row group uses, so its bit-packed indices
-# stay narrow whatever the vocabulary. Everything else is PLAIN: dictionaries make float16 and
-# input_ids larger, and BYTE_STREAM_SPLIT on float16 is not readable by DuckDB 2.0. Measured in
-# benchmarks/bench_storage.py (demo teacher: sample N=50 -11% bytes/entry, topk k=32 -6%, writes no slower).
+# stay narrow whatever the vocabulary. Everything else is PLAIN: dictionaries make the log-probability
+# codes and input_ids larger. Measured in benchmarks/bench_storage.py (benchmarks/RESULTS.md).
 DICTIONARY_COLUMNS = ("target_lengths", "target_ids", "target_counts")
 
 
@@ -49,63 +56,74 @@ MAX_IDS_PER_POSITION = np.iinfo(np.uint16).max
 MAX_VOCAB = np.iinfo(np.int32).max
 
 
-_COMMON_HEAD = [
-    pa.field("sequence_id", pa.int64(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("target_lengths", pa.list_(pa.uint16()), nullable=False),
-    pa.field("target_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("target_logprobs", pa.list_(pa.float16()), nullable=False),
-]
+LOGPROB_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
 
 
-_GOLD = pa.field("gold_logprob", pa.list_(pa.float16()), nullable=False)
+# v2 log-probabilities: uint16 codes round(-logprob * 2**bits); the largest code stands for -inf, and
+# finite log-probabilities below -(CODE_INF - 1) / 2**bits are stored as that bound.
+LOGPROB_CODE_INF = int(np.iinfo(np.uint16).max)
 
 
-_BY_METHOD = {
-    "topk": pa.field("tail_logprob", pa.list_(pa.float16()), nullable=False),
-    "sample": pa.field("target_counts", pa.list_(pa.uint16()), nullable=False),
-}
+# Fraction bits of every v2 log-probability column but a sample cache's target_logprobs, which keeps
+# params.logprob_bits: absolute error <= 2**-11 nats, range down to -64 nats (p = 1.6e-28).
+LOGPROB_BITS = 10
 
 
-def shard_schema(method: str) -> pa.Schema:
-    """The Arrow schema every shard of ``method`` is written with (metadata aside)."""
-    if method not in _BY_METHOD:
-        raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return pa.schema([*_COMMON_HEAD, _BY_METHOD[method], _GOLD])
+def logprob_bits(method: str, params: dict) -> dict[str, int]:
+    """Fraction bits of each v2 log-probability column of a ``method`` cache with ``params``."""
+    bits = {"target_logprobs": params.get("logprob_bits", LOGPROB_BITS) if method == "sample" else LOGPROB_BITS,
+            "gold_logprob": LOGPROB_BITS}
+    if method == "topk":
+        bits["tail_logprob"] = LOGPROB_BITS
+    return bits
 
 
-FLOAT32_MANTISSA_BITS = 23
+def count_type(samples: int) -> pa.DataType:
+    """The narrowest unsigned type that holds a draw count of ``samples`` draws."""
+    return pa.uint8() if samples <= np.iinfo(np.uint8).max else pa.uint16()
 
 
-FLOAT16_MANTISSA_BITS = 10
+def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None = None) -> pa.Schema:
+    """The Arrow schema every shard of ``method`` is written with in format ``version`` (metadata aside).
 
-
-def round_float16(values: np.ndarray, bits: int) -> np.ndarray:
-    """``values`` (float32 or float16) as float16 with ``bits`` stored mantissa bits (of 10), rounded once.
-
-    To nearest, ties away from zero: relative error at most ``2**-(bits + 1)`` for values in
-    float16's normal range (magnitudes from 2**-14 to 65504); infinities stay infinite. float32
-    input is rounded in float32 and then converted exactly, so there is no second rounding. Zeroed
-    low bits make the column far more compressible while every reader still sees plain float16.
+    ``samples`` (sample caches, v2): N, which picks the count type.
     """
-    if values.dtype == np.float16:
-        if bits >= FLOAT16_MANTISSA_BITS:
-            return values
-        drop = FLOAT16_MANTISSA_BITS - bits
-        raw = values.view(np.uint16)
-        finite = (raw & 0x7C00) != 0x7C00
-        rounded = ((raw.astype(np.uint32) + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
-        overflow = (rounded & 0x7C00) == 0x7C00  # only the largest finite magnitudes: keep them as they are
-        return np.where(finite & ~overflow, rounded, raw).view(np.float16)
-    values = np.ascontiguousarray(values, dtype=np.float32)
-    drop = FLOAT32_MANTISSA_BITS - min(bits, FLOAT16_MANTISSA_BITS)
-    raw = values.view(np.uint32)
-    finite = (raw & 0x7F800000) != 0x7F800000
-    rounded = (raw + np.uint32(1 << (drop - 1))) >> np.uint32(drop) << np.uint32(drop)
-    out = np.where(finite, rounded, raw).view(np.float32)
-    largest = float(np.finfo(np.float16).max)  # 65504: rounding up past it would make a finite value infinite
-    out = np.where(np.abs(values) <= largest, np.clip(out, -largest, largest), out)
-    return out.astype(np.float16)
+    if method not in METHODS:
+        raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if version not in READABLE_VERSIONS:
+        raise LogitcacheError(f"format version {version}: this logitcache reads versions {READABLE_VERSIONS}")
+    logprob = pa.float16() if version == 1 else pa.uint16()
+    counts = pa.uint16() if version == 1 else count_type(samples or MAX_IDS_PER_POSITION)
+    field = lambda name, kind: pa.field(name, pa.list_(kind), nullable=False)  # noqa: E731
+    own = field("tail_logprob", logprob) if method == "topk" else field("target_counts", counts)
+    return pa.schema([
+        pa.field("sequence_id", pa.int64(), nullable=False),
+        field("input_ids", pa.int32()),
+        field("target_lengths", pa.uint16()),
+        field("target_ids", pa.int32()),
+        field("target_logprobs", logprob),
+        own,
+        field("gold_logprob", logprob),
+    ])
+
+
+def encode_logprobs(values: np.ndarray, bits: int) -> np.ndarray:
+    """float log-probabilities ``[...]`` → v2 ``uint16`` codes ``round(-value * 2**bits)``, rounded once.
+
+    To nearest (``|decoded - value| <= 2**-(bits + 1)``); ``-inf`` → :data:`LOGPROB_CODE_INF`; finite
+    values below the range clamp to the code under it, and values above 0 (rounding noise) to 0.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        raise ValueError("NaN log-probabilities have no code")
+    codes = np.clip(np.rint(-values * 2.0**bits), 0, LOGPROB_CODE_INF - 1)
+    return np.where(np.isneginf(values), LOGPROB_CODE_INF, codes).astype(np.uint16)
+
+
+def decode_logprobs(codes: np.ndarray, bits: int) -> np.ndarray:
+    """v2 ``uint16`` codes ``[...]`` → float32 log-probabilities (exact: every code is a float32)."""
+    values = codes.astype(np.float32) * np.float32(-(2.0**-bits))
+    return np.where(codes == LOGPROB_CODE_INF, np.float32(-np.inf), values)
 
 
 @dataclass
@@ -119,10 +137,10 @@ class WindowTargets:
     input_ids: np.ndarray  # [B, n] int32
     target_lengths: np.ndarray  # [B, n-1] uint16
     target_ids: np.ndarray  # [S] int32
-    target_logprobs: np.ndarray  # [S] float16
-    gold_logprob: np.ndarray  # [B, n-1] float16
-    tail_logprob: np.ndarray | None = None  # [B, n-1] float16 (topk)
-    target_counts: np.ndarray | None = None  # [S] uint16 (sample)
+    target_logprobs: np.ndarray  # [S] float32 (float16 where a backend made them so)
+    gold_logprob: np.ndarray  # [B, n-1] float32
+    tail_logprob: np.ndarray | None = None  # [B, n-1] float32 (topk)
+    target_counts: np.ndarray | None = None  # [S] uint8 or uint16 (sample)
 
     @property
     def method(self) -> str:
@@ -157,24 +175,27 @@ def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.Dat
 
 
 def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
-    """Arrow table of ``targets`` in the v1 schema, with ``metadata`` as JSON key-value metadata."""
+    """Arrow table of ``targets`` in the format version ``metadata`` names (the current one if it names none),
+    with ``metadata`` as JSON key-value metadata; v2 adds the fraction bits of its log-probability codes."""
+    metadata = {"format_version": FORMAT_VERSION, **metadata}
+    version, method = metadata["format_version"], targets.method
+    if version >= 2:
+        metadata["logprob_fraction_bits"] = logprob_bits(method, metadata.get("params", {}))
+    schema = shard_schema(method, version, metadata.get("params", {}).get("samples"))
     b, n = targets.input_ids.shape
     positions = np.full(b, n - 1, dtype=np.int64)
     ids_per_window = targets.target_lengths.reshape(b, n - 1).sum(axis=1, dtype=np.int64)
-    columns = {
-        "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _list_column(targets.input_ids.reshape(-1), np.full(b, n), pa.int32()),
-        "target_lengths": _list_column(targets.target_lengths.reshape(-1), positions, pa.uint16()),
-        "target_ids": _list_column(targets.target_ids, ids_per_window, pa.int32()),
-        "target_logprobs": _list_column(targets.target_logprobs, ids_per_window, pa.float16()),
-    }
-    if targets.method == "topk":
-        columns["tail_logprob"] = _list_column(targets.tail_logprob.reshape(-1), positions, pa.float16())
-    else:
-        columns["target_counts"] = _list_column(targets.target_counts, ids_per_window, pa.uint16())
-    columns["gold_logprob"] = _list_column(targets.gold_logprob.reshape(-1), positions, pa.float16())
-    schema = shard_schema(targets.method).with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    return pa.table(columns, schema=schema)
+    per_row = {"input_ids": np.full(b, n), "target_ids": ids_per_window, "target_logprobs": ids_per_window,
+               "target_counts": ids_per_window}
+    columns = {"sequence_id": pa.array(targets.sequence_ids, type=pa.int64())}
+    for field in schema:
+        if field.name == "sequence_id":
+            continue
+        values = np.asarray(getattr(targets, field.name)).reshape(-1)
+        if field.name in LOGPROB_COLUMNS:
+            values = values.astype(np.float16) if version == 1 else encode_logprobs(values, metadata["logprob_fraction_bits"][field.name])
+        columns[field.name] = _list_column(values, per_row.get(field.name, positions), field.type.value_type)
+    return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
 def write_shard(path: Path, targets: WindowTargets, metadata: dict, zstd_level: int = ZSTD_LEVEL) -> None:
@@ -216,24 +237,38 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
+def decode_column(table: pa.Table, name: str) -> np.ndarray:
+    """The flat values of list column ``name`` of rows of a shard (any readable version, the table carrying
+    the shard's schema metadata): log-probability columns as float32, the others as stored."""
+    values = _flat(table.column(name))[0]
+    if name not in LOGPROB_COLUMNS:
+        return values
+    metadata = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    if metadata.get("format_version", 1) >= 2:
+        return decode_logprobs(values, metadata["logprob_fraction_bits"][name])
+    if values.dtype != np.float16:
+        raise LogitcacheError(f"{name} holds {values.dtype} codes but no logitcache metadata says their scale")
+    return values.astype(np.float32)
+
+
 def from_table(table: pa.Table) -> WindowTargets:
-    """Decode rows of a shard (a table or one row group) back into :class:`WindowTargets`."""
+    """Decode rows of a shard (a table or one row group, with the shard's schema metadata; any readable
+    version) back into :class:`WindowTargets`, log-probabilities as float32."""
     b = table.num_rows
     if b == 0:
         raise LogitcacheError("no rows to decode")
-    input_ids, _ = _flat(table.column("input_ids"))
-    lengths, _ = _flat(table.column("target_lengths"))
-    gold, _ = _flat(table.column("gold_logprob"))
     names = table.column_names
+    flat = lambda name: decode_column(table, name) if name in names else None  # noqa: E731
+    per_position = lambda name: decode_column(table, name).reshape(b, -1) if name in names else None  # noqa: E731
     return WindowTargets(
         sequence_ids=table.column("sequence_id").to_numpy(),
-        input_ids=input_ids.reshape(b, -1),
-        target_lengths=lengths.reshape(b, -1),
-        target_ids=_flat(table.column("target_ids"))[0],
-        target_logprobs=_flat(table.column("target_logprobs"))[0],
-        gold_logprob=gold.reshape(b, -1),
-        tail_logprob=_flat(table.column("tail_logprob"))[0].reshape(b, -1) if "tail_logprob" in names else None,
-        target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,
+        input_ids=per_position("input_ids"),
+        target_lengths=per_position("target_lengths"),
+        target_ids=flat("target_ids"),
+        target_logprobs=flat("target_logprobs"),
+        gold_logprob=per_position("gold_logprob"),
+        tail_logprob=per_position("tail_logprob"),
+        target_counts=flat("target_counts"),
     )
 
 

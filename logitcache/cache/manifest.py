@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from logitcache.cache.format import FORMAT_VERSION
+from logitcache.cache.format import READABLE_VERSIONS
 from logitcache.cache.layout import MANIFEST_NAME
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_json_atomic
@@ -37,10 +37,10 @@ def read_manifest(cache_dir: Path) -> dict:
         raise LogitcacheError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise LogitcacheError(f"{path}: not a logitcache manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise LogitcacheError(
-            f"{path}: format version {manifest.get('format_version')} but this logitcache reads "
-            f"version {FORMAT_VERSION}; rebuild the cache or install a matching logitcache"
+            f"{path}: format version {manifest.get('format_version')} but this logitcache reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild the cache or install a matching logitcache"
         )
     return manifest
 

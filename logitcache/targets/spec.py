@@ -11,9 +11,9 @@ SAMPLE_LOGPROB_BITS = 8
 class TargetSpec:
     """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws.
 
-    ``logprob_bits``: mantissa bits (of float16's 10) kept in a sample build's ``target_logprobs``.
-    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-9 relative error in a
-    log-probability; 8 bits saves ~0.4 bytes per entry. top-k keeps all 10, and gold always does.
+    ``logprob_bits``: fraction bits of a sample build's fixed-point ``target_logprobs`` (shard format v2).
+    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-9 nats error in a
+    log-probability; top-k keeps 10 bits, and gold always does (logitcache.cache.format.LOGPROB_BITS).
     """
 
     method: str
@@ -28,7 +28,3 @@ class TargetSpec:
         if self.method == "topk":
             return {"k": self.k}
         return {"samples": self.samples, "proposal_temperature": self.proposal_temperature, "logprob_bits": self.logprob_bits}
-
-    @property
-    def stored_logprob_bits(self) -> int:
-        return self.logprob_bits if self.method == "sample" else 10

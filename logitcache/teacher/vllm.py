@@ -157,9 +157,9 @@ def topk_window_targets(outputs: Sequence, input_ids: np.ndarray, sequence_ids: 
         input_ids=input_ids.astype(np.int32),
         target_lengths=np.full((b, n - 1), k, dtype=np.uint16),
         target_ids=ids.reshape(-1).astype(np.int32),
-        target_logprobs=logprobs.reshape(-1).astype(np.float16),
-        gold_logprob=gold.astype(np.float16),
-        tail_logprob=tail_logprob(logprobs).astype(np.float16),
+        target_logprobs=logprobs.reshape(-1).astype(np.float32),
+        gold_logprob=gold.astype(np.float32),
+        tail_logprob=tail_logprob(logprobs).astype(np.float32),
     )
 
 
