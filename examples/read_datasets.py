@@ -20,24 +20,6 @@ from datasets import load_dataset
 
 FORMAT_VERSION = 2
 
-# Format v2 stores log-probabilities as uint16 fixed-point codes: logprob = -code / 2**bits, code 65535 = -inf.
-# bits is 10, except a sample cache's target_logprobs, which keeps params.logprob_bits (each shard's metadata
-# says it too, under logprob_fraction_bits).
-INF_CODE = 65535
-
-
-def fraction_bits(manifest: dict, column: str) -> int:
-    """Fraction bits of the fixed-point codes of log-probability ``column``."""
-    if manifest["method"] == "sample" and column == "target_logprobs":
-        return manifest["params"].get("logprob_bits", 10)
-    return 10
-
-
-def decode(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint16 codes → log-probabilities (float64; exact)."""
-    codes = np.asarray(codes)
-    return np.where(codes == INF_CODE, -np.inf, -codes.astype(np.float64) / 2**bits)
-
 
 def read_manifest(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / "manifest.json"
@@ -71,14 +53,13 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     # thread, left running at exit, can abort the interpreter); its Arrow copy goes to a temp folder.
     with tempfile.TemporaryDirectory() as cache:
         shard = load_dataset("parquet", data_files=files[:1], split="train", cache_dir=cache)
-        # numpy format: uint8 and uint16 lists come back as int64, exact.
+        # numpy format: float32 lists come back as float32, uint8 and uint16 as int64, all exact.
         window = shard.with_format("numpy")[0]
         del shard
     lengths = window["target_lengths"]
     cuts = np.cumsum(lengths)[:-1]
     ids = np.split(window["target_ids"].astype(np.int64), cuts)
-    logprobs = np.split(decode(window["target_logprobs"], fraction_bits(manifest, "target_logprobs")), cuts)
-    gold = decode(window["gold_logprob"], fraction_bits(manifest, "gold_logprob"))
+    logprobs = np.split(window["target_logprobs"].astype(np.float32), cuts)
     has_counts = manifest["method"] == "sample"
     counts = np.split(window["target_counts"].astype(np.int64), cuts) if has_counts else [None] * len(lengths)
     tau = manifest["params"].get("proposal_temperature", 1.0)
@@ -87,13 +68,12 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
         row = {
             "position": t,
             "gold_id": int(window["input_ids"][t + 1]),
-            "gold_logprob": float(gold[t]),
+            "gold_logprob": float(window["gold_logprob"][t]),
             "ids": ids[t],
             "logprobs": logprobs[t],
             "probs": target_probs(logprobs[t], counts[t], tau),
         }
-        tail = None if has_counts else float(decode(window["tail_logprob"][t], fraction_bits(manifest, "tail_logprob")))
-        row.update({"counts": counts[t]} if has_counts else {"tail_logprob": tail})
+        row.update({"counts": counts[t]} if has_counts else {"tail_logprob": float(window["tail_logprob"][t])})
         rows.append(row)
     return rows
 

@@ -4,8 +4,8 @@ Usage: python examples/read_duckdb.py CACHE_DIR
 
 ``unnest`` turns the window's lists into a table of positions and a table of stored entries;
 a running sum of ``target_lengths`` gives each position its span of entries, and
-``list(... ORDER BY entry)`` gathers them back per position. Log-probabilities are decoded from
-their fixed-point codes in SQL (exact in DOUBLE). Format: schemas/SHARD_FORMAT.md.
+``list(... ORDER BY entry)`` gathers them back per position. Log-probabilities are FLOAT.
+Format: schemas/SHARD_FORMAT.md.
 """
 
 from __future__ import annotations
@@ -19,31 +19,17 @@ import numpy as np
 
 FORMAT_VERSION = 2
 
-# Format v2 stores log-probabilities as uint16 fixed-point codes: logprob = -code / 2**bits, code 65535 = -inf.
-# bits is 10, except a sample cache's target_logprobs, which keeps params.logprob_bits (each shard's metadata
-# says it too, under logprob_fraction_bits).
-INF_CODE = 65535
-
-
-def fraction_bits(manifest: dict, column: str) -> int:
-    """Fraction bits of the fixed-point codes of log-probability ``column``."""
-    if manifest["method"] == "sample" and column == "target_logprobs":
-        return manifest["params"].get("logprob_bits", 10)
-    return 10
-
 # Per-method SQL: extra per-position column, extra per-entry column, target probability of an entry.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),
 # self-normalised per position; at tau = 1 this is exactly count / N, the unbiased RS-KD estimate.
 METHOD_SQL = {
     "topk": {
-        "position_column": "unnest(tail_logprob) AS tail_code,",
-        "position_decode": ", {tail} AS tail_logprob",
+        "position_column": "unnest(tail_logprob) AS tail_logprob,",
         "entry_column": "",
         "prob": "exp(logprob)",
     },
     "sample": {
         "position_column": "",
-        "position_decode": "",
         "entry_column": "unnest(target_counts) AS count,",
         "prob": "count * exp(logprob * (1 - 1 / $tau))"
         " / sum(count * exp(logprob * (1 - 1 / $tau))) OVER (PARTITION BY position)",
@@ -58,32 +44,24 @@ WITH first_window AS (
            unnest(target_lengths) AS length,
            unnest(input_ids[2:]) AS gold_id,
            {position_column}
-           unnest(gold_logprob) AS gold_code
+           unnest(gold_logprob) AS gold_logprob
     FROM first_window
 ), spans AS (
-    SELECT *, {gold} AS gold_logprob{position_decode}, sum(length) OVER (ORDER BY position) - length AS start
-    FROM positions
+    SELECT *, sum(length) OVER (ORDER BY position) - length AS start FROM positions
 ), entries AS (
     SELECT unnest(range(len(target_ids))) AS entry,
            unnest(target_ids) AS id,
            {entry_column}
-           unnest(target_logprobs) AS logprob_code
+           unnest(target_logprobs) AS logprob
     FROM first_window
-), decoded AS (
-    SELECT *, {logprob} AS logprob FROM entries
 ), targets AS (
-    SELECT spans.*, decoded.*, {prob} AS prob
-    FROM spans JOIN decoded ON entry >= start AND entry < start + length
+    SELECT spans.*, entries.*, {prob} AS prob
+    FROM spans JOIN entries ON entry >= start AND entry < start + length
 )
 SELECT position, any_value(gold_id) AS gold_id, any_value(gold_logprob) AS gold_logprob, {extra_select}
        list(id ORDER BY entry) AS ids, list(logprob ORDER BY entry) AS logprobs, list(prob ORDER BY entry) AS probs
 FROM targets GROUP BY position ORDER BY position
 """
-
-
-def decode_sql(code: str, bits: int) -> str:
-    """SQL of the log-probability a code column holds."""
-    return f"CASE WHEN {code} = {INF_CODE} THEN '-inf'::DOUBLE ELSE -{code}::DOUBLE / {2.0 ** bits} END"
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -101,11 +79,7 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     manifest = read_manifest(cache_dir)
     method = manifest["method"]
     extra = "any_value(tail_logprob) AS tail_logprob," if method == "topk" else "list(count ORDER BY entry) AS counts,"
-    codes = {"gold": decode_sql("gold_code", fraction_bits(manifest, "gold_logprob")),
-             "tail": decode_sql("tail_code", fraction_bits(manifest, "tail_logprob")),
-             "logprob": decode_sql("logprob_code", fraction_bits(manifest, "target_logprobs"))}
-    method_sql = {key: value.format(**codes) for key, value in METHOD_SQL[method].items()}
-    sql = QUERY.format(**method_sql, **codes, extra_select=extra)
+    sql = QUERY.format(**METHOD_SQL[method], extra_select=extra)
     params = {"shard": str(Path(cache_dir) / manifest["shards"][0]["file"])}
     if method == "sample":
         params["tau"] = manifest["params"]["proposal_temperature"]

@@ -19,18 +19,6 @@ import polars as pl
 
 FORMAT_VERSION = 2
 
-# Format v2 stores log-probabilities as uint16 fixed-point codes: logprob = -code / 2**bits, code 65535 = -inf.
-# bits is 10, except a sample cache's target_logprobs, which keeps params.logprob_bits (each shard's metadata
-# says it too, under logprob_fraction_bits).
-INF_CODE = 65535
-
-
-def fraction_bits(manifest: dict, column: str) -> int:
-    """Fraction bits of the fixed-point codes of log-probability ``column``."""
-    if manifest["method"] == "sample" and column == "target_logprobs":
-        return manifest["params"].get("logprob_bits", 10)
-    return 10
-
 
 def read_manifest(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / "manifest.json"
@@ -40,12 +28,6 @@ def read_manifest(cache_dir: str | Path) -> dict:
     if manifest.get("format") != "logitcache" or manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{cache_dir}: not a logitcache format v{FORMAT_VERSION} cache")
     return manifest
-
-
-def decoded(column: str, manifest: dict) -> pl.Expr:
-    """The log-probabilities of a code column, exploded (Float64; exact)."""
-    codes = pl.col(column).explode()
-    return pl.when(codes == INF_CODE).then(float("-inf")).otherwise(-codes.cast(pl.Float64) / 2 ** fraction_bits(manifest, column))
 
 
 def target_prob(method: str, proposal_temperature: float) -> pl.Expr:
@@ -72,15 +54,14 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     positions = window.select(
         pl.col("target_lengths").explode().alias("length"),
         pl.col("input_ids").list.slice(1).explode().alias("gold_id"),
-        decoded("gold_logprob", manifest).alias("gold_logprob"),
-        *[decoded(name, manifest).alias(name) for name in per_position],
+        pl.col("gold_logprob").explode(),
+        *[pl.col(name).explode() for name in per_position],
     ).with_row_index("position")
     per_id = {"target_ids": "id", "target_logprobs": "logprob"}
     if method == "sample":
         per_id["target_counts"] = "count"
     entries = (
-        window.select([(decoded(column, manifest) if column == "target_logprobs" else pl.col(column).explode()).alias(name)
-                       for column, name in per_id.items()])
+        window.select([pl.col(column).explode().alias(name) for column, name in per_id.items()])
         .with_columns(positions.select(pl.col("position").repeat_by("length").explode()).to_series())
         .with_columns(target_prob(method, tau).alias("prob"))
         .group_by("position", maintain_order=True)

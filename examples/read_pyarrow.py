@@ -18,24 +18,6 @@ import pyarrow.parquet as pq
 
 FORMAT_VERSION = 2
 
-# Format v2 stores log-probabilities as uint16 fixed-point codes: logprob = -code / 2**bits, code 65535 = -inf.
-# bits is 10, except a sample cache's target_logprobs, which keeps params.logprob_bits (each shard's metadata
-# says it too, under logprob_fraction_bits).
-INF_CODE = 65535
-
-
-def fraction_bits(manifest: dict, column: str) -> int:
-    """Fraction bits of the fixed-point codes of log-probability ``column``."""
-    if manifest["method"] == "sample" and column == "target_logprobs":
-        return manifest["params"].get("logprob_bits", 10)
-    return 10
-
-
-def decode(codes: np.ndarray, bits: int) -> np.ndarray:
-    """uint16 codes → log-probabilities (float64; exact)."""
-    codes = np.asarray(codes)
-    return np.where(codes == INF_CODE, -np.inf, -codes.astype(np.float64) / 2**bits)
-
 
 def read_manifest(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / "manifest.json"
@@ -73,12 +55,12 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     lengths = flat("target_lengths")
     cuts = np.cumsum(lengths)[:-1]
     ids = np.split(flat("target_ids").astype(np.int64), cuts)
-    logprobs = np.split(decode(flat("target_logprobs"), fraction_bits(manifest, "target_logprobs")), cuts)
+    logprobs = np.split(flat("target_logprobs").astype(np.float32), cuts)
     has_counts = manifest["method"] == "sample"
     counts = np.split(flat("target_counts").astype(np.int64), cuts) if has_counts else [None] * len(lengths)
-    tail = None if has_counts else decode(flat("tail_logprob"), fraction_bits(manifest, "tail_logprob"))
+    tail = None if has_counts else flat("tail_logprob").astype(np.float32)
     tau = manifest["params"].get("proposal_temperature", 1.0)
-    gold_ids, gold_logprob = flat("input_ids")[1:], decode(flat("gold_logprob"), fraction_bits(manifest, "gold_logprob"))
+    gold_ids, gold_logprob = flat("input_ids")[1:], flat("gold_logprob").astype(np.float32)
     rows = []
     for t in range(len(lengths)):
         row = {

@@ -1,6 +1,6 @@
 """A cache folder (logitcache/cache/): validate names what is wrong, inspect summarises (also a broken
 teacher's), a manifest missing what builds write is named, merge refuses damaged parts, v1 caches
-are still read, and the fixed-point coding of stored log-probabilities."""
+are still read, and the rounding of stored log-probabilities."""
 
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def test_teacher_perplexity_past_float64_is_infinite_not_an_error(topk_cache, tm
     assert _perplexity(1.0) == pytest.approx(np.e) and _perplexity(5000.0) == float("inf")
     broken = tmp_path / "broken"
     shutil.copytree(topk_cache, broken)
-    for shard in broken.glob("shard-*.parquet"):  # gold log-probs of a broken teacher: -inf
+    for shard in broken.glob("shard-*.parquet"):  # gold log-probs of a broken teacher: float16's lowest
         targets, meta = read_shard(shard), shard_metadata(shard)
-        targets.gold_logprob = np.full_like(targets.gold_logprob, -np.inf)
+        targets.gold_logprob = np.full_like(targets.gold_logprob, -65504)
         write_shard(shard, targets, meta)
     result = run_cli("inspect", str(broken), "--json")
     assert result.returncode == 0, result.stderr
@@ -108,12 +108,14 @@ def test_inspect_of_a_cache_missing_a_shard_is_one_error_line(topk_cache, tmp_pa
 
 
 def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
-    """NaN fits only in a v1 shard (float16): v2 codes have none, and the writer refuses NaN."""
+    import shutil
+
     from logitcache.cache.format import shard_metadata, write_shard
     from logitcache.cache.manifest import write_manifest
     from logitcache.files import sha256_file
 
-    out = as_v1(topk_cache, tmp_path / "copy")
+    out = tmp_path / "copy"
+    shutil.copytree(topk_cache, out)
     shard = out / "shard-00000.parquet"
     targets, meta = read_shard(shard), shard_metadata(shard)
     targets.target_logprobs = targets.target_logprobs.copy()
@@ -133,37 +135,34 @@ def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
     assert f"totals.positions = {manifest['totals']['positions']} but" in problems
 
 
-def test_logprob_codes_round_once_to_nearest():
-    """v2 codes: |decoded - value| <= 2^-(bits+1) nats, -inf kept, the range's end clamped, NaN refused."""
-    from logitcache.cache.format import LOGPROB_CODE_INF, decode_logprobs, encode_logprobs
+def test_round_mantissa_rounds_once_to_nearest():
+    """float32 in: within 2^-(bits+1) relative of the value, low bits zero; float16 values with <= bits bits exact."""
+    from logitcache.cache.format import round_mantissa
 
-    values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-6), np.log(60.0), 100_000)).astype(np.float32)
+    values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-6), np.log(2e4), 100_000)).astype(np.float32)
     for bits in (4, 8, 10):
-        codes = encode_logprobs(values, bits)
-        assert codes.dtype == np.uint16
-        decoded = decode_logprobs(codes, bits)
-        assert decoded.dtype == np.float32
-        assert np.abs(decoded.astype(np.float64) - values).max() <= 2.0 ** -(bits + 1)
-        assert np.array_equal(encode_logprobs(decoded, bits), codes)  # decoded values are exact codes
-    special = encode_logprobs(np.array([-np.inf, 0.0, 1e-7, -1e6], np.float32), 10)
-    assert special.tolist() == [LOGPROB_CODE_INF, 0, 0, LOGPROB_CODE_INF - 1]
-    assert decode_logprobs(special, 10)[0] == -np.inf and decode_logprobs(special, 10)[3] == pytest.approx(-63.999, abs=1e-3)
-    with pytest.raises(ValueError, match="NaN"):
-        encode_logprobs(np.array([np.nan]), 10)
+        out = round_mantissa(values, bits)
+        assert out.dtype == np.float32
+        assert np.all(out.view(np.uint32) & ((1 << (23 - bits)) - 1) == 0)
+        assert (np.abs(out.astype(np.float64) - values) / np.abs(values)).max() <= 2.0 ** -(bits + 1)
+    half = values.astype(np.float16)
+    assert np.array_equal(round_mantissa(half, 10), half.astype(np.float32))
+    special = round_mantissa(np.array([-np.inf, 0.0, np.nan, -np.finfo(np.float32).max], np.float32), 8)
+    assert special[0] == -np.inf and special[1] == 0.0 and np.isnan(special[2]) and special[3] == -np.finfo(np.float32).max
 
 
 @pytest.mark.parametrize("cache_name", ["topk_cache", "sample_cache"])
 def test_v1_caches_are_read_validated_and_inspected(cache_name, request, tmp_path):
-    """A v1 copy of a v2 cache: the same targets within float16's rounding, sound, and the same summary."""
+    """A v1 copy of a v2 cache: the same targets (float16 holds every v2 value of its range), sound, the same summary."""
     cache = request.getfixturevalue(cache_name)
     old = as_v1(cache, tmp_path / "v1")
     assert read_manifest(old)["format_version"] == 1 and validate_cache(old) == []
     for entry in read_manifest(old)["shards"]:
         new, v1 = read_shard(cache / entry["file"]), read_shard(old / entry["file"])
         assert v1.target_logprobs.dtype == np.float32 and np.array_equal(v1.target_ids, new.target_ids)
-        assert np.allclose(v1.target_logprobs, new.target_logprobs, rtol=2.0**-11, atol=0)
-        assert np.allclose(v1.gold_logprob, new.gold_logprob, rtol=2.0**-11, atol=0)
-    assert summarize(old)["teacher_perplexity"] == pytest.approx(summarize(cache)["teacher_perplexity"], rel=1e-3)
+        assert np.array_equal(v1.target_logprobs, new.target_logprobs)  # v2 keeps at most float16's 10 bits
+        assert np.array_equal(v1.gold_logprob, new.gold_logprob)
+    assert summarize(old)["teacher_perplexity"] == summarize(cache)["teacher_perplexity"]
     assert summarize(old)["bytes"] != summarize(cache)["bytes"]
 
 
@@ -177,8 +176,11 @@ def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
     for cache in (topk_cache, sample_cache):
         shard = cache / "shard-00000.parquet"
         types = {field.name: field.type for field in pq.read_schema(shard)}
-        assert not any(pa.types.is_floating(t.value_type) for t in types.values() if pa.types.is_list(t))
+        assert not any(pa.types.is_float16(t.value_type) for t in types.values() if pa.types.is_list(t))
         assert shard_metadata(shard)["format_version"] == 2
+        chunk = pq.ParquetFile(shard).metadata.row_group(0)
+        encodings = {chunk.column(c).path_in_schema.split(".")[0]: chunk.column(c).encodings for c in range(chunk.num_columns)}
+        assert "BYTE_STREAM_SPLIT" in encodings["target_logprobs"] and "BYTE_STREAM_SPLIT" in encodings["gold_logprob"]
     assert pq.read_schema(sample_cache / "shard-00000.parquet").field("target_counts").type.value_type == pa.uint8()
-    assert shard_metadata(sample_cache / "shard-00000.parquet")["logprob_fraction_bits"] == {
+    assert shard_metadata(sample_cache / "shard-00000.parquet")["logprob_mantissa_bits"] == {
         "target_logprobs": 8, "gold_logprob": 10}

@@ -29,7 +29,8 @@ SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 SHARD_SPECS = {version: json.loads((SCHEMAS / f"shard-v{version}.arrow.json").read_text()) for version in (1, 2)}
 SHARD_SPEC = SHARD_SPECS[FORMAT_VERSION]
 MANIFEST_SCHEMA = json.loads((SCHEMAS / "manifest.schema.json").read_text())
-PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "float16": pa.float16()}
+PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "float16": pa.float16(),
+              "float32": pa.float32()}
 
 
 def arrow_type(name: str, element_nullable: bool) -> pa.DataType:

@@ -3,10 +3,8 @@
 Crash safety is a build's: every shard is written under a temporary name and renamed into place,
 ``build.json`` marks the destination as holding this conversion (its fingerprint) while it runs, and
 ``manifest.json`` comes last. Re-running the same conversion keeps the shards already converted and
-writes the rest. The targets are the source's, each log-probability re-coded once: a v1 value ``ℓ``
-(float16, or fewer mantissa bits in a sample cache) becomes the nearest multiple of ``2**-bits``,
-which moves it by at most ``2**-(bits + 1)`` nats, and not at all where float16 was as coarse already
-(``|ℓ| >= 1`` for topk's 10 bits: exact down to the fixed-point range's end, -64 nats).
+writes the rest. The targets are exactly the source's: every float16 is a float32, and a v1 value has
+no more mantissa bits than v2 keeps (10; a sample cache's ``params.logprob_bits``, which v1 applied too).
 """
 
 from __future__ import annotations
@@ -14,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+
+import pyarrow as pa
 
 from logitcache.cache.format import FORMAT_VERSION, read_shard, shard_metadata, write_shard
 from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME
@@ -23,8 +23,8 @@ from logitcache.files import clear_temporaries, sha256_file, write_json_atomic
 
 
 def conversion_fingerprint(source: dict) -> str:
-    """The converted cache's fingerprint: of the source build and the version it is converted to (its targets
-    differ from both the source's and a fresh v2 build's by the re-coding, so it is neither's)."""
+    """The converted cache's fingerprint: of the source build and the version it is converted to (a fresh v2
+    build's may differ: its float32 log-probabilities are rounded once, v1's through float16)."""
     return fingerprint({"converted_from": source["fingerprint"], "format_version": FORMAT_VERSION})
 
 
@@ -65,8 +65,8 @@ def _convert_shard(src: Path, dst: Path, entry: dict, build_fingerprint: str) ->
     meta = {**shard_metadata(source), "format_version": FORMAT_VERSION, "build_fingerprint": build_fingerprint}
     try:
         write_shard(dst / entry["file"], read_shard(source), meta)
-    except ValueError as exc:  # NaN log-probabilities have no code
-        raise LogitcacheError(f"{source}: {exc}; rebuild this cache, it cannot be converted") from exc
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise LogitcacheError(f"{source}: cannot be converted ({exc}); `logitcache validate` says more") from exc
 
 
 def convert_cache(src: Path, dst: Path, on_shard: Callable[[int], None] | None = None) -> dict:

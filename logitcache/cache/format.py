@@ -5,10 +5,11 @@ distribution over token ``t + 1``. Per-id columns are flat and position-major: t
 of position 0 come first, then those of position 1, and so on; ``target_lengths[t]``
 says how many ids position ``t`` has. See schemas/SHARD_FORMAT.md for every column.
 
-In memory (:class:`WindowTargets`) log-probabilities are float32 whatever the version; only
-:func:`to_table` and :func:`from_table` know how a version stores them: v1 as float16, v2 as
-``uint16`` fixed-point codes ``round(-logprob * 2**bits)`` (:func:`encode_logprobs`), a Parquet type
-every engine reads, with ``bits`` per column in the shard metadata (``logprob_fraction_bits``).
+Format v2 stores log-probabilities as float32, a Parquet type every engine reads, with their
+mantissas rounded to a few bits (:func:`round_mantissa`; bits per column in the shard metadata,
+``logprob_mantissa_bits``) and BYTE_STREAM_SPLIT-encoded, so that the zeroed low bytes cost nearly
+nothing; v1 stored float16. In memory (:class:`WindowTargets`) log-probabilities are float32 whatever
+the version: only :func:`to_table` and :func:`decode_column` know the difference.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ ZSTD_LEVEL = 5  # vs 3: ~2 % smaller shards for ~25 % more write CPU (benchmarks
 
 # Integer columns whose values recur within a row group (ids, draw counts, per-position lengths) are
 # dictionary-encoded: the dictionary holds only the ids a row group uses, so its bit-packed indices
-# stay narrow whatever the vocabulary. Everything else is PLAIN: dictionaries make the log-probability
-# codes and input_ids larger. Measured in benchmarks/bench_storage.py (benchmarks/RESULTS.md).
+# stay narrow whatever the vocabulary. v2's float32 log-probabilities are BYTE_STREAM_SPLIT (their
+# bytes in separate streams: the rounded-off low bytes are all zero and compress away; pyarrow writes
+# it, DuckDB, Polars, Spark's parquet-java and Trino read it for FLOAT). Everything else is PLAIN.
+# Measured in benchmarks/bench_storage.py (benchmarks/RESULTS.md).
 DICTIONARY_COLUMNS = ("target_lengths", "target_ids", "target_counts")
 
 
@@ -59,18 +62,16 @@ MAX_VOCAB = np.iinfo(np.int32).max
 LOGPROB_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
 
 
-# v2 log-probabilities: uint16 codes round(-logprob * 2**bits); the largest code stands for -inf, and
-# finite log-probabilities below -(CODE_INF - 1) / 2**bits are stored as that bound.
-LOGPROB_CODE_INF = int(np.iinfo(np.uint16).max)
-
-
-# Fraction bits of every v2 log-probability column but a sample cache's target_logprobs, which keeps
-# params.logprob_bits: absolute error <= 2**-11 nats, range down to -64 nats (p = 1.6e-28).
+# Mantissa bits every v2 log-probability column keeps but a sample cache's target_logprobs, which keeps
+# params.logprob_bits: float16's 10, relative error <= 2**-11.
 LOGPROB_BITS = 10
 
 
+FLOAT32_MANTISSA_BITS = 23
+
+
 def logprob_bits(method: str, params: dict) -> dict[str, int]:
-    """Fraction bits of each v2 log-probability column of a ``method`` cache with ``params``."""
+    """Mantissa bits each v2 log-probability column of a ``method`` cache with ``params`` keeps."""
     bits = {"target_logprobs": params.get("logprob_bits", LOGPROB_BITS) if method == "sample" else LOGPROB_BITS,
             "gold_logprob": LOGPROB_BITS}
     if method == "topk":
@@ -92,7 +93,7 @@ def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None
         raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if version not in READABLE_VERSIONS:
         raise LogitcacheError(f"format version {version}: this logitcache reads versions {READABLE_VERSIONS}")
-    logprob = pa.float16() if version == 1 else pa.uint16()
+    logprob = pa.float16() if version == 1 else pa.float32()
     counts = pa.uint16() if version == 1 else count_type(samples or MAX_IDS_PER_POSITION)
     field = lambda name, kind: pa.field(name, pa.list_(kind), nullable=False)  # noqa: E731
     own = field("tail_logprob", logprob) if method == "topk" else field("target_counts", counts)
@@ -107,23 +108,19 @@ def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None
     ])
 
 
-def encode_logprobs(values: np.ndarray, bits: int) -> np.ndarray:
-    """float log-probabilities ``[...]`` → v2 ``uint16`` codes ``round(-value * 2**bits)``, rounded once.
+def round_mantissa(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values [...]`` as float32 with ``bits`` stored mantissa bits (of 23), rounded once.
 
-    To nearest (``|decoded - value| <= 2**-(bits + 1)``); ``-inf`` → :data:`LOGPROB_CODE_INF`; finite
-    values below the range clamp to the code under it, and values above 0 (rounding noise) to 0.
+    To nearest, ties away from zero: relative error at most ``2**-(bits + 1)`` (for float32 input;
+    float16 input with at most ``bits`` bits is returned exactly); infinities and NaN stay as they are.
+    Zeroed low bits make the column far more compressible while every reader still sees plain float32.
     """
-    values = np.asarray(values, dtype=np.float64)
-    if np.isnan(values).any():
-        raise ValueError("NaN log-probabilities have no code")
-    codes = np.clip(np.rint(-values * 2.0**bits), 0, LOGPROB_CODE_INF - 1)
-    return np.where(np.isneginf(values), LOGPROB_CODE_INF, codes).astype(np.uint16)
-
-
-def decode_logprobs(codes: np.ndarray, bits: int) -> np.ndarray:
-    """v2 ``uint16`` codes ``[...]`` → float32 log-probabilities (exact: every code is a float32)."""
-    values = codes.astype(np.float32) * np.float32(-(2.0**-bits))
-    return np.where(codes == LOGPROB_CODE_INF, np.float32(-np.inf), values)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    drop = FLOAT32_MANTISSA_BITS - bits
+    raw = values.view(np.uint32)
+    finite = (raw & 0x7F800000) != 0x7F800000
+    rounded = ((raw + np.uint32(1 << (drop - 1))) >> np.uint32(drop) << np.uint32(drop)).view(np.float32)
+    return np.where(finite & np.isfinite(rounded), rounded, values)  # the largest finite values are kept as they are
 
 
 @dataclass
@@ -137,7 +134,7 @@ class WindowTargets:
     input_ids: np.ndarray  # [B, n] int32
     target_lengths: np.ndarray  # [B, n-1] uint16
     target_ids: np.ndarray  # [S] int32
-    target_logprobs: np.ndarray  # [S] float32 (float16 where a backend made them so)
+    target_logprobs: np.ndarray  # [S] float32
     gold_logprob: np.ndarray  # [B, n-1] float32
     tail_logprob: np.ndarray | None = None  # [B, n-1] float32 (topk)
     target_counts: np.ndarray | None = None  # [S] uint8 or uint16 (sample)
@@ -176,11 +173,11 @@ def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.Dat
 
 def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     """Arrow table of ``targets`` in the format version ``metadata`` names (the current one if it names none),
-    with ``metadata`` as JSON key-value metadata; v2 adds the fraction bits of its log-probability codes."""
+    with ``metadata`` as JSON key-value metadata; v2 adds the mantissa bits its log-probabilities keep."""
     metadata = {"format_version": FORMAT_VERSION, **metadata}
     version, method = metadata["format_version"], targets.method
     if version >= 2:
-        metadata["logprob_fraction_bits"] = logprob_bits(method, metadata.get("params", {}))
+        metadata["logprob_mantissa_bits"] = logprob_bits(method, metadata.get("params", {}))
     schema = shard_schema(method, version, metadata.get("params", {}).get("samples"))
     b, n = targets.input_ids.shape
     positions = np.full(b, n - 1, dtype=np.int64)
@@ -193,7 +190,7 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
             continue
         values = np.asarray(getattr(targets, field.name)).reshape(-1)
         if field.name in LOGPROB_COLUMNS:
-            values = values.astype(np.float16) if version == 1 else encode_logprobs(values, metadata["logprob_fraction_bits"][field.name])
+            values = values.astype(np.float16) if version == 1 else round_mantissa(values, metadata["logprob_mantissa_bits"][field.name])
         columns[field.name] = _list_column(values, per_row.get(field.name, positions), field.type.value_type)
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
 
@@ -211,6 +208,9 @@ def write_shard(path: Path, targets: WindowTargets, metadata: dict, zstd_level: 
             row_group_size=ROW_GROUP_ROWS,
             # Leaf paths: a bare column name is silently ignored for list columns.
             use_dictionary=[f"{name}.list.element" for name in DICTIONARY_COLUMNS if name in table.column_names],
+            column_encoding={f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in LOGPROB_COLUMNS
+                             if name in table.column_names and pa.types.is_float32(table.schema.field(name).type.value_type)}
+            or None,
             write_statistics=["sequence_id"],
         )
 
@@ -238,22 +238,15 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode_column(table: pa.Table, name: str) -> np.ndarray:
-    """The flat values of list column ``name`` of rows of a shard (any readable version, the table carrying
-    the shard's schema metadata): log-probability columns as float32, the others as stored."""
+    """The flat values of list column ``name`` of rows of a shard of any readable version: log-probability
+    columns as float32 (v1's float16 upcast, exactly), the others as stored."""
     values = _flat(table.column(name))[0]
-    if name not in LOGPROB_COLUMNS:
-        return values
-    metadata = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
-    if metadata.get("format_version", 1) >= 2:
-        return decode_logprobs(values, metadata["logprob_fraction_bits"][name])
-    if values.dtype != np.float16:
-        raise LogitcacheError(f"{name} holds {values.dtype} codes but no logitcache metadata says their scale")
-    return values.astype(np.float32)
+    return values.astype(np.float32, copy=False) if name in LOGPROB_COLUMNS else values
 
 
 def from_table(table: pa.Table) -> WindowTargets:
-    """Decode rows of a shard (a table or one row group, with the shard's schema metadata; any readable
-    version) back into :class:`WindowTargets`, log-probabilities as float32."""
+    """Decode rows of a shard (a table or one row group; any readable version) back into
+    :class:`WindowTargets`, log-probabilities as float32."""
     b = table.num_rows
     if b == 0:
         raise LogitcacheError("no rows to decode")

@@ -11,9 +11,9 @@ SAMPLE_LOGPROB_BITS = 8
 class TargetSpec:
     """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws.
 
-    ``logprob_bits``: fraction bits of a sample build's fixed-point ``target_logprobs`` (shard format v2).
-    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-9 nats error in a
-    log-probability; top-k keeps 10 bits, and gold always does (logitcache.cache.format.LOGPROB_BITS).
+    ``logprob_bits``: mantissa bits (of float16's 10) kept in a sample build's ``target_logprobs``.
+    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-9 relative error in a
+    log-probability; 8 bits saves ~0.4 bytes per entry. top-k keeps all 10, and gold always does.
     """
 
     method: str
