@@ -19,6 +19,15 @@ Column chunks are compressed independently, so a per-column table shows where th
 two more check the id order (ids ascending within a position instead of by log-probability: a
 convention change, reported only) and the id width (ids mapped into a 152k vocabulary).
 
+``--formats`` measures shard format v1 against v2 instead (issue 17): bytes per stored entry, all
+columns counted, of the same targets written both ways (``to_table`` with ``format_version`` 1 or 2 and
+``parquet_options``: exactly what each version's ``write_shard`` writes), for ``topk`` k=32 and
+``sample`` N=50, with the ids as they are and mapped by a random injective map into
+``--widths`` ids (the ids as wide as a big vocabulary's: see RESULTS.md for what this stand-in is and
+is not); per column; and the error of each version's stored log-probabilities against the
+teacher's float32 values, in nats and in probability. It does so for the teacher and for a copy of it
+whose output head is scaled by ``--sharpen`` (logits times that factor: a more peaked teacher).
+
 Finally the same targets in the layouts people use today: axolotl's KD dataset columns
 (``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
 ``target_mask: list<list<int64>>``; ``target_counts`` too for sample) as Arrow IPC (what
@@ -48,7 +57,15 @@ from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
 from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache import format as shards_mod
-from logitcache.cache.format import WindowTargets, read_shard, shard_metadata, to_table
+from logitcache.cache.format import (
+    LOGPROB_COLUMNS,
+    WindowTargets,
+    parquet_options,
+    read_shard,
+    round_mantissa,
+    shard_metadata,
+    to_table,
+)
 from logitcache.cache.summary import summarize
 from logitcache.teacher.load import load_teacher
 
@@ -56,7 +73,7 @@ from logitcache.teacher.load import load_teacher
 
 ELEMENT = "{}.list.element"  # column_encoding / use_dictionary need the leaf path; "target_ids" alone is ignored
 INT_COLUMNS = ("input_ids", "target_lengths", "target_ids", "target_counts")
-HALF_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
+HALF_COLUMNS = LOGPROB_COLUMNS  # float16 in v1, float32 in v2
 CHOSEN_DICTIONARY = shards_mod.DICTIONARY_COLUMNS
 
 
@@ -372,6 +389,174 @@ def user_formats_table(caches: dict[str, Cache], chosen: Callable[[list[str]], d
     return rows
 
 
+# ---- format v1 vs v2 -----------------------------------------------------------------------
+
+
+def sharpened_teacher(teacher_dir: Path, out: Path, factor: float) -> Path:
+    """A copy of ``teacher_dir`` whose output head is multiplied by ``factor`` (logits times ``factor``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(teacher_dir)).save_pretrained(out)
+    return out
+
+
+def version_sizes(t: WindowTargets, meta: dict, version: int) -> tuple[int, dict[str, int]]:
+    """(file bytes, compressed bytes per column) of ``t`` written as a shard of format ``version``."""
+    table = to_table(t, {**meta, "format_version": version})
+    data = write_bytes(table, parquet_options(table))
+    parquet = pq.ParquetFile(io.BytesIO(data)).metadata
+    columns: dict[str, int] = {}
+    for g in range(parquet.num_row_groups):
+        for c in range(parquet.num_columns):
+            chunk = parquet.row_group(g).column(c)
+            name = chunk.path_in_schema.split(".")[0]
+            columns[name] = columns.get(name, 0) + chunk.total_compressed_size
+    columns["(footer and metadata)"] = len(data) - sum(columns.values())
+    return len(data), columns
+
+
+def format_table(caches: dict[str, Cache], widths: list[int], vocab: int) -> list[str]:
+    rows = ["| cache | distinct ids per position | id width | v1 B/entry | v2 B/entry | v2 − v1 |", "|---|---:|---:|---:|---:|---:|"]
+    for name, cache in caches.items():
+        for width in [vocab, *widths]:
+            transform = None if width == vocab else (lambda t, w=width: remapped_ids(t, vocab, w))
+            sizes = {}
+            for version in (1, 2):
+                sizes[version] = sum(version_sizes(transform(t) if transform else t, m, version)[0]
+                                     for t, m in zip(cache.targets, cache.meta)) / cache.entries
+            rows.append(f"| {name} | {cache.entries / cache.positions:.2f} | {width:,} | {sizes[1]:.3f} | "
+                        f"**{sizes[2]:.3f}** | {sizes[2] - sizes[1]:+.3f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def format_column_table(caches: dict[str, Cache]) -> list[str]:
+    names = ["sequence_id", "input_ids", "target_lengths", "target_ids", "target_logprobs", "tail_logprob",
+             "target_counts", "gold_logprob", "(footer and metadata)"]
+    rows = ["| column | " + " | ".join(f"{c} v1 | {c} v2" for c in caches) + " |", "|---|" + "---:|" * (2 * len(caches))]
+    per = {name: [] for name in [*names, "total"]}
+    for cache in caches.values():
+        for version in (1, 2):
+            summed: dict[str, int] = {}
+            for t, m in zip(cache.targets, cache.meta):
+                for column, size in version_sizes(t, m, version)[1].items():
+                    summed[column] = summed.get(column, 0) + size
+            for name in names:
+                per[name].append("—" if name not in summed else f"{summed[name] / cache.entries:.3f}")
+            per["total"].append(f"{sum(summed.values()) / cache.entries:.3f}")
+    return rows + [f"| {name} | {' | '.join(cells)} |" for name, cells in per.items()]
+
+
+def teacher_values(teacher, t: WindowTargets, batch: int = 16) -> dict[str, np.ndarray]:
+    """The teacher's own float32 log-probabilities of every stored column of ``t`` (tail: log of the mass
+    outside the stored ids, computed in float64 from the float32 log-softmax)."""
+    import torch
+
+    lengths = t.target_lengths.reshape(-1).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    positions = t.target_lengths.shape[1]
+    entries, gold, tail = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(t), batch):
+            ids = torch.from_numpy(t.input_ids[i : i + batch].astype(np.int64))
+            lp = torch.log_softmax(teacher.model(input_ids=ids).logits[:, :-1].float(), -1).reshape(-1, teacher.vocab_size)
+            rows = np.arange(i * positions, i * positions + lp.shape[0])
+            stored = [t.target_ids[starts[r] : starts[r] + lengths[r]].astype(np.int64) for r in rows]
+            flat_rows = np.repeat(np.arange(lp.shape[0]), lengths[rows])
+            flat_ids = np.concatenate(stored)
+            entries.append(lp[torch.from_numpy(flat_rows), torch.from_numpy(flat_ids)].numpy())
+            gold.append(lp.gather(1, ids[:, 1:].reshape(-1, 1)).squeeze(1).numpy())
+            if t.tail_logprob is not None:
+                lp64 = lp.double()
+                keep = torch.ones_like(lp64, dtype=torch.bool)
+                keep[torch.from_numpy(flat_rows), torch.from_numpy(flat_ids)] = False
+                tail.append(torch.logsumexp(lp64.masked_fill(~keep, -np.inf), -1).float().numpy())
+    out = {"target_logprobs": np.concatenate(entries), "gold_logprob": np.concatenate(gold)}
+    if tail:
+        out["tail_logprob"] = np.concatenate(tail)
+    return out
+
+
+def stored_as(values: np.ndarray, bits: int, version: int) -> np.ndarray:
+    """Teacher float32 log-probabilities as each version stores them: rounded once to ``bits`` mantissa
+    bits, then float16 (v1: the same values where float16's normal range holds them) or float32 (v2)."""
+    rounded = round_mantissa(values, bits)
+    return rounded.astype(np.float16) if version == 1 else rounded
+
+
+def error_table(caches: dict[str, Cache], teachers: dict[str, object]) -> list[str]:
+    """Largest error of each version's stored log-probabilities, on the teacher's own float32 values."""
+    rows = ["| cache | column | bits | v1 max abs (nats) | v1 max rel | v1 max abs in p | v1 max rel in p | "
+            "v2 max abs (nats) | v2 max rel | v2 max abs in p | v2 max rel in p |", "|---|---|---:|" + "---:|" * 8]
+    for name, cache in caches.items():
+        exact = [teacher_values(teachers[name], t) for t in cache.targets]
+        for column, bits in cache.meta[0]["logprob_mantissa_bits"].items():
+            truth = np.concatenate([e[column] for e in exact])
+            cells = []
+            for version in (1, 2):
+                stored = stored_as(truth, bits, version).astype(np.float64)
+                finite = np.isfinite(truth) & np.isfinite(stored)
+                a, b = truth[finite].astype(np.float64), stored[finite]
+                nats = np.abs(b - a)
+                rel = nats / np.maximum(np.abs(a), 1e-30)
+                cells += [f"{nats.max():.2e}", f"{rel.max():.2e}", f"{np.abs(np.exp(b) - np.exp(a)).max():.2e}",
+                          f"{np.abs(np.expm1(b - a)).max():.2e}"]
+            rows.append(f"| {name} | {column} | {bits} | {' | '.join(cells)} |")
+    return rows
+
+
+def bits_table(caches: dict[str, Cache], bits: list[int]) -> list[str]:
+    """sample caches built with 10 mantissa bits, their target_logprobs rounded to fewer: bytes per entry."""
+    rows = ["| cache (built with logprob_bits 10) | " + " | ".join(f"{b} bits v1 | {b} bits v2" for b in bits) + " |",
+            "|---|" + "---:|" * (2 * len(bits))]
+    for name, cache in caches.items():
+        cells = []
+        for b in bits:
+            for version in (1, 2):
+                size = 0
+                for t, m in zip(cache.targets, cache.meta):
+                    rounded = WindowTargets(**{**t.__dict__, "target_logprobs": round_mantissa(t.target_logprobs, b)})
+                    size += version_sizes(rounded, {**m, "params": {**m["params"], "logprob_bits": b}}, version)[0]
+                cells.append(f"{size / cache.entries:.3f}")
+        rows.append(f"| {name} | {' | '.join(cells)} |")
+    return rows
+
+
+def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
+    """Format v1 vs v2 on the teacher and its sharpened copy (``--formats``)."""
+    teachers_dirs = {"": teacher_dir, f" ×{args.sharpen:g}": sharpened_teacher(teacher_dir, work / "sharp", args.sharpen)}
+    base = dict(corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
+    builds = {"topk k=32": {"method": "topk", "k": 32}, "sample N=50": {"method": "sample", "samples": 50}}
+    roots, teachers = {}, {}
+    for suffix, folder in teachers_dirs.items():
+        teacher = None
+        for label, extra in builds.items():
+            settings = BuildSettings(out=work / f"cache-{len(roots)}", teacher=folder, **base, **extra)
+            teacher = teacher or load_teacher(settings.teacher, settings.teacher_options())
+            run_build(settings, teacher=teacher)
+            name = f"{label}, teacher{suffix}"
+            roots[name], teachers[name] = settings.out, teacher
+    full_bits = {}
+    for suffix, folder in teachers_dirs.items():
+        settings = BuildSettings(out=work / f"cache-bits{suffix.strip()}", teacher=folder, method="sample", samples=50,
+                                 logprob_bits=10, **base)
+        run_build(settings, teacher=teachers[f"sample N=50, teacher{suffix}"])
+        full_bits[f"sample N=50, teacher{suffix}"] = Cache(settings.out)
+    caches = {name: Cache(root) for name, root in roots.items()}
+    vocab = next(iter(caches.values())).manifest["vocab_size"]
+    print(f"teacher {teacher_dir} (vocab {vocab}) and the same with logits ×{args.sharpen:g}; seq_len {args.seq_len}; "
+          f"{next(iter(caches.values())).tokens:,} tokens; pyarrow {pa.__version__}")
+    print("\n## Bytes per stored entry, all columns, v1 vs v2\n\n" + "\n".join(format_table(caches, args.widths, vocab)), flush=True)
+    print("\n## By column (ids as they are)\n\n" + "\n".join(format_column_table(caches)), flush=True)
+    print("\n## sample target_logprobs: mantissa bits kept\n\n" + "\n".join(bits_table(full_bits, [6, 7, 8, 10])), flush=True)
+    print("\n## Stored log-probabilities against the teacher's float32 values\n\n" + "\n".join(error_table(caches, teachers)))
+
+
 # ---- main ----------------------------------------------------------------------------------
 
 
@@ -389,6 +574,11 @@ def main() -> None:
                         help="also a sample cache drawn at this proposal temperature: fewer distinct ids per "
                              "position, a stand-in for a sharper teacher (0: skip)")
     parser.add_argument("--no-readers", action="store_true", help="skip the polars/duckdb/datasets read-back")
+    parser.add_argument("--formats", action="store_true", help="measure shard format v1 against v2 instead")
+    parser.add_argument("--widths", type=int, nargs="*", default=[32_768, 262_144],
+                        help="--formats: id widths the ids are mapped into")
+    parser.add_argument("--sharpen", type=float, default=1.25,
+                        help="--formats: factor on the sharpened teacher copy's logits")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -397,6 +587,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
+        if args.formats:
+            formats_report(args, teacher_dir, corpus, work)
+            return
         base = dict(teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
         builds = {"topk": {"method": "topk", "k": 32}, "sample": {"method": "sample", "samples": 50}}
         if args.sharp_tau:

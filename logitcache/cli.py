@@ -126,8 +126,8 @@ def build(
     proposal_temperature: Annotated[float, typer.Option(
         help="Sample from softmax(logits / T) instead of the teacher; losses reweight by t/q.")] = BUILD["proposal_temperature"],
     logprob_bits: Annotated[int, typer.Option(
-        min=1, max=10, help="sample: mantissa bits kept in stored float16 log-probabilities (10 = "
-                            "all; 8 keeps relative error below 2^-9 and saves ~0.4 B per entry).")] = BUILD["logprob_bits"],
+        min=1, max=10, help="sample: mantissa bits kept in stored log-probabilities (10 = float16's, as "
+                            "top-k and gold keep; 7 keeps relative error below 2^-8 and saves ~0.4 B per entry).")] = BUILD["logprob_bits"],
     seq_len: SeqLen = BUILD["seq_len"],
     batch_size: Annotated[int, typer.Option(help="Windows per teacher forward pass.")] = BUILD["batch_size"],
     shard_size: Annotated[int, typer.Option(help="Windows per Parquet shard.")] = BUILD["shard_size"],

@@ -183,4 +183,4 @@ def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
         assert "BYTE_STREAM_SPLIT" in encodings["target_logprobs"] and "BYTE_STREAM_SPLIT" in encodings["gold_logprob"]
     assert pq.read_schema(sample_cache / "shard-00000.parquet").field("target_counts").type.value_type == pa.uint8()
     assert shard_metadata(sample_cache / "shard-00000.parquet")["logprob_mantissa_bits"] == {
-        "target_logprobs": 8, "gold_logprob": 10}
+        "target_logprobs": 7, "gold_logprob": 10}

@@ -195,26 +195,26 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
+def parquet_options(table: pa.Table, zstd_level: int = ZSTD_LEVEL) -> dict:
+    """The ``pq.write_table`` keyword arguments a shard of ``table``'s version is written with."""
+    names = table.column_names
+    split = [name for name in LOGPROB_COLUMNS if name in names and pa.types.is_float32(table.schema.field(name).type.value_type)]
+    return {
+        "compression": "zstd",
+        "compression_level": zstd_level,
+        "row_group_size": ROW_GROUP_ROWS,
+        # Leaf paths: a bare column name is silently ignored for list columns.
+        "use_dictionary": [f"{name}.list.element" for name in DICTIONARY_COLUMNS if name in names],
+        "column_encoding": {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in split} or None,
+        "write_statistics": ["sequence_id"],
+    }
+
+
 def write_shard(path: Path, targets: WindowTargets, metadata: dict, zstd_level: int = ZSTD_LEVEL) -> None:
-    """Write ``targets`` as one Parquet shard at ``path``, atomically."""
+    """Write ``targets`` as one Parquet shard at ``path``, atomically, in the version ``metadata`` names
+    (the current one if it names none)."""
     table = to_table(targets, metadata)
-
-    def write(tmp: Path) -> None:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=zstd_level,
-            row_group_size=ROW_GROUP_ROWS,
-            # Leaf paths: a bare column name is silently ignored for list columns.
-            use_dictionary=[f"{name}.list.element" for name in DICTIONARY_COLUMNS if name in table.column_names],
-            column_encoding={f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in LOGPROB_COLUMNS
-                             if name in table.column_names and pa.types.is_float32(table.schema.field(name).type.value_type)}
-            or None,
-            write_statistics=["sequence_id"],
-        )
-
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, **parquet_options(table, zstd_level)))
 
 
 def shard_metadata(path: Path) -> dict:
