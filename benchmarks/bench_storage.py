@@ -527,6 +527,42 @@ def bits_table(caches: dict[str, Cache], bits: list[int]) -> list[str]:
     return rows
 
 
+def fixed_point(values: np.ndarray, fraction_bits: int) -> np.ndarray:
+    """The encoding not chosen: ``round(-logprob * 2**bits)`` as uint16 (65535 for -inf and below the range)."""
+    codes = np.rint(-values.astype(np.float64) * 2.0**fraction_bits)
+    return np.where(np.isfinite(codes) & (codes < 65535), codes, 65535).astype(np.uint16)
+
+
+def encoding_table(caches: dict[str, Cache]) -> list[str]:
+    """target_logprobs alone, as each candidate encoding stores the same values: bytes per stored entry."""
+    candidates = {
+        "float16, PLAIN (v1)": lambda v, b: (v.astype(np.float16), {}),
+        "float32, PLAIN": lambda v, b: (v, {}),
+        "float32, BYTE_STREAM_SPLIT (v2)": lambda v, b: (v, {"column_encoding": {ELEMENT.format("x"): "BYTE_STREAM_SPLIT"}}),
+        "uint16 fixed point, 2^-b nats, PLAIN": lambda v, b: (fixed_point(v, b), {}),
+        "uint16 fixed point, 2^-b nats, dictionary": lambda v, b: (fixed_point(v, b), {"use_dictionary": [ELEMENT.format("x")]}),
+        "uint16 fixed point, 2^-b nats, DELTA_BINARY_PACKED": lambda v, b: (
+            fixed_point(v, b), {"column_encoding": {ELEMENT.format("x"): "DELTA_BINARY_PACKED"}}),
+    }
+    rows = ["| encoding | " + " | ".join(caches) + " |", "|---|" + "---:|" * len(caches)]
+    for label, encode in candidates.items():
+        cells = []
+        for cache in caches.values():
+            bits = cache.meta[0]["logprob_mantissa_bits"]["target_logprobs"]
+            size = 0
+            for t in cache.targets:
+                values, extra = encode(t.target_logprobs, bits)
+                lengths = t.target_lengths.reshape(len(t), -1).sum(axis=1)
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                table = pa.table({"x": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+                kwargs = {"compression": "zstd", "compression_level": shards_mod.ZSTD_LEVEL,
+                          "row_group_size": shards_mod.ROW_GROUP_ROWS, "use_dictionary": False, **extra}
+                size += len(write_bytes(table, kwargs))
+            cells.append(f"{size / cache.entries:.3f}")
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    return rows
+
+
 def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
     """Format v1 vs v2 on the teacher and its sharpened copy (``--formats``)."""
     teachers_dirs = {"": teacher_dir, f" ×{args.sharpen:g}": sharpened_teacher(teacher_dir, work / "sharp", args.sharpen)}
@@ -553,6 +589,8 @@ def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
           f"{next(iter(caches.values())).tokens:,} tokens; pyarrow {pa.__version__}")
     print("\n## Bytes per stored entry, all columns, v1 vs v2\n\n" + "\n".join(format_table(caches, args.widths, vocab)), flush=True)
     print("\n## By column (ids as they are)\n\n" + "\n".join(format_column_table(caches)), flush=True)
+    print("\n## target_logprobs alone under each candidate encoding (b = the cache's mantissa bits as fixed-point "
+          "fraction bits)\n\n" + "\n".join(encoding_table(caches)), flush=True)
     print("\n## sample target_logprobs: mantissa bits kept\n\n" + "\n".join(bits_table(full_bits, [6, 7, 8, 10])), flush=True)
     print("\n## Stored log-probabilities against the teacher's float32 values\n\n" + "\n".join(error_table(caches, teachers)))
 
