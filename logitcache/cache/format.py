@@ -9,7 +9,7 @@ Format v2 stores log-probabilities as float32, a Parquet type every engine reads
 mantissas rounded to a few bits (:func:`round_mantissa`; bits per column in the shard metadata,
 ``logprob_mantissa_bits``) and BYTE_STREAM_SPLIT-encoded, so that the zeroed low bytes cost nearly
 nothing; v1 stored float16. In memory (:class:`WindowTargets`) log-probabilities are float32 whatever
-the version: only :func:`to_table` and :func:`decode_column` know the difference.
+the version: only :func:`to_table` and :func:`decode_logprobs` know the difference.
 """
 
 from __future__ import annotations
@@ -175,23 +175,32 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     """Arrow table of ``targets`` in the format version ``metadata`` names (the current one if it names none),
     with ``metadata`` as JSON key-value metadata; v2 adds the mantissa bits its log-probabilities keep."""
     metadata = {"format_version": FORMAT_VERSION, **metadata}
-    version, method = metadata["format_version"], targets.method
+    version = metadata["format_version"]
     if version >= 2:
-        metadata["logprob_mantissa_bits"] = logprob_bits(method, metadata.get("params", {}))
-    schema = shard_schema(method, version, metadata.get("params", {}).get("samples"))
+        metadata["logprob_mantissa_bits"] = logprob_bits(targets.method, metadata.get("params", {}))
+    schema = shard_schema(targets.method, version, metadata.get("params", {}).get("samples"))
+
+    def stored(name: str, values: np.ndarray, row_lengths: np.ndarray) -> pa.ListArray:
+        """Column ``name`` as this version stores it: its type, log-probabilities rounded (v2) or float16 (v1)."""
+        if name in LOGPROB_COLUMNS:
+            values = values.astype(np.float16) if version == 1 else round_mantissa(values, metadata["logprob_mantissa_bits"][name])
+        return _list_column(values, row_lengths, schema.field(name).type.value_type)
+
     b, n = targets.input_ids.shape
     positions = np.full(b, n - 1, dtype=np.int64)
     ids_per_window = targets.target_lengths.reshape(b, n - 1).sum(axis=1, dtype=np.int64)
-    per_row = {"input_ids": np.full(b, n), "target_ids": ids_per_window, "target_logprobs": ids_per_window,
-               "target_counts": ids_per_window}
-    columns = {"sequence_id": pa.array(targets.sequence_ids, type=pa.int64())}
-    for field in schema:
-        if field.name == "sequence_id":
-            continue
-        values = np.asarray(getattr(targets, field.name)).reshape(-1)
-        if field.name in LOGPROB_COLUMNS:
-            values = values.astype(np.float16) if version == 1 else round_mantissa(values, metadata["logprob_mantissa_bits"][field.name])
-        columns[field.name] = _list_column(values, per_row.get(field.name, positions), field.type.value_type)
+    columns = {
+        "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
+        "input_ids": _list_column(targets.input_ids.reshape(-1), np.full(b, n), pa.int32()),
+        "target_lengths": _list_column(targets.target_lengths.reshape(-1), positions, pa.uint16()),
+        "target_ids": _list_column(targets.target_ids, ids_per_window, pa.int32()),
+        "target_logprobs": stored("target_logprobs", targets.target_logprobs, ids_per_window),
+    }
+    if targets.method == "topk":
+        columns["tail_logprob"] = stored("tail_logprob", targets.tail_logprob.reshape(-1), positions)
+    else:
+        columns["target_counts"] = stored("target_counts", targets.target_counts, ids_per_window)
+    columns["gold_logprob"] = stored("gold_logprob", targets.gold_logprob.reshape(-1), positions)
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
@@ -237,11 +246,10 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
-def decode_column(table: pa.Table, name: str) -> np.ndarray:
-    """The flat values of list column ``name`` of rows of a shard of any readable version: log-probability
-    columns as float32 (v1's float16 upcast, exactly), the others as stored."""
-    values = _flat(table.column(name))[0]
-    return values.astype(np.float32, copy=False) if name in LOGPROB_COLUMNS else values
+def decode_logprobs(table: pa.Table, name: str) -> np.ndarray:
+    """The flat values of log-probability column ``name`` of rows of a shard of any readable version, as
+    float32 (v1's float16 upcast exactly; v2's float32 as stored)."""
+    return _flat(table.column(name))[0].astype(np.float32, copy=False)
 
 
 def from_table(table: pa.Table) -> WindowTargets:
@@ -250,18 +258,19 @@ def from_table(table: pa.Table) -> WindowTargets:
     b = table.num_rows
     if b == 0:
         raise LogitcacheError("no rows to decode")
+    input_ids, _ = _flat(table.column("input_ids"))
+    lengths, _ = _flat(table.column("target_lengths"))
+    gold = decode_logprobs(table, "gold_logprob")
     names = table.column_names
-    flat = lambda name: decode_column(table, name) if name in names else None  # noqa: E731
-    per_position = lambda name: decode_column(table, name).reshape(b, -1) if name in names else None  # noqa: E731
     return WindowTargets(
         sequence_ids=table.column("sequence_id").to_numpy(),
-        input_ids=per_position("input_ids"),
-        target_lengths=per_position("target_lengths"),
-        target_ids=flat("target_ids"),
-        target_logprobs=flat("target_logprobs"),
-        gold_logprob=per_position("gold_logprob"),
-        tail_logprob=per_position("tail_logprob"),
-        target_counts=flat("target_counts"),
+        input_ids=input_ids.reshape(b, -1),
+        target_lengths=lengths.reshape(b, -1),
+        target_ids=_flat(table.column("target_ids"))[0],
+        target_logprobs=decode_logprobs(table, "target_logprobs"),
+        gold_logprob=gold.reshape(b, -1),
+        tail_logprob=decode_logprobs(table, "tail_logprob").reshape(b, -1) if "tail_logprob" in names else None,
+        target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,
     )
 
 

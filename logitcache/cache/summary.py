@@ -14,7 +14,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from logitcache.cache.format import decode_column
 from logitcache.cache.manifest import check_complete, read_manifest
 from logitcache.errors import LogitcacheError
 
@@ -27,7 +26,7 @@ def _column_values(path: Path, column: str) -> np.ndarray:
             f"{path}: cannot read column {column} of a shard the manifest lists ({exc}); "
             "`logitcache validate` checks every shard"
         ) from exc
-    return decode_column(table, column)
+    return table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False)
 
 
 def _perplexity(mean_nll: float) -> float:
