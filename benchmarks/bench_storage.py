@@ -32,7 +32,7 @@ Finally the same targets in the layouts people use today: axolotl's KD dataset c
 (``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
 ``target_mask: list<list<int64>>``; ``target_counts`` too for sample) as Arrow IPC (what
 ``save_to_disk`` writes) and Parquet, and JSON Lines of the same lists. Their log-probabilities are
-the teacher's float32 values, recomputed (the cache holds float16).
+the teacher's float32 values, recomputed (the cache holds them rounded).
 """
 
 from __future__ import annotations
@@ -105,19 +105,19 @@ def variants(names: list[str]) -> list[tuple[str, dict]]:
         ("zstd-9", o(level=9)),
         ("zstd-19", o(level=19)),
         ("dictionary: all columns", o(dictionary=INT_COLUMNS + HALF_COLUMNS)),
-        ("dictionary: float16 columns", o(dictionary=HALF_COLUMNS)),
+        ("dictionary: log-probability columns", o(dictionary=HALF_COLUMNS)),
         ("dictionary: input_ids", o(dictionary=("input_ids",))),
         ("dictionary: target_ids", o(dictionary=("target_ids",))),
         ("dictionary: lengths + counts", o(dictionary=("target_lengths", "target_counts"))),
         ("DELTA_BINARY_PACKED: all int columns", o(encoding={c: "DELTA_BINARY_PACKED" for c in INT_COLUMNS})),
         ("BYTE_STREAM_SPLIT: target_ids", o(encoding={"target_ids": "BYTE_STREAM_SPLIT"})),
-        ("BYTE_STREAM_SPLIT: float16 columns", o(encoding=half_bss)),
+        ("BYTE_STREAM_SPLIT: log-probability columns", o(encoding=half_bss)),
         ("chosen before: dictionary on target_ids, lengths, counts; zstd-3", o(**chosen)),
-        ("**chosen: the same with zstd-5**", o(**chosen, level=5)),
+        ("chosen in v1: the same with zstd-5", o(**chosen, level=5)),
         ("chosen + zstd-9", o(**chosen, level=9)),
         ("chosen + zstd-19", o(**chosen, level=19)),
-        ("chosen + BYTE_STREAM_SPLIT float16", o(**chosen, encoding=half_bss)),
-        ("chosen + BYTE_STREAM_SPLIT float16 + zstd-9", o(**chosen, encoding=half_bss, level=9)),
+        ("**chosen in v2: the same + BYTE_STREAM_SPLIT log-probabilities**", o(**chosen, encoding=half_bss, level=5)),
+        ("chosen + BYTE_STREAM_SPLIT log-probabilities + zstd-9", o(**chosen, encoding=half_bss, level=9)),
         ("chosen; data pages 64 KiB", o(**chosen, page=64 << 10)),
         ("chosen; data pages 8 MiB", o(**chosen, page=8 << 20)),
         ("chosen; row groups of 512 windows (whole shard)", o(**chosen, row_group=512)),
@@ -303,7 +303,7 @@ def convention_table(caches: dict[str, Cache], chosen: Callable[[list[str]], dic
 
 
 def exact_logprobs(teacher, t: WindowTargets, batch: int = 16) -> np.ndarray:
-    """float32 teacher log-probs at the stored ids (what a user's ``.tolist()`` holds; the cache rounds to float16)."""
+    """float32 teacher log-probs at the stored ids (what a user's ``.tolist()`` holds; the cache rounds them)."""
     import torch
 
     out = []
@@ -369,7 +369,7 @@ def user_formats_table(caches: dict[str, Cache], chosen: Callable[[list[str]], d
         ("axolotl layout, Arrow IPC (what `save_to_disk` writes)", lambda t, m, lp: ipc_bytes(axolotl_table(t, lp))),
         ("axolotl layout, Parquet, pyarrow defaults (snappy, dictionary)", lambda t, m, lp: write_bytes(axolotl_table(t, lp), {})),
         ("axolotl layout, Parquet zstd-3", lambda t, m, lp: write_bytes(axolotl_table(t, lp), {"compression": "zstd"})),
-        ("axolotl layout, Parquet zstd-3, log-probs rounded to float16 first",
+        ("axolotl layout, Parquet zstd-3, log-probs rounded as the cache holds them",
          lambda t, m, lp: write_bytes(axolotl_table(t, t.target_logprobs), {"compression": "zstd"})),
         ("JSON Lines of the same lists", lambda t, m, lp: jsonl_bytes(axolotl_table(t, lp))),
         ("JSON Lines, zstd-3", lambda t, m, lp: zstandard.ZstdCompressor(level=3).compress(jsonl_bytes(axolotl_table(t, lp)))),
@@ -599,8 +599,10 @@ def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
 
 
 def chosen_options(names: list[str]) -> dict:
-    """What ``write_shard`` passes to ``pq.write_table`` (kept in step with logitcache.cache.format)."""
-    return options(names, level=shards_mod.ZSTD_LEVEL, row_group=shards_mod.ROW_GROUP_ROWS, dictionary=CHOSEN_DICTIONARY)
+    """What ``write_shard`` passes to ``pq.write_table`` for a v2 shard (kept in step with
+    logitcache.cache.format.parquet_options)."""
+    return options(names, level=shards_mod.ZSTD_LEVEL, row_group=shards_mod.ROW_GROUP_ROWS, dictionary=CHOSEN_DICTIONARY,
+                   encoding={c: "BYTE_STREAM_SPLIT" for c in HALF_COLUMNS})
 
 
 def main() -> None:
