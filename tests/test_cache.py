@@ -164,6 +164,21 @@ def test_v1_caches_are_read_validated_and_inspected(cache_name, request, tmp_pat
         assert np.array_equal(v1.gold_logprob, new.gold_logprob)
     assert summarize(old)["teacher_perplexity"] == summarize(cache)["teacher_perplexity"]
     assert summarize(old)["bytes"] != summarize(cache)["bytes"]
+    # A v1 shard slipped into the v2 cache is named, not decoded as if it were v2.
+    import shutil
+
+    from logitcache.cache.manifest import write_manifest
+    from logitcache.files import sha256_file
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cache, mixed)
+    shutil.copy(old / "shard-00000.parquet", mixed / "shard-00000.parquet")
+    manifest = read_manifest(mixed)
+    shard = mixed / "shard-00000.parquet"
+    manifest["shards"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    write_manifest(mixed, manifest)
+    assert validate_cache(mixed) == ["shard-00000.parquet: shard format v1 in a v2 cache"]
 
 
 def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
