@@ -3,7 +3,8 @@
     python3 benchmarks/bench_loader.py [--shards 10] [--rows 1024]
 
 Writes a synthetic sample-method cache (seq_len 256, ~32 ids per position, vocab 8192) into a
-temporary directory. Throughput runs in this process (shards on disk, batches collated, no
+temporary directory, and the same targets in shard format v1 (float16 log-probabilities), read in
+the same interleaved rounds. Throughput runs in this process (shards on disk, batches collated, no
 DataLoader workers); each peak-RSS case runs in a fresh subprocess.
 """
 
@@ -42,16 +43,19 @@ def synthetic_shard(rng: np.random.Generator, first_id: int, rows: int) -> Windo
         input_ids=rng.integers(0, VOCAB, size=(rows, SEQ_LEN), dtype=np.int32),
         target_lengths=lengths,
         target_ids=rng.integers(0, VOCAB, size=entries, dtype=np.int32),
-        target_logprobs=(-rng.exponential(3.0, size=entries)).astype(np.float16),
-        gold_logprob=(-rng.exponential(2.0, size=per_position)).astype(np.float16),
+        target_logprobs=(-rng.exponential(3.0, size=entries)).astype(np.float16).astype(np.float32),
+        gold_logprob=(-rng.exponential(2.0, size=per_position)).astype(np.float16).astype(np.float32),
         target_counts=rng.integers(1, 4, size=entries).astype(np.uint16),
     )
 
 
-def write_manifest_for(root: Path, shard_rows: list[int]) -> None:
-    params = {"samples": SAMPLES, "proposal_temperature": 1.0}
+PARAMS = {"samples": SAMPLES, "proposal_temperature": 1.0}
+
+
+def write_manifest_for(root: Path, shard_rows: list[int], version: int = FORMAT_VERSION) -> None:
+    params = PARAMS
     write_manifest(root, {
-        "format": "logitcache", "format_version": FORMAT_VERSION, "logitcache_version": "bench",
+        "format": "logitcache", "format_version": version, "logitcache_version": "bench",
         "fingerprint": fingerprint({"bench": shard_rows}), "method": "sample", "params": params,
         "seq_len": SEQ_LEN, "seed": 0, "shard_size": shard_rows[0], "vocab_size": VOCAB,
         "tokenizer": {"fingerprint": "bench", "vocab_size": VOCAB, "eos_token_id": 0},
@@ -59,18 +63,21 @@ def write_manifest_for(root: Path, shard_rows: list[int]) -> None:
     })  # fmt: skip
 
 
-def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path]:
-    """A ``shards``-shard cache and a 1-shard cache that links to its first shard."""
-    full, single = root / f"{shards}-shards", root / "1-shard"
-    full.mkdir()
-    single.mkdir()
+def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path, Path]:
+    """A ``shards``-shard cache, a 1-shard cache that links to its first shard, and the first in format v1."""
+    full, single, v1 = root / f"{shards}-shards", root / "1-shard", root / f"{shards}-shards-v1"
+    for folder in (full, single, v1):
+        folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(shards):
-        write_shard(full / shard_name(i), synthetic_shard(rng, i * rows, rows), {"bench": True})
+        targets = synthetic_shard(rng, i * rows, rows)
+        write_shard(full / shard_name(i), targets, {"bench": True, "params": PARAMS})
+        write_shard(v1 / shard_name(i), targets, {"bench": True, "params": PARAMS, "format_version": 1})
     write_manifest_for(full, [rows] * shards)
+    write_manifest_for(v1, [rows] * shards, version=1)
     (single / shard_name(0)).symlink_to(full / shard_name(0))
     write_manifest_for(single, [rows])
-    return full, single
+    return full, single, v1
 
 
 def stream_tokens(cache: Path) -> int:
@@ -129,15 +136,21 @@ def rss_case(case: str, cache: Path) -> None:
 def report(shards: int, rows: int) -> None:
     """Print the throughput and peak-RSS tables for a fresh synthetic cache."""
     with tempfile.TemporaryDirectory() as tmp:
-        full, single = make_caches(Path(tmp), shards, rows)
+        full, single, v1 = make_caches(Path(tmp), shards, rows)
         megabytes = sum(p.stat().st_size for p in full.glob("*.parquet")) / 2**20
-        print(f"cache: {shards} shards x {rows} windows x {SEQ_LEN} tokens, {megabytes:.0f} MiB on disk\n")
-        rates = tokens_per_second({"plain": read_table_tokens, "loader": stream_tokens, "numpy": stream_tokens_numpy}, full)
+        v1_megabytes = sum(p.stat().st_size for p in v1.glob("*.parquet")) / 2**20
+        print(f"cache: {shards} shards x {rows} windows x {SEQ_LEN} tokens, {megabytes:.0f} MiB on disk "
+              f"(format v1: {v1_megabytes:.0f} MiB)\n")
+        reads = {"plain": read_table_tokens, "loader": stream_tokens, "numpy": stream_tokens_numpy,
+                 "loader v1": lambda _: stream_tokens(v1)}
+        rates = tokens_per_second(reads, full)
         plain = rates["plain"]
         print("| read | tokens/s | ratio |\n|---|---:|---:|")
         print(f"| `pq.read_table` of the same files | {plain:,.0f} | 1.00 |")
         print(f"| `CacheDataset` + `collate` (dense `[B, T-1, K]` tensors) | {rates['loader']:,.0f} | {rates['loader'] / plain:.2f} |")
-        print(f"| the same, numpy collate (`LOGITCACHE_NATIVE=0`) | {rates['numpy']:,.0f} | {rates['numpy'] / plain:.2f} |\n")
+        print(f"| the same, numpy collate (`LOGITCACHE_NATIVE=0`) | {rates['numpy']:,.0f} | {rates['numpy'] / plain:.2f} |")
+        print(f"| `CacheDataset` + `collate` of the same targets in format v1 | {rates['loader v1']:,.0f} | "
+              f"{rates['loader v1'] / plain:.2f} |\n")
         print("| peak RSS (fresh process) | MiB |\n|---|---|")
         for label, case, cache in [
             ("import only", "import", single),

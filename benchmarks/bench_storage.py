@@ -19,11 +19,20 @@ Column chunks are compressed independently, so a per-column table shows where th
 two more check the id order (ids ascending within a position instead of by log-probability: a
 convention change, reported only) and the id width (ids mapped into a 152k vocabulary).
 
+``--formats`` measures shard format v1 against v2 instead (issue 17): bytes per stored entry, all
+columns counted, of the same targets written both ways (``to_table`` with ``format_version`` 1 or 2 and
+``parquet_options``: exactly what each version's ``write_shard`` writes), for ``topk`` k=32 and
+``sample`` N=50, with the ids as they are and mapped by a random injective map into
+``--widths`` ids (the ids as wide as a big vocabulary's: see RESULTS.md for what this stand-in is and
+is not); per column; and the error of each version's stored log-probabilities against the
+teacher's float32 values, in nats and in probability. It does so for the teacher and for a copy of it
+whose output head is scaled by ``--sharpen`` (logits times that factor: a more peaked teacher).
+
 Finally the same targets in the layouts people use today: axolotl's KD dataset columns
 (``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
 ``target_mask: list<list<int64>>``; ``target_counts`` too for sample) as Arrow IPC (what
 ``save_to_disk`` writes) and Parquet, and JSON Lines of the same lists. Their log-probabilities are
-the teacher's float32 values, recomputed (the cache holds float16).
+the teacher's float32 values, recomputed (the cache holds them rounded).
 """
 
 from __future__ import annotations
@@ -48,7 +57,15 @@ from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
 from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache import format as shards_mod
-from logitcache.cache.format import WindowTargets, read_shard, shard_metadata, to_table
+from logitcache.cache.format import (
+    LOGPROB_COLUMNS,
+    WindowTargets,
+    parquet_options,
+    read_shard,
+    round_mantissa,
+    shard_metadata,
+    to_table,
+)
 from logitcache.cache.summary import summarize
 from logitcache.teacher.load import load_teacher
 
@@ -56,7 +73,7 @@ from logitcache.teacher.load import load_teacher
 
 ELEMENT = "{}.list.element"  # column_encoding / use_dictionary need the leaf path; "target_ids" alone is ignored
 INT_COLUMNS = ("input_ids", "target_lengths", "target_ids", "target_counts")
-HALF_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
+HALF_COLUMNS = LOGPROB_COLUMNS  # float16 in v1, float32 in v2
 CHOSEN_DICTIONARY = shards_mod.DICTIONARY_COLUMNS
 
 
@@ -88,19 +105,19 @@ def variants(names: list[str]) -> list[tuple[str, dict]]:
         ("zstd-9", o(level=9)),
         ("zstd-19", o(level=19)),
         ("dictionary: all columns", o(dictionary=INT_COLUMNS + HALF_COLUMNS)),
-        ("dictionary: float16 columns", o(dictionary=HALF_COLUMNS)),
+        ("dictionary: log-probability columns", o(dictionary=HALF_COLUMNS)),
         ("dictionary: input_ids", o(dictionary=("input_ids",))),
         ("dictionary: target_ids", o(dictionary=("target_ids",))),
         ("dictionary: lengths + counts", o(dictionary=("target_lengths", "target_counts"))),
         ("DELTA_BINARY_PACKED: all int columns", o(encoding={c: "DELTA_BINARY_PACKED" for c in INT_COLUMNS})),
         ("BYTE_STREAM_SPLIT: target_ids", o(encoding={"target_ids": "BYTE_STREAM_SPLIT"})),
-        ("BYTE_STREAM_SPLIT: float16 columns", o(encoding=half_bss)),
+        ("BYTE_STREAM_SPLIT: log-probability columns", o(encoding=half_bss)),
         ("chosen before: dictionary on target_ids, lengths, counts; zstd-3", o(**chosen)),
-        ("**chosen: the same with zstd-5**", o(**chosen, level=5)),
+        ("chosen in v1: the same with zstd-5", o(**chosen, level=5)),
         ("chosen + zstd-9", o(**chosen, level=9)),
         ("chosen + zstd-19", o(**chosen, level=19)),
-        ("chosen + BYTE_STREAM_SPLIT float16", o(**chosen, encoding=half_bss)),
-        ("chosen + BYTE_STREAM_SPLIT float16 + zstd-9", o(**chosen, encoding=half_bss, level=9)),
+        ("**chosen in v2: the same + BYTE_STREAM_SPLIT log-probabilities**", o(**chosen, encoding=half_bss, level=5)),
+        ("chosen + BYTE_STREAM_SPLIT log-probabilities + zstd-9", o(**chosen, encoding=half_bss, level=9)),
         ("chosen; data pages 64 KiB", o(**chosen, page=64 << 10)),
         ("chosen; data pages 8 MiB", o(**chosen, page=8 << 20)),
         ("chosen; row groups of 512 windows (whole shard)", o(**chosen, row_group=512)),
@@ -286,7 +303,7 @@ def convention_table(caches: dict[str, Cache], chosen: Callable[[list[str]], dic
 
 
 def exact_logprobs(teacher, t: WindowTargets, batch: int = 16) -> np.ndarray:
-    """float32 teacher log-probs at the stored ids (what a user's ``.tolist()`` holds; the cache rounds to float16)."""
+    """float32 teacher log-probs at the stored ids (what a user's ``.tolist()`` holds; the cache rounds them)."""
     import torch
 
     out = []
@@ -352,7 +369,7 @@ def user_formats_table(caches: dict[str, Cache], chosen: Callable[[list[str]], d
         ("axolotl layout, Arrow IPC (what `save_to_disk` writes)", lambda t, m, lp: ipc_bytes(axolotl_table(t, lp))),
         ("axolotl layout, Parquet, pyarrow defaults (snappy, dictionary)", lambda t, m, lp: write_bytes(axolotl_table(t, lp), {})),
         ("axolotl layout, Parquet zstd-3", lambda t, m, lp: write_bytes(axolotl_table(t, lp), {"compression": "zstd"})),
-        ("axolotl layout, Parquet zstd-3, log-probs rounded to float16 first",
+        ("axolotl layout, Parquet zstd-3, log-probs rounded as the cache holds them",
          lambda t, m, lp: write_bytes(axolotl_table(t, t.target_logprobs), {"compression": "zstd"})),
         ("JSON Lines of the same lists", lambda t, m, lp: jsonl_bytes(axolotl_table(t, lp))),
         ("JSON Lines, zstd-3", lambda t, m, lp: zstandard.ZstdCompressor(level=3).compress(jsonl_bytes(axolotl_table(t, lp)))),
@@ -372,12 +389,220 @@ def user_formats_table(caches: dict[str, Cache], chosen: Callable[[list[str]], d
     return rows
 
 
+# ---- format v1 vs v2 -----------------------------------------------------------------------
+
+
+def sharpened_teacher(teacher_dir: Path, out: Path, factor: float) -> Path:
+    """A copy of ``teacher_dir`` whose output head is multiplied by ``factor`` (logits times ``factor``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(teacher_dir)).save_pretrained(out)
+    return out
+
+
+def version_sizes(t: WindowTargets, meta: dict, version: int) -> tuple[int, dict[str, int]]:
+    """(file bytes, compressed bytes per column) of ``t`` written as a shard of format ``version``."""
+    table = to_table(t, {**meta, "format_version": version})
+    data = write_bytes(table, parquet_options(table))
+    parquet = pq.ParquetFile(io.BytesIO(data)).metadata
+    columns: dict[str, int] = {}
+    for g in range(parquet.num_row_groups):
+        for c in range(parquet.num_columns):
+            chunk = parquet.row_group(g).column(c)
+            name = chunk.path_in_schema.split(".")[0]
+            columns[name] = columns.get(name, 0) + chunk.total_compressed_size
+    columns["(footer and metadata)"] = len(data) - sum(columns.values())
+    return len(data), columns
+
+
+def format_table(caches: dict[str, Cache], widths: list[int], vocab: int) -> list[str]:
+    rows = ["| cache | distinct ids per position | id width | v1 B/entry | v2 B/entry | v2 − v1 |", "|---|---:|---:|---:|---:|---:|"]
+    for name, cache in caches.items():
+        for width in [vocab, *widths]:
+            transform = None if width == vocab else (lambda t, w=width: remapped_ids(t, vocab, w))
+            sizes = {}
+            for version in (1, 2):
+                sizes[version] = sum(version_sizes(transform(t) if transform else t, m, version)[0]
+                                     for t, m in zip(cache.targets, cache.meta)) / cache.entries
+            rows.append(f"| {name} | {cache.entries / cache.positions:.2f} | {width:,} | {sizes[1]:.3f} | "
+                        f"**{sizes[2]:.3f}** | {sizes[2] - sizes[1]:+.3f} |")
+            print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def format_column_table(caches: dict[str, Cache]) -> list[str]:
+    names = ["sequence_id", "input_ids", "target_lengths", "target_ids", "target_logprobs", "tail_logprob",
+             "target_counts", "gold_logprob", "(footer and metadata)"]
+    rows = ["| column | " + " | ".join(f"{c} v1 | {c} v2" for c in caches) + " |", "|---|" + "---:|" * (2 * len(caches))]
+    per = {name: [] for name in [*names, "total"]}
+    for cache in caches.values():
+        for version in (1, 2):
+            summed: dict[str, int] = {}
+            for t, m in zip(cache.targets, cache.meta):
+                for column, size in version_sizes(t, m, version)[1].items():
+                    summed[column] = summed.get(column, 0) + size
+            for name in names:
+                per[name].append("—" if name not in summed else f"{summed[name] / cache.entries:.3f}")
+            per["total"].append(f"{sum(summed.values()) / cache.entries:.3f}")
+    return rows + [f"| {name} | {' | '.join(cells)} |" for name, cells in per.items()]
+
+
+def teacher_values(teacher, t: WindowTargets, batch: int = 16) -> dict[str, np.ndarray]:
+    """The teacher's own float32 log-probabilities of every stored column of ``t`` (tail: log of the mass
+    outside the stored ids, computed in float64 from the float32 log-softmax)."""
+    import torch
+
+    lengths = t.target_lengths.reshape(-1).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    positions = t.target_lengths.shape[1]
+    entries, gold, tail = [], [], []
+    with torch.inference_mode():
+        for i in range(0, len(t), batch):
+            ids = torch.from_numpy(t.input_ids[i : i + batch].astype(np.int64))
+            lp = torch.log_softmax(teacher.model(input_ids=ids).logits[:, :-1].float(), -1).reshape(-1, teacher.vocab_size)
+            rows = np.arange(i * positions, i * positions + lp.shape[0])
+            stored = [t.target_ids[starts[r] : starts[r] + lengths[r]].astype(np.int64) for r in rows]
+            flat_rows = np.repeat(np.arange(lp.shape[0]), lengths[rows])
+            flat_ids = np.concatenate(stored)
+            entries.append(lp[torch.from_numpy(flat_rows), torch.from_numpy(flat_ids)].numpy())
+            gold.append(lp.gather(1, ids[:, 1:].reshape(-1, 1)).squeeze(1).numpy())
+            if t.tail_logprob is not None:
+                lp64 = lp.double()
+                keep = torch.ones_like(lp64, dtype=torch.bool)
+                keep[torch.from_numpy(flat_rows), torch.from_numpy(flat_ids)] = False
+                tail.append(torch.logsumexp(lp64.masked_fill(~keep, -np.inf), -1).float().numpy())
+    out = {"target_logprobs": np.concatenate(entries), "gold_logprob": np.concatenate(gold)}
+    if tail:
+        out["tail_logprob"] = np.concatenate(tail)
+    return out
+
+
+def stored_as(values: np.ndarray, bits: int, version: int) -> np.ndarray:
+    """Teacher float32 log-probabilities as each version stores them: rounded once to ``bits`` mantissa
+    bits, then float16 (v1: the same values where float16's normal range holds them) or float32 (v2)."""
+    rounded = round_mantissa(values, bits)
+    return rounded.astype(np.float16) if version == 1 else rounded
+
+
+def error_table(caches: dict[str, Cache], teachers: dict[str, object]) -> list[str]:
+    """Largest error of each version's stored log-probabilities, on the teacher's own float32 values."""
+    rows = ["| cache | column | bits | v1 max abs (nats) | v1 max rel | v1 max abs in p | v1 max rel in p | "
+            "v2 max abs (nats) | v2 max rel | v2 max abs in p | v2 max rel in p |", "|---|---|---:|" + "---:|" * 8]
+    for name, cache in caches.items():
+        exact = [teacher_values(teachers[name], t) for t in cache.targets]
+        for column, bits in cache.meta[0]["logprob_mantissa_bits"].items():
+            truth = np.concatenate([e[column] for e in exact])
+            cells = []
+            for version in (1, 2):
+                stored = stored_as(truth, bits, version).astype(np.float64)
+                finite = np.isfinite(truth) & np.isfinite(stored)
+                a, b = truth[finite].astype(np.float64), stored[finite]
+                nats = np.abs(b - a)
+                rel = nats / np.maximum(np.abs(a), 1e-30)
+                cells += [f"{nats.max():.2e}", f"{rel.max():.2e}", f"{np.abs(np.exp(b) - np.exp(a)).max():.2e}",
+                          f"{np.abs(np.expm1(b - a)).max():.2e}"]
+            rows.append(f"| {name} | {column} | {bits} | {' | '.join(cells)} |")
+    return rows
+
+
+def bits_table(caches: dict[str, Cache], bits: list[int]) -> list[str]:
+    """sample caches built with 10 mantissa bits, their target_logprobs rounded to fewer: bytes per entry."""
+    rows = ["| cache (built with logprob_bits 10) | " + " | ".join(f"{b} bits v1 | {b} bits v2" for b in bits) + " |",
+            "|---|" + "---:|" * (2 * len(bits))]
+    for name, cache in caches.items():
+        cells = []
+        for b in bits:
+            for version in (1, 2):
+                size = 0
+                for t, m in zip(cache.targets, cache.meta):
+                    rounded = WindowTargets(**{**t.__dict__, "target_logprobs": round_mantissa(t.target_logprobs, b)})
+                    size += version_sizes(rounded, {**m, "params": {**m["params"], "logprob_bits": b}}, version)[0]
+                cells.append(f"{size / cache.entries:.3f}")
+        rows.append(f"| {name} | {' | '.join(cells)} |")
+    return rows
+
+
+def fixed_point(values: np.ndarray, fraction_bits: int) -> np.ndarray:
+    """The encoding not chosen: ``round(-logprob * 2**bits)`` as uint16 (65535 for -inf and below the range)."""
+    codes = np.rint(-values.astype(np.float64) * 2.0**fraction_bits)
+    return np.where(np.isfinite(codes) & (codes < 65535), codes, 65535).astype(np.uint16)
+
+
+def encoding_table(caches: dict[str, Cache]) -> list[str]:
+    """target_logprobs alone, as each candidate encoding stores the same values: bytes per stored entry."""
+    candidates = {
+        "float16, PLAIN (v1)": lambda v, b: (v.astype(np.float16), {}),
+        "float32, PLAIN": lambda v, b: (v, {}),
+        "float32, BYTE_STREAM_SPLIT (v2)": lambda v, b: (v, {"column_encoding": {ELEMENT.format("x"): "BYTE_STREAM_SPLIT"}}),
+        "uint16 fixed point, 2^-b nats, PLAIN": lambda v, b: (fixed_point(v, b), {}),
+        "uint16 fixed point, 2^-b nats, dictionary": lambda v, b: (fixed_point(v, b), {"use_dictionary": [ELEMENT.format("x")]}),
+        "uint16 fixed point, 2^-b nats, DELTA_BINARY_PACKED": lambda v, b: (
+            fixed_point(v, b), {"column_encoding": {ELEMENT.format("x"): "DELTA_BINARY_PACKED"}}),
+    }
+    rows = ["| encoding | " + " | ".join(caches) + " |", "|---|" + "---:|" * len(caches)]
+    for label, encode in candidates.items():
+        cells = []
+        for cache in caches.values():
+            bits = cache.meta[0]["logprob_mantissa_bits"]["target_logprobs"]
+            size = 0
+            for t in cache.targets:
+                values, extra = encode(t.target_logprobs, bits)
+                lengths = t.target_lengths.reshape(len(t), -1).sum(axis=1)
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                table = pa.table({"x": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))})
+                kwargs = {"compression": "zstd", "compression_level": shards_mod.ZSTD_LEVEL,
+                          "row_group_size": shards_mod.ROW_GROUP_ROWS, "use_dictionary": False, **extra}
+                size += len(write_bytes(table, kwargs))
+            cells.append(f"{size / cache.entries:.3f}")
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    return rows
+
+
+def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
+    """Format v1 vs v2 on the teacher and its sharpened copy (``--formats``)."""
+    teachers_dirs = {"": teacher_dir, f" ×{args.sharpen:g}": sharpened_teacher(teacher_dir, work / "sharp", args.sharpen)}
+    base = dict(corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True)
+    builds = {"topk k=32": {"method": "topk", "k": 32}, "sample N=50": {"method": "sample", "samples": 50}}
+    roots, teachers = {}, {}
+    for suffix, folder in teachers_dirs.items():
+        teacher = None
+        for label, extra in builds.items():
+            settings = BuildSettings(out=work / f"cache-{len(roots)}", teacher=folder, **base, **extra)
+            teacher = teacher or load_teacher(settings.teacher, settings.teacher_options())
+            run_build(settings, teacher=teacher)
+            name = f"{label}, teacher{suffix}"
+            roots[name], teachers[name] = settings.out, teacher
+    full_bits = {}
+    for suffix, folder in teachers_dirs.items():
+        settings = BuildSettings(out=work / f"cache-bits{suffix.strip()}", teacher=folder, method="sample", samples=50,
+                                 logprob_bits=10, **base)
+        run_build(settings, teacher=teachers[f"sample N=50, teacher{suffix}"])
+        full_bits[f"sample N=50, teacher{suffix}"] = Cache(settings.out)
+    caches = {name: Cache(root) for name, root in roots.items()}
+    vocab = next(iter(caches.values())).manifest["vocab_size"]
+    print(f"teacher {teacher_dir} (vocab {vocab}) and the same with logits ×{args.sharpen:g}; seq_len {args.seq_len}; "
+          f"{next(iter(caches.values())).tokens:,} tokens; pyarrow {pa.__version__}")
+    print("\n## Bytes per stored entry, all columns, v1 vs v2\n\n" + "\n".join(format_table(caches, args.widths, vocab)), flush=True)
+    print("\n## By column (ids as they are)\n\n" + "\n".join(format_column_table(caches)), flush=True)
+    print("\n## target_logprobs alone under each candidate encoding (b = the cache's mantissa bits as fixed-point "
+          "fraction bits)\n\n" + "\n".join(encoding_table(caches)), flush=True)
+    print("\n## sample target_logprobs: mantissa bits kept\n\n" + "\n".join(bits_table(full_bits, [6, 7, 8, 10])), flush=True)
+    print("\n## Stored log-probabilities against the teacher's float32 values\n\n" + "\n".join(error_table(caches, teachers)))
+
+
 # ---- main ----------------------------------------------------------------------------------
 
 
 def chosen_options(names: list[str]) -> dict:
-    """What ``write_shard`` passes to ``pq.write_table`` (kept in step with logitcache.cache.format)."""
-    return options(names, level=shards_mod.ZSTD_LEVEL, row_group=shards_mod.ROW_GROUP_ROWS, dictionary=CHOSEN_DICTIONARY)
+    """What ``write_shard`` passes to ``pq.write_table`` for a v2 shard (kept in step with
+    logitcache.cache.format.parquet_options)."""
+    return options(names, level=shards_mod.ZSTD_LEVEL, row_group=shards_mod.ROW_GROUP_ROWS, dictionary=CHOSEN_DICTIONARY,
+                   encoding={c: "BYTE_STREAM_SPLIT" for c in HALF_COLUMNS})
 
 
 def main() -> None:
@@ -389,6 +614,11 @@ def main() -> None:
                         help="also a sample cache drawn at this proposal temperature: fewer distinct ids per "
                              "position, a stand-in for a sharper teacher (0: skip)")
     parser.add_argument("--no-readers", action="store_true", help="skip the polars/duckdb/datasets read-back")
+    parser.add_argument("--formats", action="store_true", help="measure shard format v1 against v2 instead")
+    parser.add_argument("--widths", type=int, nargs="*", default=[32_768, 262_144],
+                        help="--formats: id widths the ids are mapped into")
+    parser.add_argument("--sharpen", type=float, default=1.25,
+                        help="--formats: factor on the sharpened teacher copy's logits")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -397,6 +627,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
+        if args.formats:
+            formats_report(args, teacher_dir, corpus, work)
+            return
         base = dict(teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True,
                     packing="stream")
         builds = {"topk": {"method": "topk", "k": 32}, "sample": {"method": "sample", "samples": 50}}

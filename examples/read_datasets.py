@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from datasets import load_dataset
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -53,7 +53,7 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     # thread, left running at exit, can abort the interpreter); its Arrow copy goes to a temp folder.
     with tempfile.TemporaryDirectory() as cache:
         shard = load_dataset("parquet", data_files=files[:1], split="train", cache_dir=cache)
-        # numpy format: float16 lists come back as float32 and uint16 as int64, both exact.
+        # numpy format: float32 lists come back as float32, uint8 and uint16 as int64, all exact.
         window = shard.with_format("numpy")[0]
         del shard
     lengths = window["target_lengths"]

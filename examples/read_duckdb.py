@@ -4,8 +4,8 @@ Usage: python examples/read_duckdb.py CACHE_DIR
 
 ``unnest`` turns the window's lists into a table of positions and a table of stored entries;
 a running sum of ``target_lengths`` gives each position its span of entries, and
-``list(... ORDER BY entry)`` gathers them back per position. DuckDB reads float16 as FLOAT
-(exact). Format: schemas/SHARD_FORMAT.md.
+``list(... ORDER BY entry)`` gathers them back per position. Log-probabilities are FLOAT.
+Format: schemas/SHARD_FORMAT.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Per-method SQL: extra per-position column, extra per-entry column, target probability of an entry.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),

@@ -67,6 +67,24 @@ def all_targets(cache: Path) -> WindowTargets:
     return WindowTargets.concat([read_shard(cache / s["file"]) for s in manifest["shards"]])
 
 
+def as_v1(cache: Path, out: Path) -> Path:
+    """A copy of ``cache`` in shard format v1 (float16 log-probabilities, uint16 counts, no BYTE_STREAM_SPLIT), as
+    logitcache wrote before format v2: the v1 caches users hold, for the tests of reading and converting them."""
+    from logitcache.cache.format import shard_metadata, write_shard
+    from logitcache.cache.manifest import write_manifest
+    from logitcache.files import sha256_file
+
+    out.mkdir(parents=True)
+    manifest = read_manifest(cache)
+    for entry in manifest["shards"]:
+        meta = {key: value for key, value in shard_metadata(cache / entry["file"]).items() if key != "logprob_mantissa_bits"}
+        write_shard(out / entry["file"], read_shard(cache / entry["file"]), {**meta, "format_version": 1})
+        entry.update(bytes=(out / entry["file"]).stat().st_size, sha256=sha256_file(out / entry["file"]))
+    manifest["totals"]["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
+    write_manifest(out, {**manifest, "format_version": 1})
+    return out
+
+
 def edited_teacher(teacher_dir: Path, out: Path, edit) -> Path:
     """A copy of the test teacher after ``edit(model, tokenizer)``."""
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)

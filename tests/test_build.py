@@ -66,23 +66,24 @@ def test_sample_targets_are_consistent(teacher_dir, sample_cache):
 
 
 def test_sample_logprobs_keep_logprob_bits(teacher_dir, corpus_file, sample_cache, tmp_path):
-    """A sample build rounds stored log-probabilities to 8 mantissa bits by default, to nearest; 10 keeps float16's all."""
-    from logitcache.cache.format import round_float16
+    """A sample build rounds stored log-probabilities to 7 mantissa bits by default, once, to nearest from the
+    teacher's float32 value; 10 keeps float16's precision, and gold always does."""
+    from logitcache.cache.format import round_mantissa, shard_metadata
 
     rounded = all_targets(sample_cache)
-    assert read_manifest(sample_cache)["params"]["logprob_bits"] == 8
-    assert np.all(rounded.target_logprobs.view(np.uint16) & 0b11 == 0)
+    assert read_manifest(sample_cache)["params"]["logprob_bits"] == 7
+    assert np.all(rounded.target_logprobs.view(np.uint32) & ((1 << 16) - 1) == 0)
     build_cache(teacher_dir, corpus_file, tmp_path / "full", method="sample", samples=20, logprob_bits=10)
     full = all_targets(tmp_path / "full")
+    assert shard_metadata(tmp_path / "full" / "shard-00000.parquet")["logprob_mantissa_bits"]["target_logprobs"] == 10
     assert np.array_equal(full.target_ids, rounded.target_ids)  # rounding touches nothing but the log-probabilities
-    assert np.any(full.target_logprobs.view(np.uint16) & 0b11)
-    assert np.array_equal(full.gold_logprob, rounded.gold_logprob)  # gold keeps all of float16
-    # Both are the same float32 value rounded once: to 10 bits (within 2^-11) and to 8 (within 2^-9). So the
-    # 8-bit value is an 8-bit neighbour of the 10-bit one, and mostly the nearest (ties may go either way).
+    assert np.any(full.target_logprobs.view(np.uint32) & ((1 << 15) - 1))
+    assert np.array_equal(full.gold_logprob, rounded.gold_logprob)  # gold keeps 10 bits
+    # Both are the same float32 value rounded once: to 10 bits (within 2^-11) and to 7 (within 2^-8). So the
+    # 7-bit value is a 7-bit neighbour of the 10-bit one, and mostly the nearest (ties may go either way).
     a, b = full.target_logprobs.astype(np.float64), rounded.target_logprobs.astype(np.float64)
-    assert np.all(np.abs(a - b) <= np.abs(a) * (2.0**-9 + 2.0**-11) * (1 + 2.0**-10))
-    nearest = round_float16(full.target_logprobs, 8)
-    assert np.mean(nearest == rounded.target_logprobs) > 0.8  # ~7/8 expected: 1/4 of 10-bit values sit on a tie
+    assert np.all(np.abs(a - b) <= np.abs(a) * (2.0**-8 + 2.0**-11) * (1 + 2.0**-10))
+    assert np.mean(round_mantissa(full.target_logprobs, 7) == rounded.target_logprobs) > 0.8  # ~15/16: 1/8 are ties
 
 
 def test_sampling_does_not_depend_on_batch_size(teacher_dir, corpus_file, sample_cache, tmp_path):

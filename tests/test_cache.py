@@ -1,6 +1,6 @@
 """A cache folder (logitcache/cache/): validate names what is wrong, inspect summarises (also a broken
-teacher's), a manifest missing what builds write is named, merge refuses damaged parts, and the
-float16 rounding of stored log-probabilities."""
+teacher's), a manifest missing what builds write is named, merge refuses damaged parts, v1 caches
+are still read, and the rounding of stored log-probabilities."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build_cache, run_cli
+from conftest import as_v1, build_cache, run_cli
 
 from logitcache.cache.format import read_shard
 from logitcache.cache.manifest import read_manifest
@@ -135,34 +135,67 @@ def test_validate_finds_nan_and_wrong_counts(topk_cache, tmp_path):
     assert f"totals.positions = {manifest['totals']['positions']} but" in problems
 
 
-def test_round_float16_is_round_to_nearest():
-    from logitcache.cache.format import round_float16
+def test_round_mantissa_rounds_once_to_nearest():
+    """float32 in: within 2^-(bits+1) relative of the value, low bits zero; float16 values with <= bits bits exact."""
+    from logitcache.cache.format import round_mantissa
 
-    values = np.concatenate([-np.logspace(-3, 4.5, 5000), [0.0, -np.inf]]).astype(np.float16)
-    for bits in (1, 4, 8):
-        out = round_float16(values, bits)
-        assert out.dtype == np.float16
-        assert np.all(out.view(np.uint16) & ((1 << (10 - bits)) - 1) == 0)
-        finite = np.isfinite(values)
-        exact, got = values[finite].astype(np.float64), out[finite].astype(np.float64)
-        assert np.all(np.abs(got - exact) <= np.abs(exact) * 2.0 ** -(bits + 1))
-        assert out[-1] == -np.inf and out[-2] == 0.0
-    assert round_float16(np.array([-65504.0], np.float16), 8)[0] == -65504.0  # never rounded up to -inf
-    assert np.array_equal(round_float16(values, 10).view(np.uint16), values.view(np.uint16))
-
-
-def test_round_float16_from_float32_rounds_once():
-    """float32 in: within 2^-(bits+1) of the float32 value (float32 -> float16 -> bits would reach 1.25x that)."""
-    from logitcache.cache.format import round_float16
-
-    values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-3), np.log(2e4), 100_000)).astype(np.float32)
+    values = -np.exp(np.random.default_rng(0).uniform(np.log(1e-6), np.log(2e4), 100_000)).astype(np.float32)
     for bits in (4, 8, 10):
-        out = round_float16(values, bits)
-        assert out.dtype == np.float16
-        assert np.all(out.view(np.uint16) & ((1 << (10 - bits)) - 1) == 0)
-        error = np.abs(out.astype(np.float64) - values) / np.abs(values)
-        assert error.max() <= 2.0 ** -(bits + 1)
-    twice = round_float16(values.astype(np.float16), 8).astype(np.float64)
-    assert (np.abs(twice - values) / np.abs(values)).max() > 2.0**-9  # the bound the single rounding keeps
-    special = round_float16(np.array([-np.inf, 0.0, -65504.0], np.float32), 8)
-    assert special[0] == -np.inf and special[1] == 0.0 and special[2] == -65504.0
+        out = round_mantissa(values, bits)
+        assert out.dtype == np.float32
+        assert np.all(out.view(np.uint32) & ((1 << (23 - bits)) - 1) == 0)
+        assert (np.abs(out.astype(np.float64) - values) / np.abs(values)).max() <= 2.0 ** -(bits + 1)
+    half = values.astype(np.float16)
+    assert np.array_equal(round_mantissa(half, 10), half.astype(np.float32))
+    special = round_mantissa(np.array([-np.inf, 0.0, np.nan, -np.finfo(np.float32).max], np.float32), 8)
+    assert special[0] == -np.inf and special[1] == 0.0 and np.isnan(special[2]) and special[3] == -np.finfo(np.float32).max
+
+
+@pytest.mark.parametrize("cache_name", ["topk_cache", "sample_cache"])
+def test_v1_caches_are_read_validated_and_inspected(cache_name, request, tmp_path):
+    """A v1 copy of a v2 cache: the same targets (float16 holds every v2 value of its range), sound, the same summary."""
+    cache = request.getfixturevalue(cache_name)
+    old = as_v1(cache, tmp_path / "v1")
+    assert read_manifest(old)["format_version"] == 1 and validate_cache(old) == []
+    for entry in read_manifest(old)["shards"]:
+        new, v1 = read_shard(cache / entry["file"]), read_shard(old / entry["file"])
+        assert v1.target_logprobs.dtype == np.float32 and np.array_equal(v1.target_ids, new.target_ids)
+        assert np.array_equal(v1.target_logprobs, new.target_logprobs)  # v2 keeps at most float16's 10 bits
+        assert np.array_equal(v1.gold_logprob, new.gold_logprob)
+    assert summarize(old)["teacher_perplexity"] == summarize(cache)["teacher_perplexity"]
+    assert summarize(old)["bytes"] != summarize(cache)["bytes"]
+    # A v1 shard slipped into the v2 cache is named, not decoded as if it were v2.
+    import shutil
+
+    from logitcache.cache.manifest import write_manifest
+    from logitcache.files import sha256_file
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cache, mixed)
+    shutil.copy(old / "shard-00000.parquet", mixed / "shard-00000.parquet")
+    manifest = read_manifest(mixed)
+    shard = mixed / "shard-00000.parquet"
+    manifest["shards"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    write_manifest(mixed, manifest)
+    assert validate_cache(mixed) == ["shard-00000.parquet: shard format v1 in a v2 cache"]
+
+
+def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from logitcache.cache.format import FORMAT_VERSION, shard_metadata
+
+    assert FORMAT_VERSION == 2
+    for cache in (topk_cache, sample_cache):
+        shard = cache / "shard-00000.parquet"
+        types = {field.name: field.type for field in pq.read_schema(shard)}
+        assert not any(pa.types.is_float16(t.value_type) for t in types.values() if pa.types.is_list(t))
+        assert shard_metadata(shard)["format_version"] == 2
+        chunk = pq.ParquetFile(shard).metadata.row_group(0)
+        encodings = {chunk.column(c).path_in_schema.split(".")[0]: chunk.column(c).encodings for c in range(chunk.num_columns)}
+        assert "BYTE_STREAM_SPLIT" in encodings["target_logprobs"] and "BYTE_STREAM_SPLIT" in encodings["gold_logprob"]
+    assert pq.read_schema(sample_cache / "shard-00000.parquet").field("target_counts").type.value_type == pa.uint8()
+    assert shard_metadata(sample_cache / "shard-00000.parquet")["logprob_mantissa_bits"] == {
+        "target_logprobs": 7, "gold_logprob": 10}

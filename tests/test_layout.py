@@ -124,7 +124,8 @@ def test_documents_cache_holds_each_document_as_its_tokenizer_gives_it(bos_teach
     assert rows == [tok(d)["input_ids"] + [tok.eos_token_id] for d in docs]
     assert np.array_equal(targets.sequence_ids, np.arange(len(docs)))  # batched by length, written in order
     manifest = read_manifest(out)
-    layout = {"packing": "documents", "bos": "auto", "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    layout = {"format": "text", "packing": "documents", "bos": "auto", "bos_token_id": tok.bos_token_id,
+              "eos_token_id": tok.eos_token_id}
     assert manifest["layout"] == layout
     assert manifest["totals"]["tokens"] == sum(len(r) for r in rows)
     assert manifest["totals"]["positions"] == sum(len(r) - 1 for r in rows)

@@ -26,9 +26,11 @@ from logitcache.cache.format import (
 from logitcache.cache.layout import shard_name
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
-SHARD_SPEC = json.loads((SCHEMAS / f"shard-v{FORMAT_VERSION}.arrow.json").read_text())
+SHARD_SPECS = {version: json.loads((SCHEMAS / f"shard-v{version}.arrow.json").read_text()) for version in (1, 2)}
+SHARD_SPEC = SHARD_SPECS[FORMAT_VERSION]
 MANIFEST_SCHEMA = json.loads((SCHEMAS / "manifest.schema.json").read_text())
-PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint16": pa.uint16(), "float16": pa.float16()}
+PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "float16": pa.float16(),
+              "float32": pa.float32()}
 
 
 def arrow_type(name: str, element_nullable: bool) -> pa.DataType:
@@ -38,19 +40,24 @@ def arrow_type(name: str, element_nullable: bool) -> pa.DataType:
     return PRIMITIVES[name]
 
 
-def published_schema(method: str) -> pa.Schema:
-    fields = SHARD_SPEC["fields"]
+def published_schema(method: str, version: int = FORMAT_VERSION, type_key: str = "type") -> pa.Schema:
+    """The schema a published spec gives; ``type_key`` picks a field's alternative type where it has one."""
+    spec = SHARD_SPECS[version]
+    fields = spec["fields"]
     return pa.schema(
-        pa.field(name, arrow_type(fields[name]["type"], fields[name].get("element_nullable", True)),
+        pa.field(name, arrow_type(fields[name].get(type_key, fields[name]["type"]), fields[name].get("element_nullable", True)),
                  nullable=fields[name]["nullable"])
-        for name in SHARD_SPEC["methods"][method]
+        for name in spec["methods"][method]
     )
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_published_shard_schema_equals_the_writers(method):
-    # Names, order, types, column and element nullability.
-    assert published_schema(method).equals(shard_schema(method), check_metadata=True)
+@pytest.mark.parametrize("version", [1, 2])
+def test_published_shard_schema_equals_the_writers(method, version):
+    # Names, order, types, column and element nullability; v2 counts are uint8 up to N = 255.
+    assert published_schema(method, version).equals(shard_schema(method, version, samples=50), check_metadata=True)
+    assert published_schema(method, version, "type_above_255_samples").equals(
+        shard_schema(method, version, samples=256), check_metadata=True)
 
 
 def test_published_shard_spec_matches_the_writers_constants():
@@ -84,7 +91,7 @@ def test_written_shard_follows_the_published_layout(method, tmp_path):
     windows, n = ROW_GROUP_ROWS + 2, 4
     targets = _tiny_targets(method, windows, n)
     path = tmp_path / shard_name(0)
-    write_shard(path, targets, {"format_version": FORMAT_VERSION, "method": method})
+    write_shard(path, targets, {"format_version": FORMAT_VERSION, "method": method, "params": {"samples": 8}})
 
     parquet = pq.ParquetFile(path)
     row_groups = [parquet.metadata.row_group(i) for i in range(parquet.num_row_groups)]

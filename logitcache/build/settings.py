@@ -88,7 +88,7 @@ class BuildSettings:
             (self.k <= MAX_IDS_PER_POSITION and self.samples <= MAX_IDS_PER_POSITION,
              f"--k/--samples: at most {MAX_IDS_PER_POSITION} ids per position"),
             (self.proposal_temperature > 0, "--proposal-temperature must be positive"),
-            (1 <= self.logprob_bits <= 10, f"--logprob-bits {self.logprob_bits}: float16 has 1 to 10 mantissa bits"),
+            (1 <= self.logprob_bits <= 10, f"--logprob-bits {self.logprob_bits}: stored log-probabilities keep 1 to 10 mantissa bits"),
             (self.cpu_streams is None or self.cpu_streams >= 1, f"--cpu-streams {self.cpu_streams}: must be at least 1"),
             (self.chunk_mib is None or self.chunk_mib >= 1, f"--chunk-mib {self.chunk_mib}: must be at least 1"),
             (self.dtype in (None, *TEACHER_DTYPES), f"--dtype {self.dtype}: choose one of {', '.join(TEACHER_DTYPES)}"),

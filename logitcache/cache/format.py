@@ -1,10 +1,19 @@
-"""Shard format v2: one Parquet row per window, fixed Arrow schema per method, zstd.
+"""Shard format v2 (and v1, still read): one Parquet row per window, fixed Arrow schema per method, zstd.
 
 A row of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's distribution
 over token ``t + 1``. Per-id columns are flat and position-major: the ids of position 0 come
 first, then those of position 1, and so on; ``target_lengths[t]`` says how many ids position
-``t`` has. Rows may differ in length (v2; v1 rows were all ``seq_len``): a row is one document
-(or a piece of one) under ``packing: documents``. See schemas/SHARD_FORMAT.md for every column.
+``t`` has. See schemas/SHARD_FORMAT.md for every column.
+
+Format v2 differs from v1 in two ways:
+
+- rows may differ in length (v1 rows were all ``seq_len``): a row is one document (or a piece of
+  one, or one chat) under ``layout.packing: documents``;
+- log-probabilities are float32, a Parquet type every engine reads, with their mantissas rounded to a
+  few bits (:func:`round_mantissa`; bits per column in the shard metadata, ``logprob_mantissa_bits``)
+  and BYTE_STREAM_SPLIT-encoded, so that the zeroed low bytes cost nearly nothing; v1 stored float16.
+  In memory (:class:`WindowTargets`) log-probabilities are float32 whatever the version: only
+  :func:`to_table` and :func:`decode_logprobs` know the difference.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from logitcache.files import write_atomic
 FORMAT_VERSION = 2
 
 
-READABLE_VERSIONS = (1, 2)  # v1: every row seq_len tokens, no layout record
+READABLE_VERSIONS = (1, 2)  # v1 caches are read as they are, or rewritten by `logitcache convert`
 
 
 METADATA_KEY = b"logitcache"
@@ -40,9 +49,10 @@ ZSTD_LEVEL = 5  # vs 3: ~2 % smaller shards for ~25 % more write CPU (benchmarks
 
 # Integer columns whose values recur within a row group (ids, draw counts, per-position lengths) are
 # dictionary-encoded: the dictionary holds only the ids a row group uses, so its bit-packed indices
-# stay narrow whatever the vocabulary. Everything else is PLAIN: dictionaries make float16 and
-# input_ids larger, and BYTE_STREAM_SPLIT on float16 is not readable by DuckDB 2.0. Measured in
-# benchmarks/bench_storage.py (demo teacher: sample N=50 -11% bytes/entry, topk k=32 -6%, writes no slower).
+# stay narrow whatever the vocabulary. v2's float32 log-probabilities are BYTE_STREAM_SPLIT (their
+# bytes in separate streams: the rounded-off low bytes are all zero and compress away; pyarrow writes
+# it, DuckDB, Polars, Spark's parquet-java and Trino read it for FLOAT). Everything else is PLAIN.
+# Measured in benchmarks/bench_storage.py (benchmarks/RESULTS.md).
 DICTIONARY_COLUMNS = ("target_lengths", "target_ids", "target_counts")
 
 
@@ -53,63 +63,68 @@ MAX_IDS_PER_POSITION = np.iinfo(np.uint16).max
 MAX_VOCAB = np.iinfo(np.int32).max
 
 
-_COMMON_HEAD = [
-    pa.field("sequence_id", pa.int64(), nullable=False),
-    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("target_lengths", pa.list_(pa.uint16()), nullable=False),
-    pa.field("target_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("target_logprobs", pa.list_(pa.float16()), nullable=False),
-]
+LOGPROB_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
 
 
-_GOLD = pa.field("gold_logprob", pa.list_(pa.float16()), nullable=False)
-
-
-_BY_METHOD = {
-    "topk": pa.field("tail_logprob", pa.list_(pa.float16()), nullable=False),
-    "sample": pa.field("target_counts", pa.list_(pa.uint16()), nullable=False),
-}
-
-
-def shard_schema(method: str) -> pa.Schema:
-    """The Arrow schema every shard of ``method`` is written with (metadata aside)."""
-    if method not in _BY_METHOD:
-        raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return pa.schema([*_COMMON_HEAD, _BY_METHOD[method], _GOLD])
+# Mantissa bits every v2 log-probability column keeps but a sample cache's target_logprobs, which keeps
+# params.logprob_bits: float16's 10, relative error <= 2**-11.
+LOGPROB_BITS = 10
 
 
 FLOAT32_MANTISSA_BITS = 23
 
 
-FLOAT16_MANTISSA_BITS = 10
+def logprob_bits(method: str, params: dict) -> dict[str, int]:
+    """Mantissa bits each v2 log-probability column of a ``method`` cache with ``params`` keeps."""
+    bits = {"target_logprobs": params.get("logprob_bits", LOGPROB_BITS) if method == "sample" else LOGPROB_BITS,
+            "gold_logprob": LOGPROB_BITS}
+    if method == "topk":
+        bits["tail_logprob"] = LOGPROB_BITS
+    return bits
 
 
-def round_float16(values: np.ndarray, bits: int) -> np.ndarray:
-    """``values`` (float32 or float16) as float16 with ``bits`` stored mantissa bits (of 10), rounded once.
+def count_type(samples: int) -> pa.DataType:
+    """The narrowest unsigned type that holds a draw count of ``samples`` draws."""
+    return pa.uint8() if samples <= np.iinfo(np.uint8).max else pa.uint16()
 
-    To nearest, ties away from zero: relative error at most ``2**-(bits + 1)`` for values in
-    float16's normal range (magnitudes from 2**-14 to 65504); infinities stay infinite. float32
-    input is rounded in float32 and then converted exactly, so there is no second rounding. Zeroed
-    low bits make the column far more compressible while every reader still sees plain float16.
+
+def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None = None) -> pa.Schema:
+    """The Arrow schema every shard of ``method`` is written with in format ``version`` (metadata aside).
+
+    ``samples`` (sample caches, v2): N, which picks the count type.
     """
-    if values.dtype == np.float16:
-        if bits >= FLOAT16_MANTISSA_BITS:
-            return values
-        drop = FLOAT16_MANTISSA_BITS - bits
-        raw = values.view(np.uint16)
-        finite = (raw & 0x7C00) != 0x7C00
-        rounded = ((raw.astype(np.uint32) + (1 << (drop - 1))) >> drop << drop).astype(np.uint16)
-        overflow = (rounded & 0x7C00) == 0x7C00  # only the largest finite magnitudes: keep them as they are
-        return np.where(finite & ~overflow, rounded, raw).view(np.float16)
+    if method not in METHODS:
+        raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if version not in READABLE_VERSIONS:
+        raise LogitcacheError(f"format version {version}: this logitcache reads versions {READABLE_VERSIONS}")
+    logprob = pa.float16() if version == 1 else pa.float32()
+    counts = pa.uint16() if version == 1 else count_type(samples or MAX_IDS_PER_POSITION)
+    field = lambda name, kind: pa.field(name, pa.list_(kind), nullable=False)  # noqa: E731
+    own = field("tail_logprob", logprob) if method == "topk" else field("target_counts", counts)
+    return pa.schema([
+        pa.field("sequence_id", pa.int64(), nullable=False),
+        field("input_ids", pa.int32()),
+        field("target_lengths", pa.uint16()),
+        field("target_ids", pa.int32()),
+        field("target_logprobs", logprob),
+        own,
+        field("gold_logprob", logprob),
+    ])
+
+
+def round_mantissa(values: np.ndarray, bits: int) -> np.ndarray:
+    """``values [...]`` as float32 with ``bits`` stored mantissa bits (of 23), rounded once.
+
+    To nearest, ties away from zero: relative error at most ``2**-(bits + 1)`` (for float32 input;
+    float16 input with at most ``bits`` bits is returned exactly); infinities and NaN stay as they are.
+    Zeroed low bits make the column far more compressible while every reader still sees plain float32.
+    """
     values = np.ascontiguousarray(values, dtype=np.float32)
-    drop = FLOAT32_MANTISSA_BITS - min(bits, FLOAT16_MANTISSA_BITS)
+    drop = FLOAT32_MANTISSA_BITS - bits
     raw = values.view(np.uint32)
     finite = (raw & 0x7F800000) != 0x7F800000
-    rounded = (raw + np.uint32(1 << (drop - 1))) >> np.uint32(drop) << np.uint32(drop)
-    out = np.where(finite, rounded, raw).view(np.float32)
-    largest = float(np.finfo(np.float16).max)  # 65504: rounding up past it would make a finite value infinite
-    out = np.where(np.abs(values) <= largest, np.clip(out, -largest, largest), out)
-    return out.astype(np.float16)
+    rounded = ((raw + np.uint32(1 << (drop - 1))) >> np.uint32(drop) << np.uint32(drop)).view(np.float32)
+    return np.where(finite & np.isfinite(rounded), rounded, values)  # the largest finite values are kept as they are
 
 
 @dataclass
@@ -125,10 +140,10 @@ class WindowTargets:
     input_ids: np.ndarray  # [B, n] int32
     target_lengths: np.ndarray  # [B, n-1] uint16
     target_ids: np.ndarray  # [S] int32
-    target_logprobs: np.ndarray  # [S] float16
-    gold_logprob: np.ndarray  # [B, n-1] float16
-    tail_logprob: np.ndarray | None = None  # [B, n-1] float16 (topk)
-    target_counts: np.ndarray | None = None  # [S] uint16 (sample)
+    target_logprobs: np.ndarray  # [S] float32
+    gold_logprob: np.ndarray  # [B, n-1] float32
+    tail_logprob: np.ndarray | None = None  # [B, n-1] float32 (topk)
+    target_counts: np.ndarray | None = None  # [S] uint8 or uint16 (sample)
     token_counts: np.ndarray | None = None  # [B] int64 tokens of each row; None: every row has n
 
     @property
@@ -210,8 +225,21 @@ def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.Dat
 
 
 def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
-    """Arrow table of ``targets`` in the current schema (rows without their padding), with ``metadata``
-    as JSON key-value metadata."""
+    """Arrow table of ``targets`` (rows without their padding) in the format version ``metadata`` names
+    (the current one if it names none), with ``metadata`` as JSON key-value metadata; v2 adds the mantissa
+    bits its log-probabilities keep."""
+    metadata = {"format_version": FORMAT_VERSION, **metadata}
+    version = metadata["format_version"]
+    if version >= 2:
+        metadata["logprob_mantissa_bits"] = logprob_bits(targets.method, metadata.get("params", {}))
+    schema = shard_schema(targets.method, version, metadata.get("params", {}).get("samples"))
+
+    def stored(name: str, values: np.ndarray, row_lengths: np.ndarray) -> pa.ListArray:
+        """Column ``name`` as this version stores it: its type, log-probabilities rounded (v2) or float16 (v1)."""
+        if name in LOGPROB_COLUMNS:
+            values = values.astype(np.float16) if version == 1 else round_mantissa(values, metadata["logprob_mantissa_bits"][name])
+        return _list_column(values, row_lengths, schema.field(name).type.value_type)
+
     b, n = targets.input_ids.shape
     tokens = targets.tokens()
     positions = tokens - 1
@@ -221,42 +249,44 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
         real_tokens = np.arange(n) < tokens[:, None]
         real_positions = real_tokens[:, 1:]
 
-    def per_position(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-        return _list_column(values.reshape(b, n - 1)[real_positions].reshape(-1), positions, arrow_type)
+    def per_position(name: str, values: np.ndarray) -> pa.ListArray:
+        return stored(name, values.reshape(b, n - 1)[real_positions].reshape(-1), positions)
 
     columns = {
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
         "input_ids": _list_column(targets.input_ids[real_tokens].reshape(-1), tokens, pa.int32()),
-        "target_lengths": per_position(targets.target_lengths, pa.uint16()),
+        "target_lengths": per_position("target_lengths", targets.target_lengths),
         "target_ids": _list_column(targets.target_ids, ids_per_window, pa.int32()),
-        "target_logprobs": _list_column(targets.target_logprobs, ids_per_window, pa.float16()),
+        "target_logprobs": stored("target_logprobs", targets.target_logprobs, ids_per_window),
     }
     if targets.method == "topk":
-        columns["tail_logprob"] = per_position(targets.tail_logprob, pa.float16())
+        columns["tail_logprob"] = per_position("tail_logprob", targets.tail_logprob)
     else:
-        columns["target_counts"] = _list_column(targets.target_counts, ids_per_window, pa.uint16())
-    columns["gold_logprob"] = per_position(targets.gold_logprob, pa.float16())
-    schema = shard_schema(targets.method).with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    return pa.table(columns, schema=schema)
+        columns["target_counts"] = stored("target_counts", targets.target_counts, ids_per_window)
+    columns["gold_logprob"] = per_position("gold_logprob", targets.gold_logprob)
+    return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
+
+
+def parquet_options(table: pa.Table, zstd_level: int = ZSTD_LEVEL) -> dict:
+    """The ``pq.write_table`` keyword arguments a shard of ``table``'s version is written with."""
+    names = table.column_names
+    split = [name for name in LOGPROB_COLUMNS if name in names and pa.types.is_float32(table.schema.field(name).type.value_type)]
+    return {
+        "compression": "zstd",
+        "compression_level": zstd_level,
+        "row_group_size": ROW_GROUP_ROWS,
+        # Leaf paths: a bare column name is silently ignored for list columns.
+        "use_dictionary": [f"{name}.list.element" for name in DICTIONARY_COLUMNS if name in names],
+        "column_encoding": {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in split} or None,
+        "write_statistics": ["sequence_id"],
+    }
 
 
 def write_shard(path: Path, targets: WindowTargets, metadata: dict, zstd_level: int = ZSTD_LEVEL) -> None:
-    """Write ``targets`` as one Parquet shard at ``path``, atomically."""
+    """Write ``targets`` as one Parquet shard at ``path``, atomically, in the version ``metadata`` names
+    (the current one if it names none)."""
     table = to_table(targets, metadata)
-
-    def write(tmp: Path) -> None:
-        pq.write_table(
-            table,
-            tmp,
-            compression="zstd",
-            compression_level=zstd_level,
-            row_group_size=ROW_GROUP_ROWS,
-            # Leaf paths: a bare column name is silently ignored for list columns.
-            use_dictionary=[f"{name}.list.element" for name in DICTIONARY_COLUMNS if name in table.column_names],
-            write_statistics=["sequence_id"],
-        )
-
-    write_atomic(path, write)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, **parquet_options(table, zstd_level)))
 
 
 def shard_metadata(path: Path) -> dict:
@@ -279,8 +309,15 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return values[offsets[0] : offsets[-1]], offsets - offsets[0]
 
 
+def decode_logprobs(table: pa.Table, name: str) -> np.ndarray:
+    """The flat values of log-probability column ``name`` of rows of a shard of any readable version, as
+    float32 (v1's float16 upcast exactly; v2's float32 as stored)."""
+    return _flat(table.column(name))[0].astype(np.float32, copy=False)
+
+
 def from_table(table: pa.Table) -> WindowTargets:
-    """Decode rows of a shard (a table or one row group) back into :class:`WindowTargets`."""
+    """Decode rows of a shard (a table or one row group; any readable version) back into
+    :class:`WindowTargets`, log-probabilities as float32."""
     b = table.num_rows
     if b == 0:
         raise LogitcacheError("no rows to decode")
@@ -306,7 +343,7 @@ def from_table(table: pa.Table) -> WindowTargets:
         input_ids=rows(input_ids, n),
         target_lengths=per_position("target_lengths"),
         target_ids=_flat(table.column("target_ids"))[0],
-        target_logprobs=_flat(table.column("target_logprobs"))[0],
+        target_logprobs=decode_logprobs(table, "target_logprobs"),
         gold_logprob=per_position("gold_logprob"),
         tail_logprob=per_position("tail_logprob"),
         target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,

@@ -64,8 +64,12 @@ def _check_shard(cache_dir: Path, entry: dict, manifest: dict, deep: bool) -> li
         return problems + [str(exc)]
     if meta.get("build_fingerprint") != manifest["fingerprint"]:
         problems.append(f"{name}: belongs to a different build (fingerprint in its metadata differs)")
-    if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"])):
-        problems.append(f"{name}: schema differs from shard format v{manifest['format_version']} for method {manifest['method']}")
+    version = manifest["format_version"]
+    if meta.get("format_version") != version:
+        problems.append(f"{name}: shard format v{meta.get('format_version')} in a v{version} cache")
+        return problems
+    if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"], version, manifest["params"].get("samples"))):
+        problems.append(f"{name}: schema differs from shard format v{version} for method {manifest['method']}")
         return problems
     rows = parquet.metadata.num_rows
     if rows != entry["rows"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SAMPLE_LOGPROB_BITS = 8
+SAMPLE_LOGPROB_BITS = 7  # shard format v2: the byte-stream-split float32 column is smallest at 7 (benchmarks/RESULTS.md)
 
 
 @dataclass(frozen=True)
@@ -12,8 +12,8 @@ class TargetSpec:
     """What to store per position: ``topk`` with ``k`` ids, or ``sample`` with ``samples`` draws.
 
     ``logprob_bits``: mantissa bits (of float16's 10) kept in a sample build's ``target_logprobs``.
-    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-9 relative error in a
-    log-probability; 8 bits saves ~0.4 bytes per entry. top-k keeps all 10, and gold always does.
+    RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-8 relative error in a
+    log-probability; 7 bits saves ~0.4 bytes per entry. top-k keeps all 10, and gold always does.
     """
 
     method: str
@@ -28,7 +28,3 @@ class TargetSpec:
         if self.method == "topk":
             return {"k": self.k}
         return {"samples": self.samples, "proposal_temperature": self.proposal_temperature, "logprob_bits": self.logprob_bits}
-
-    @property
-    def stored_logprob_bits(self) -> int:
-        return self.logprob_bits if self.method == "sample" else 10

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from logitcache.cache.format import FLOAT16_MANTISSA_BITS, WindowTargets, round_float16
+from logitcache.cache.format import WindowTargets
 from logitcache.targets.rng import row_keys
 from logitcache.targets.rows import row_targets
 from logitcache.targets.spec import TargetSpec
@@ -51,11 +51,11 @@ def targets_from_hidden(
     for start in range(0, rows.shape[0], chunk_rows):
         end = start + chunk_rows
         targets, gold = row_targets(head(rows[start:end]), labels[start:end], keys[start:end], spec)
-        part = _to_host(targets, gold, spec.stored_logprob_bits)
+        part = _to_host(targets, gold)
         # On the host already: drop the padding now, so a batch never holds [rows, N] padded results.
         parts.append(_compact(part) if hidden.device.type == "cpu" else part)
     return PendingTargets(parts, _host(input_ids, torch.int32), np.asarray(sequence_ids, dtype=np.int64), hidden.device,
-                          spec.stored_logprob_bits, real, token_counts)
+                          real, token_counts)
 
 
 def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -67,19 +67,18 @@ def _host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(narrowed, non_blocking=True)
 
 
-def _to_host(rows: RowTargets, gold: torch.Tensor, logprob_bits: int = FLOAT16_MANTISSA_BITS) -> dict[str, torch.Tensor]:
-    # Log-probs to be rounded to fewer bits go over as float32, so that they are rounded once (on the host).
-    narrow = torch.float16 if logprob_bits >= FLOAT16_MANTISSA_BITS else torch.float32
+def _to_host(rows: RowTargets, gold: torch.Tensor) -> dict[str, torch.Tensor]:
+    # Log-probabilities go over as float32 so that the shard writer rounds them once, to its fixed-point codes.
     out = {
         "ids": _host(rows.ids, torch.int32),
-        "logprobs": _host(rows.logprobs, narrow),
+        "logprobs": _host(rows.logprobs, torch.float32),
         "lengths": _host(rows.lengths, torch.int32),
-        "gold": _host(gold, torch.float16),
+        "gold": _host(gold, torch.float32),
     }
     if rows.counts is not None:
         out["counts"] = _host(rows.counts, torch.int32)
     if rows.tail_logprob is not None:
-        out["tail"] = _host(rows.tail_logprob, torch.float16)
+        out["tail"] = _host(rows.tail_logprob, torch.float32)
     return out
 
 
@@ -96,12 +95,10 @@ class PendingTargets:
     """Targets whose device-to-host copies may still be in flight; :meth:`result` assembles them."""
 
     def __init__(self, parts: list[dict[str, torch.Tensor]], input_ids: torch.Tensor, sequence_ids: np.ndarray,
-                 device: torch.device, logprob_bits: int = FLOAT16_MANTISSA_BITS, real: np.ndarray | None = None,
-                 token_counts: np.ndarray | None = None):
+                 device: torch.device, real: np.ndarray | None = None, token_counts: np.ndarray | None = None):
         self.parts = parts
         self.real = real  # [B, n-1] bool: the positions that have targets (None: all)
         self.token_counts = None if token_counts is None else np.asarray(token_counts, dtype=np.int64)
-        self.logprob_bits = logprob_bits
         self.input_ids = input_ids
         self.sequence_ids = sequence_ids
         self.event = None
@@ -118,7 +115,6 @@ class PendingTargets:
             for name, array in (part if isinstance(part["lengths"], np.ndarray) else _compact(part)).items():
                 flat.setdefault(name, []).append(array)
         joined = {name: np.concatenate(arrays) for name, arrays in flat.items()}
-        joined["logprobs"] = round_float16(joined["logprobs"], self.logprob_bits)
         input_ids = self.input_ids.numpy()
         b, positions = input_ids.shape[0], input_ids.shape[1] - 1
 
@@ -137,8 +133,8 @@ class PendingTargets:
             target_lengths=per_position(joined["lengths"], np.uint16),
             target_ids=joined["ids"],
             target_logprobs=joined["logprobs"],
-            gold_logprob=per_position(joined["gold"], np.float16),
-            tail_logprob=per_position(joined["tail"], np.float16) if "tail" in joined else None,
-            target_counts=joined["counts"].astype(np.uint16) if "counts" in joined else None,
+            gold_logprob=per_position(joined["gold"], np.float32),
+            tail_logprob=per_position(joined["tail"], np.float32) if "tail" in joined else None,
+            target_counts=joined["counts"].astype(np.uint16) if "counts" in joined else None,  # narrowed by the writer
             token_counts=self.token_counts,
         )

@@ -189,9 +189,9 @@ def topk_window_targets(outputs: Sequence, input_ids: np.ndarray, sequence_ids: 
         input_ids=_padded(prompts, n, np.int32),
         target_lengths=_padded(lengths, n - 1, np.uint16),
         target_ids=np.concatenate(ids).reshape(-1).astype(np.int32),
-        target_logprobs=np.concatenate(logprobs).reshape(-1).astype(np.float16),
-        gold_logprob=_padded(gold, n - 1, np.float16),
-        tail_logprob=_padded(tails, n - 1, np.float16),
+        target_logprobs=np.concatenate(logprobs).reshape(-1).astype(np.float32),
+        gold_logprob=_padded(gold, n - 1, np.float32),
+        tail_logprob=_padded(tails, n - 1, np.float32),
         token_counts=None if token_counts is None else np.asarray(token_counts, dtype=np.int64),
     )
 
