@@ -3,25 +3,22 @@
 Usage: python examples/read_spark.py CACHE_DIR        (Spark 4 needs a Java 17+ runtime)
 
 ``posexplode(target_lengths)`` gives one row per position; the sum of the lengths before it is
-where its entries start in the flat per-id lists, and ``slice`` takes them. Spark 4 has no
-Parquet FLOAT16 type (``[PARQUET_TYPE_ILLEGAL]``), in which format v1 stores log-probabilities,
-so the example first copies the window's row group with those columns cast to float32 (pyarrow;
-exact). Format: schemas/SHARD_FORMAT.md.
+where its entries start in the flat per-id lists, and ``slice`` takes them. Spark reads format v2
+shards as they are (float32 log-probabilities); it has no Parquet FLOAT16 type
+(``[PARQUET_TYPE_ILLEGAL]``), so a format v1 cache needs ``logitcache convert`` first.
+Format: schemas/SHARD_FORMAT.md.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Per-method SQL: the extra column of a position (and its name), and the target probability of its entries.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),
@@ -69,16 +66,6 @@ def read_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
-def spark_readable_first_row_group(shard: Path, folder: Path) -> Path:
-    """A Parquet file of the shard's first row group (it holds the first window) with float16 columns as float32."""
-    table = pq.ParquetFile(shard).read_row_group(0)
-    wide = pa.schema([field.with_type(pa.list_(pa.float32())) if field.type == pa.list_(pa.float16()) else field
-                      for field in table.schema])
-    path = folder / shard.name
-    pq.write_table(table.cast(wide), path)
-    return path
-
-
 def first_window_targets(cache_dir: str | Path) -> list[dict]:
     """One dict per position of the cache's first window (sequence_id 0)."""
     manifest = read_manifest(cache_dir)
@@ -88,10 +75,9 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     parts = METHOD_SQL[method]
     sql = QUERY.format(extra=parts["extra"], extra_name=parts["extra_name"], probs=parts["probs"],
                        weights=parts["weights"].format(tau=float(tau)))
-    with tempfile.TemporaryDirectory() as folder:
-        shard = spark_readable_first_row_group(Path(cache_dir) / manifest["shards"][0]["file"], Path(folder))
-        spark.read.parquet(str(shard)).orderBy("sequence_id").limit(1).createOrReplaceTempView("first_window")
-        result = [row.asDict() for row in spark.sql(sql).collect()]
+    shard = Path(cache_dir) / manifest["shards"][0]["file"]
+    spark.read.parquet(str(shard)).orderBy("sequence_id").limit(1).createOrReplaceTempView("first_window")
+    result = [row.asDict() for row in spark.sql(sql).collect()]
     rows = []
     for row in result:
         row["ids"] = np.asarray(row["ids"], dtype=np.int64)

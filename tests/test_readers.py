@@ -6,9 +6,8 @@ targets of logitcache's own reader (``cache/format.read_shard``). Each engine's 
 decoding is one function (``ENGINES``); the log-prob decoding is one formula, ``stored * scale``,
 with ``scale`` read from the shard by :func:`logprob_scale`, so a change of encoding is one line there.
 
-Spark 4 cannot read Parquet's FLOAT16 type (``[PARQUET_TYPE_ILLEGAL]``), which format v1 uses for
-log-probs: on v1 shards the Spark case is a strict xfail, and the same Spark reading is checked on
-a copy of the shards with those columns cast to float32 (which proves the rest of its decoding).
+Spark 4 cannot read Parquet's FLOAT16 type (``[PARQUET_TYPE_ILLEGAL]``), which format v1 used for
+log-probs: a v1 cache is refused by Spark, and the same cache after ``logitcache convert`` is read.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from spark_session import local_spark
 
-from logitcache.cache.format import read_shard, shard_schema
+from logitcache.cache.format import read_shard
 from logitcache.cache.manifest import read_manifest
 
 LOGPROB_COLUMNS = ("target_logprobs", "gold_logprob", "tail_logprob")
@@ -32,20 +31,13 @@ LOGPROB_COLUMNS = ("target_logprobs", "gold_logprob", "tail_logprob")
 def logprob_scale(schema: pa.Schema) -> float:
     """Log-prob columns hold ``logprob / scale``: a reader computes ``stored * scale`` (float64).
 
-    Format v1 stores the natural-log probabilities themselves (float16), so the scale is 1. The one
+    Formats v1 (float16) and v2 (float32) store the natural-log probabilities themselves, so the scale is 1. The one
     place that knows the encoding: a fixed-point format (say ``uint16 = round(-logprob * 2**s)`` with
     ``s`` in the shard metadata) changes only the value returned here, to ``-2.0 ** -s``.
     """
     value_type = schema.field("target_logprobs").type.value_type
     assert pa.types.is_floating(value_type), f"no decoding known for {value_type} log-probs"
     return 1.0
-
-
-def _float16_columns(schema: pa.Schema) -> list[str]:
-    return [field.name for field in schema if pa.types.is_list(field.type) and field.type.value_type == pa.float16()]
-
-
-SHARDS_HOLD_FLOAT16 = bool(_float16_columns(shard_schema("topk")) or _float16_columns(shard_schema("sample")))
 
 
 # --- each engine: read every column of the shards, log-prob columns decoded; one dict per window ---
@@ -171,12 +163,7 @@ def cache(request) -> Path:
     return request.getfixturevalue(request.param)
 
 
-SPARK_ON_FLOAT16 = pytest.mark.xfail(
-    SHARDS_HOLD_FLOAT16, strict=True,
-    reason="Spark 4 has no Parquet FLOAT16 type ([PARQUET_TYPE_ILLEGAL]); passes once the shards hold none")
-
-
-@pytest.mark.parametrize("engine", [*[name for name in ENGINES if name != "spark"], pytest.param("spark", marks=SPARK_ON_FLOAT16)])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_engine_recovers_every_positions_targets(engine, cache, request):
     files = shard_files(cache)
     scale = logprob_scale(pq.read_schema(files[0]))
@@ -188,23 +175,16 @@ def test_engine_recovers_every_positions_targets(engine, cache, request):
     assert len(windows) == len(expected) == read_manifest(cache)["totals"]["sequences"]
 
 
-def float32_copy(files: list[Path], out: Path) -> list[Path]:
-    """The shards with their float16 columns cast to float32 (what Spark reads), metadata kept."""
-    out.mkdir()
-    copies = []
-    for file in files:
-        table = pq.read_table(file)
-        wide = pa.schema([field.with_type(pa.list_(pa.float32())) if field.name in _float16_columns(table.schema) else field
-                          for field in table.schema], metadata=table.schema.metadata)
-        pq.write_table(table.cast(wide), out / file.name)
-        copies.append(out / file.name)
-    return copies
+def test_spark_refuses_a_v1_cache_and_reads_it_converted(cache, spark, tmp_path):
+    """Format v1's float16 is what kept Spark out; ``logitcache convert`` lets it in, with the same targets."""
+    from conftest import as_v1
 
+    from logitcache.cache.convert import convert_cache
 
-def test_spark_recovers_every_positions_targets_from_a_float32_copy(cache, spark, tmp_path):
-    files = shard_files(cache)
-    copies = float32_copy(files, tmp_path / "float32")
-    assert not _float16_columns(pq.read_schema(copies[0]))
-    windows = spark_windows(copies, logprob_scale(pq.read_schema(copies[0])), spark)
-    assert by_sequence(windows) == by_sequence(reference_windows(files))
-    assert {name for window in windows for name in window} == set(pq.read_schema(files[0]).names)
+    old = as_v1(cache, tmp_path / "v1")
+    with pytest.raises(Exception, match="PARQUET_TYPE_ILLEGAL|FLOAT16|Float16"):
+        spark_windows(shard_files(old), 1.0, spark)
+    convert_cache(old, tmp_path / "v2")
+    files = shard_files(tmp_path / "v2")
+    windows = spark_windows(files, logprob_scale(pq.read_schema(files[0])), spark)
+    assert by_sequence(windows) == by_sequence(reference_windows(shard_files(cache)))
