@@ -41,7 +41,7 @@ class HFTeacher:
         self.head_weight = model.get_output_embeddings().weight
         self.vocab_size = int(self.head_weight.shape[0])
         self.max_positions = context_length(self.config)
-        self.chunk_mib = chunk_mib or (1024 if self.device.type == "cuda" else 16)
+        self.chunk_mib = chunk_mib  # None: the device's default (head_chunk_rows)
         self.name = getattr(self.config, "_name_or_path", "") or self.path.name
         self._verified = False
 
@@ -102,7 +102,7 @@ class HFTeacher:
         if not self._verified:
             self.verify_head(ids)
         hidden = self.hidden_states(ids)[:, :-1]
-        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec, head_chunk_rows(self.chunk_mib, self.vocab_size, spec))
+        return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec, head_chunk_rows(self.chunk_mib, self.vocab_size, spec, self.device.type))
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec) -> WindowTargets:
         return self.compute_async(input_ids, sequence_ids, spec).result()
