@@ -229,6 +229,7 @@ def build_table(args) -> list[str]:
                 cases["bare forward"] = ("--child-forward", json.dumps({"teacher": str(teacher), "batch": args.batch_size,
                                                                        "windows": str(run / f"windows-{size}.npy")}))
                 for name, child in cases.items():  # the default build first: its windows feed the bare forward
+                    shutil.rmtree(run / f"cache-{size}", ignore_errors=True)  # else the build resumes a finished one
                     wall, cpu, peaks[name, size] = timed_child(*child)
                     seconds[name, size, "wall"].append(wall)
                     seconds[name, size, "cpu"].append(cpu)
