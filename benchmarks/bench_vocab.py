@@ -33,8 +33,9 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
-from harness import DEFAULT_WORK, best_time, peak_rss
+from harness import DEFAULT_WORK, best_time, peak_rss, small_corpus
 
 from logitcache.native import library as native
 from logitcache.targets.rng import row_keys
@@ -163,7 +164,6 @@ def child_build(cli_args: list[str]) -> None:
 def child_forward(case: dict) -> None:
     """The bare forward a user would write: load the model, ``model(ids).logits.log_softmax(-1)`` over the
     windows ``[n, seq_len] int64`` saved in ``case["windows"]``, ``case["batch"]`` at a time; prints peak RSS."""
-    import numpy as np
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(case["teacher"], dtype=torch.float32, local_files_only=True).eval()
@@ -190,10 +190,8 @@ def timed_child(*args: str) -> tuple[float, float, int]:
     return wall, cpu, int(done.stdout.split()[-1])
 
 
-def build_windows(cache: Path) -> "np.ndarray":
+def build_windows(cache: Path) -> np.ndarray:
     """The windows ``[n, seq_len] int64`` of a finished build, in build order."""
-    import numpy as np
-
     from logitcache.cache.format import read_shard
 
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -203,10 +201,6 @@ def build_windows(cache: Path) -> "np.ndarray":
 def build_table(args) -> list[str]:
     """Whole-process wall time and peak RSS: bare forward and builds (default chunks, then each of
     ``--build-chunk-mib``), rounds interleaved, medians; a run on about one batch of the corpus gives its start-up."""
-    import numpy as np
-
-    from harness import small_corpus
-
     out = ["| vocab | process | tokens | median wall (s) | tokens/s | ratio to bare forward (wall) | median CPU (s) | "
            "ratio to bare forward (CPU) | start-up share (wall) | peak RSS (MiB) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for vocab in (int(v) for v in args.build_vocabs.split(",")):
@@ -259,8 +253,8 @@ def main() -> None:
     parser.add_argument("--chunk-windows", type=int, default=4, help="chunks table: windows of --seq-len tokens")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (chunks and build tables)")
     parser.add_argument("--build-vocabs", default="128256,262144", help="build table: the teachers' vocabularies")
-    parser.add_argument("--build-bytes", type=int, default=100_000, help="build table: corpus bytes per build")
-    parser.add_argument("--build-batches", type=int, default=24,
+    parser.add_argument("--build-bytes", type=int, default=110_000, help="build table: corpus bytes per build")
+    parser.add_argument("--build-batches", type=int, default=30,
                         help="build table: the start-up run builds over 1/this of --build-bytes (about one batch)")
     parser.add_argument("--build-chunk-mib", default="16", help="build table: --chunk-mib values built besides the default")
     parser.add_argument("--build-rounds", type=int, default=3, help="build table: interleaved rounds; medians kept")
