@@ -1,4 +1,4 @@
-"""How to run a teacher: the build settings a backend reads."""
+"""How to run a teacher: the build settings a backend reads, and the default size of an output-head chunk."""
 
 from __future__ import annotations
 
