@@ -3,11 +3,12 @@ packed windows with a block-diagonal mask (documents packed, position ids restar
 
     python3 benchmarks/bench_layout.py [--teacher DIR --corpus FILE] [--corpus-bytes 400000] [--rounds 2]
 
-1. Storage and padding, on the demo teacher (pretrained on packed streams) and its corpus: the same
+1. Storage and padding, on a pretrained teacher (``--teacher``, default the demo's) and its corpus: the same
    corpus built as ``documents`` and as ``stream`` (``stream`` stores what block-diagonal packing
    would: the same tokens in full windows): bytes per token; the teacher's padding under
    ``documents`` (tokens computed / real tokens, batches cut longest first per shard, as the build
-   does); the student's useful-token fraction under ``documents`` (random batches of the loader).
+   does); the student's useful-token fraction (tokens / batch cells) of random loader batches, padded
+   and packed (``--pack``, several rows to a student row).
 2. Speed, on a random-initialised Llama of more realistic shape (hidden 256, 4 layers, 32k ids):
    the bare forward ``model(ids).logits`` over the same documents (a) as length-sorted padded rows,
    (b) packed into full windows with position ids restarting at each document (transformers turns
@@ -31,6 +32,7 @@ from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.manifest import read_manifest
 from logitcache.corpus import Corpus, PackingStats, layout_rows, pad_rows, resolve_layout
+from logitcache.loader.collate import pack_batch
 from logitcache.loader.dataset import CacheDataset
 from logitcache.teacher.folder import load_tokenizer
 from logitcache.teacher.load import load_teacher
@@ -52,9 +54,10 @@ def storage_table(args, work: Path) -> list[str]:
     corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
     docs = rows_of(teacher, corpus, "documents", args.seq_len)
     lengths = np.array([len(r) for r in docs])
-    print(f"demo teacher, {len(docs)} document rows of median {int(np.median(lengths))} tokens "
+    print(f"teacher {teacher}, {len(docs)} document rows of median {int(np.median(lengths))} tokens "
           f"(max {args.seq_len}); teacher padding under documents: {teacher_padding(docs, args.batch_size, 512):.3f}x")
-    out = ["| method | packing | rows | bytes/token | bytes/entry | student useful tokens (batch 16) |", "|---|---|---:|---:|---:|---:|"]
+    out = ["| method | packing | rows | bytes/token | bytes/entry | student useful tokens, batch 16: padded | packed |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     teacher_obj = None
     for method, extra in (("topk", {"k": 32}), ("sample", {"samples": 50})):
         for packing in ("documents", "stream"):
@@ -64,11 +67,12 @@ def storage_table(args, work: Path) -> list[str]:
             teacher_obj = teacher_obj or load_teacher(settings.teacher, settings.teacher_options())
             manifest = run_build(settings, teacher=teacher_obj)
             totals = manifest["totals"]
-            useful = []
+            padded, packed = [], []
             for batch in CacheDataset(settings.out, seed=0, global_batch_size=16).dataloader():
-                useful.append(float(batch["position_mask"].float().mean()))
+                for useful, rows in ((padded, batch), (packed, pack_batch(batch))):
+                    useful.append(float(rows["token_counts"].sum()) / rows["input_ids"].numel())
             out.append(f"| {method} | {packing} | {totals['sequences']} | {totals['bytes'] / totals['tokens']:.1f} | "
-                       f"{totals['bytes'] / totals['target_entries']:.2f} | {np.mean(useful):.3f} |")
+                       f"{totals['bytes'] / totals['target_entries']:.2f} | {np.mean(padded):.3f} | {np.mean(packed):.3f} |")
     return out
 
 

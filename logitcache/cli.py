@@ -33,6 +33,7 @@ from logitcache.build.settings import BuildSettings
 from logitcache.cache.layout import MANIFEST_NAME
 from logitcache.errors import LogitcacheError
 from logitcache.generate.settings import EvaluateSettings, GenerateSettings
+from logitcache.teacher.options import CPU_CHUNK_MIB, CPU_MIN_CHUNK_ROWS, CUDA_CHUNK_MIB
 from logitcache.train.settings import TrainSettings
 
 app = typer.Typer(
@@ -182,8 +183,9 @@ def build(
     dtype: Annotated[Optional[str], typer.Option(
         help="Teacher dtype (default: bfloat16 on CUDA, float32 on CPU; vllm: bfloat16).")] = BUILD["dtype"],
     chunk_mib: Annotated[Optional[int], typer.Option(
-        help="Memory bound for one chunk of output-head rows, MiB (default 16 on CPU, 1024 "
-             "on CUDA; vllm: also caps prompt-logprob logits per engine step, default 2048).")] = BUILD["chunk_mib"],
+        help=f"Memory bound for one chunk of output-head rows, MiB (default: {CPU_CHUNK_MIB} on CPU but at least "
+             f"{CPU_MIN_CHUNK_ROWS} rows, {CUDA_CHUNK_MIB} on CUDA; vllm: also caps prompt-logprob logits per engine step, "
+             "default 2048).")] = BUILD["chunk_mib"],
     cpu_streams: Annotated[Optional[int], typer.Option(
         help="hf on CPU: teacher batches computed at once, each on an equal share of "
              "torch's threads (default 2; 1 = one batch at a time on all threads).")] = BUILD["cpu_streams"],

@@ -38,6 +38,18 @@ def test_head_chunks_budget_the_samplers_scratch():
     assert head_chunk_rows(1, 1 << 20, topk) == 1  # never 0 rows
 
 
+def test_default_head_chunks_keep_enough_rows_on_cpu():
+    from logitcache.targets.spec import TargetSpec
+    from logitcache.teacher.head import head_chunk_rows
+    from logitcache.teacher.options import CPU_CHUNK_MIB, CPU_MIN_CHUNK_ROWS, CUDA_CHUNK_MIB
+
+    topk, vocab = TargetSpec("topk", k=32), 262_144
+    assert head_chunk_rows(None, 2048, topk, "cpu") == (CPU_CHUNK_MIB << 20) // (12 * 2048) > CPU_MIN_CHUNK_ROWS
+    assert head_chunk_rows(None, vocab, topk, "cpu") == CPU_MIN_CHUNK_ROWS > head_chunk_rows(CPU_CHUNK_MIB, vocab, topk)
+    assert head_chunk_rows(None, vocab, topk, "cuda") == (CUDA_CHUNK_MIB << 20) // (12 * vocab)
+    assert head_chunk_rows(1, vocab, topk, "cpu") == 1  # a given --chunk-mib stays a bound
+
+
 def test_output_head_goes_through_onednn_and_matches_torch(monkeypatch):
     from types import SimpleNamespace
 

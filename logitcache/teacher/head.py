@@ -14,15 +14,23 @@ import torch
 
 from logitcache.targets.rows import row_bytes
 from logitcache.targets.spec import TargetSpec
+from logitcache.teacher.options import CPU_CHUNK_MIB, CPU_MIN_CHUNK_ROWS, CUDA_CHUNK_MIB
 
 log = logging.getLogger(__name__)
 
 
-def head_chunk_rows(chunk_mib: int, vocab_size: int, spec: TargetSpec | None = None) -> int:
+def head_chunk_rows(chunk_mib: int | None, vocab_size: int, spec: TargetSpec | None = None, device_type: str = "cpu") -> int:
     """Rows per output-head chunk so that the rows' working memory stays within ``chunk_mib``:
-    ``rows × V × 4 B × 3``, plus the sampler's per-draw scratch for ``spec`` (see :func:`row_bytes`)."""
+    ``rows × V × 4 B × 3``, plus the sampler's per-draw scratch for ``spec`` (see :func:`row_bytes`).
+
+    ``chunk_mib`` None: the default of ``device_type``: :data:`CUDA_CHUNK_MIB` on CUDA; on CPU
+    :data:`CPU_CHUNK_MIB` but at least :data:`CPU_MIN_CHUNK_ROWS` rows. A given ``chunk_mib`` is a
+    bound, kept even where it allows a single row.
+    """
     per_row = row_bytes(spec, vocab_size) if spec is not None else vocab_size * 4 * 3
-    return max(1, (chunk_mib << 20) // per_row)
+    if chunk_mib is None and device_type != "cuda":
+        return max(CPU_MIN_CHUNK_ROWS, (CPU_CHUNK_MIB << 20) // per_row)
+    return max(1, ((chunk_mib or CUDA_CHUNK_MIB) << 20) // per_row)
 
 
 ONEDNN_SWITCH = "LOGITCACHE_ONEDNN"

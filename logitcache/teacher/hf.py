@@ -43,7 +43,7 @@ class HFTeacher:
         self.head_weight, self.head_bias = head.weight, getattr(head, "bias", None)
         self.vocab_size = int(self.head_weight.shape[0])
         self.max_positions = context_length(self.config)
-        self.chunk_mib = chunk_mib or (1024 if self.device.type == "cuda" else 16)
+        self.chunk_mib = chunk_mib  # None: the device's default (head_chunk_rows)
         self.name = getattr(self.config, "_name_or_path", "") or self.path.name
         self._verified = False
 
@@ -110,7 +110,8 @@ class HFTeacher:
             self.verify_head(ids[:1, : None if token_counts is None else int(token_counts[0])])
         hidden = self.hidden_states(ids)[:, :-1]
         return targets_from_hidden(hidden, ids, sequence_ids, self.head, spec,
-                                   head_chunk_rows(self.chunk_mib, self.vocab_size, spec), token_counts, target_mask)
+                                   head_chunk_rows(self.chunk_mib, self.vocab_size, spec, self.device.type),
+                                   token_counts, target_mask)
 
     def compute(self, input_ids: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec,
                 token_counts: np.ndarray | None = None, target_mask: np.ndarray | None = None) -> WindowTargets:
