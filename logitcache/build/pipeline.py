@@ -32,23 +32,30 @@ def frozen_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-def pieces_of(windows: Iterator[np.ndarray], shard_size: int, size: int,
-              by_length: bool = False) -> Iterator[tuple[int, list[np.ndarray], np.ndarray, bool]]:
-    """``(shard index, up to size rows, their places in the shard [R] int64, last piece of its shard?)``:
-    shards cut into batches that never cross a shard boundary, so the teacher starts on a shard
-    before all of it is tokenized. ``by_length``: rows of different lengths, batched longest first
-    over the whole shard, so that a batch pads little (its rows are put back in order when written)."""
+def pieces_of(windows: Iterator, shard_size: int, size: int,
+              tokens: int | None = None) -> Iterator[tuple[int, list, np.ndarray, bool]]:
+    """``(shard index, a batch of rows, their places in the shard [R] int64, last piece of its shard?)``:
+    shards cut into batches that never cross a shard boundary.
+
+    ``tokens`` None: batches of ``size`` rows in corpus order, so the teacher starts on a shard before
+    all of it is tokenized. ``tokens``: rows of different lengths (``--packing documents``, chat), the
+    whole shard sorted longest first and cut into batches of at most ``tokens`` tokens padded (and
+    ``size`` rows at least one): a batch pads little, and short rows go many to a batch instead of
+    ``size`` to a small one (the rows are put back in order when written).
+    """
     for index in itertools.count():
         shard = itertools.islice(windows, shard_size)
-        if by_length:
+        if tokens is not None:
             rows = list(shard)
-            order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # stable: ties keep corpus order
-            cuts = range(0, len(rows), size)
-            for start in cuts:
-                places = np.asarray(order[start : start + size], dtype=np.int64)
-                yield index, [rows[i] for i in places], places, start + size >= len(rows)
             if not rows:
                 return
+            order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # stable: ties keep corpus order
+            start = 0
+            while start < len(order):
+                count = max(1, tokens // len(rows[order[start]]))  # longest first: the first row sets the width
+                places = np.asarray(order[start : start + count], dtype=np.int64)
+                start += len(places)
+                yield index, [rows[i] for i in places], places, start >= len(order)
             continue
         piece, done = list(itertools.islice(shard, size)), 0
         if not piece:

@@ -137,8 +137,9 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     records = []
     # vLLM schedules its own batches: hand it a whole shard at once (it splits into memory-bounded calls).
     piece = settings.shard_size if settings.backend == "vllm" else settings.batch_size
-    by_length = settings.packing == "documents"
-    pieces = background(pieces_of(itertools.chain([first], windows), settings.shard_size, piece, by_length),
+    # Rows of different lengths: batches of up to batch_size × seq_len tokens, the longest first.
+    tokens = piece * settings.seq_len if settings.packing == "documents" else None
+    pieces = background(pieces_of(itertools.chain([first], windows), settings.shard_size, piece, tokens),
                         depth=max(1, settings.shard_size // piece))
     with (closing(pieces), frozen_heap(), ThreadPoolExecutor(max_workers=2) as host,
           cpu_streams(teacher, settings.cpu_streams) as streams):
