@@ -57,7 +57,7 @@ def ray_builds(builds: dict[str, dict], tmp_path: Path) -> dict[str, dict]:
 
 
 def test_two_ray_workers_equal_one_worker(teacher_dir, corpus_file, tmp_path):
-    options = dict(method="sample", samples=8, seq_len=SEQ_LEN, batch_size=4, shard_size=16)
+    options = dict(method="sample", samples=8, seq_len=SEQ_LEN, batch_size=4, shard_size=16, packing="documents")
     single = build_cache(teacher_dir, corpus_file, tmp_path / "single", **options)
     build = dict(teacher=teacher_dir, corpus=corpus_file, out=tmp_path / "ray", num_workers=2, ray=True, **options)
 
