@@ -57,7 +57,10 @@ EVALUATE = _defaults(EvaluateSettings)
 
 # Options and arguments that mean the same in several commands, declared once.
 CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
-SeqLen = Annotated[int, typer.Option(help="Most tokens per row (--packing documents) or tokens per window (stream).")]
+SeqLen = Annotated[int, typer.Option(
+    "--seq-len", "--max-len",
+    help="Most tokens per row (--packing documents; chat and prompt-response examples: longer ones per --too-long) "
+         "or tokens per window (stream).")]
 Bos = Annotated[str, typer.Option(
     help="BOS in front of every document and row: auto (where the tokenizer adds one itself), always, never.")]
 Packing = Annotated[str, typer.Option(
@@ -342,7 +345,9 @@ def train(
     tokenizer: Annotated[Optional[Path], typer.Option(
         help="Tokenizer folder: required with --corpus; with --cache "
              "it must be the cache's and is saved beside the student.")] = TRAIN["tokenizer"],
-    seq_len: Annotated[int, typer.Option(help="Tokens per window with --corpus (a cache has its own).")] = TRAIN["seq_len"],
+    seq_len: Annotated[int, typer.Option(
+        "--seq-len", "--max-len",
+        help="With --corpus: tokens per window, or most tokens per row and example (a cache has its own).")] = TRAIN["seq_len"],
     bos: Bos = TRAIN["bos"],
     packing: Annotated[str, typer.Option(
         help="With --corpus: documents (one per row, padded) or stream (fixed windows across documents).")] = TRAIN["packing"],
