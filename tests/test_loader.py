@@ -161,7 +161,7 @@ def test_collate_of_iterated_windows_equals_the_dataloader_batch(synthetic_cache
     assert dtypes == {
         "input_ids": "int64", "labels": "int64", "sequence_id": "int64", "target_ids": "int64", "target_mask": "bool",
         "target_logprobs": "float32", "target_weights": "float32", "tail_logprob": "float32",
-        "gold_logprob": "float32", "position_mask": "bool",
+        "gold_logprob": "float32", "position_mask": "bool", "token_counts": "int64",
     }  # fmt: skip
 
 
