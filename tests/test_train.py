@@ -59,10 +59,10 @@ def world(tmp_path_factory) -> SimpleNamespace:
     final = run_train(teacher_run, on_step=records.append)
     teacher = Path(final["student"])
     caches = {}
-    for method in ("sample", "topk"):
-        caches[method] = root / f"cache-{method}"
-        run_build(BuildSettings(teacher=teacher, corpus=root / "corpus.jsonl", out=caches[method], method=method,
-                                k=8, samples=16, seq_len=SEQ_LEN, batch_size=32, shard_size=64, device="cpu", packing="stream"))
+    for name, method, packing in (("sample", "sample", "stream"), ("topk", "topk", "stream"), ("documents", "sample", "documents")):
+        caches[name] = root / f"cache-{name}"
+        run_build(BuildSettings(teacher=teacher, corpus=root / "corpus.jsonl", out=caches[name], method=method,
+                                k=8, samples=16, seq_len=SEQ_LEN, batch_size=32, shard_size=64, device="cpu", packing=packing))
     return SimpleNamespace(root=root, teacher=teacher, teacher_run=teacher_run, teacher_records=records,
                            teacher_final=final, caches=caches)
 
@@ -128,8 +128,10 @@ def _cli(out: Path, cache: Path, *extra: str) -> list[str]:
             "--device", "cpu", *extra]
 
 
-def test_resume_after_sigkill_gives_the_same_losses_bit_for_bit(world, tmp_path):
-    cache = world.caches["sample"]
+@pytest.mark.parametrize("cache_kind", ["sample", "documents"])
+def test_resume_after_sigkill_gives_the_same_losses_bit_for_bit(world, tmp_path, cache_kind):
+    """Also on a cache of rows of different lengths, packed several to a student row at every step."""
+    cache = world.caches[cache_kind]
     # --resume on a fresh folder starts from step 0, and says so.
     reference = processes.run(_cli(tmp_path / "reference", cache, "--resume"), cwd=REPO, env=SUBPROCESS_ENV)
     assert reference.returncode == 0, reference.stderr
