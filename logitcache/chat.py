@@ -84,6 +84,7 @@ class ChatStats:
     truncated: int = 0
     skipped: int = 0
     tokens: int = 0
+    dropped_tokens: int = 0  # cut off by truncation, or in skipped examples
     target_positions: int = 0
 
 
@@ -179,6 +180,16 @@ def _added_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return full[:start], full[start + len(plain) :]
 
 
+def rendering_identity(tokenizer, fields: RecordFields, template_file: Path | None) -> dict:
+    """What decides how records become tokens besides the tokenizer's vocabulary: the template (a file's, the
+    tokenizer's own or the plain one) and the special tokens the tokenizer adds around a text (a build's identity)."""
+    import hashlib
+
+    before, after = _added_tokens(tokenizer)
+    template = chat_template(tokenizer, fields, template_file)
+    return {"template_sha256": hashlib.sha256(template.encode()).hexdigest(), "added_before": before, "added_after": after}
+
+
 class ChatRenderer:
     """Renders checked conversations with one tokenizer and template into token ids and target masks."""
 
@@ -260,8 +271,10 @@ class ChatRenderer:
             if max_len is not None and len(example.input_ids) > max_len:
                 if policy == "skip" or not example.target_mask[: max_len - 1].any():
                     stats.skipped += 1
+                    stats.dropped_tokens += len(example.input_ids)
                     continue
                 stats.truncated += 1
+                stats.dropped_tokens += len(example.input_ids) - max_len
                 example = ChatExample(example.input_ids[:max_len], example.target_mask[: max_len - 1])
             stats.examples += 1
             stats.tokens += len(example.input_ids)

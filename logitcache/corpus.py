@@ -350,13 +350,20 @@ def pack_windows(pieces: Iterator[np.ndarray], seq_len: int, stats: PackingStats
 def document_rows(pieces: Iterator[np.ndarray], seq_len: int, stats: PackingStats,
                   bos_id: int | None = None) -> Iterator[np.ndarray]:
     """One row per document (``[<= seq_len] int64``), a longer one continued in rows of its own, each
-    starting with ``bos_id`` when given. Rows of fewer than 2 tokens are dropped (nothing to predict)."""
+    starting with ``bos_id`` when given. Rows of fewer than 2 tokens are dropped (nothing to predict), and so
+    are empty documents and a continuation that would hold only the EOS; all counted in ``dropped_tokens``."""
     body = seq_len - (bos_id is not None)
     if body < 1:
         raise LogitcacheError(f"--seq-len {seq_len}: too short for a BOS and a token")
     for piece in pieces:
+        if len(piece) == 1:  # an empty document: its EOS alone predicts nothing of it
+            stats.dropped_tokens += 1
+            continue
         for start in range(0, len(piece), body):
             row = piece[start : start + body]
+            if start and len(row) == 1:  # only the EOS is left over: a row of BOS + EOS would teach nothing
+                stats.dropped_tokens += 1
+                continue
             if bos_id is not None:
                 row = np.concatenate([[bos_id], row])
                 stats.tokens += 1

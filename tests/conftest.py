@@ -77,11 +77,12 @@ def as_v1(cache: Path, out: Path) -> Path:
     out.mkdir(parents=True)
     manifest = read_manifest(cache)
     for entry in manifest["shards"]:
-        meta = {key: value for key, value in shard_metadata(cache / entry["file"]).items() if key != "logprob_mantissa_bits"}
+        meta = {key: value for key, value in shard_metadata(cache / entry["file"]).items()
+                if key not in ("logprob_mantissa_bits", "layout", "tokens")}  # keys v1 shards did not have
         write_shard(out / entry["file"], read_shard(cache / entry["file"]), {**meta, "format_version": 1})
         entry.update(bytes=(out / entry["file"]).stat().st_size, sha256=sha256_file(out / entry["file"]))
     manifest["totals"]["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
-    write_manifest(out, {**manifest, "format_version": 1})
+    write_manifest(out, {**{k: v for k, v in manifest.items() if k != "layout"}, "format_version": 1})
     return out
 
 

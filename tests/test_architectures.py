@@ -126,7 +126,7 @@ def test_compute_passes_the_first_window_check_and_gives_the_reference_topk(arch
     torch.testing.assert_close(torch.from_numpy(got.gold_logprob.astype(np.float32)).reshape(-1), gold, **float16)
 
 
-def test_vllm_sample_path_applies_the_same_head(architecture, windows, fake_vllm):
+def test_vllm_sample_path_applies_the_same_head(architecture, windows, fake_vllm):  # noqa: F811 (the fixture)
     """vLLM's sample path (an engine stand-in computing what vLLM returns from the model itself): the
     head weight read from the checkpoint and the same head transforms pass its check and give the hf targets."""
     _, folder, _ = architecture

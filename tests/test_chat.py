@@ -260,6 +260,19 @@ def test_a_chat_build_stores_targets_only_at_assistant_tokens(teacher_dir, chat_
     assert validate_cache(out) == []
     summary = summarize(out)
     assert summary["positions"] == manifest["totals"]["positions"] and math.isfinite(summary["teacher_perplexity"])
+    if method == "topk":  # stored ids and covered mass are per position with targets, not per position
+        assert summary["mean_ids_per_position"] == 4 and 0 < summary["mean_covered_mass"] <= 1
+    from datasets import load_from_disk
+
+    from logitcache.cache.export import export_cache
+
+    export_cache(out, tmp_path / "axolotl", "axolotl")  # axolotl's CE must skip what the cache skips
+    rows = {r["sequence_id"]: r for r in load_from_disk(str(tmp_path / "axolotl"))}
+    for row, messages in enumerate(conversations):
+        want = renderer.example(messages, "record")
+        labels = np.asarray(rows[row]["labels"])
+        assert (labels[1:] == -100).tolist() == (~want.target_mask).tolist()
+        assert (labels[1:][want.target_mask] == want.input_ids[1:][want.target_mask]).all()
 
 
 def test_sft_on_a_chat_corpus_counts_only_the_assistant_tokens(teacher_dir, chat_corpus, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from conftest import all_targets, as_v1, run_cli
 
 from logitcache.cache.convert import convert_cache
-from logitcache.cache.format import FORMAT_VERSION, WindowTargets
+from logitcache.cache.format import FORMAT_VERSION, WindowTargets, shard_metadata
 from logitcache.cache.manifest import read_manifest
 from logitcache.cache.validate import validate_cache
 from logitcache.errors import LogitcacheError
@@ -32,8 +32,15 @@ def test_converted_cache_holds_the_v1_targets_exactly(method, v1_caches, tmp_pat
     old, new = all_targets(src), all_targets(dst)
     for name in WindowTargets.__dataclass_fields__:  # float16 -> float32 is exact, and no value has more bits
         assert np.array_equal(getattr(old, name), getattr(new, name)), name
-    assert new.target_logprobs.dtype == np.float32
+    assert new.target_logprobs.dtype == new.gold_logprob.dtype == old.gold_logprob.dtype == np.float32
     assert sum(s["bytes"] for s in manifest["shards"]) == manifest["totals"]["bytes"]
+    # a v1 cache has no layout: it was one stream without BOS, and the converted cache says so, as a v2 build would
+    assert "layout" not in read_manifest(src)
+    layout = {"format": "text", "packing": "stream", "bos": "never", "bos_token_id": None,
+              "eos_token_id": manifest["tokenizer"]["eos_token_id"]}
+    assert manifest["layout"] == layout
+    first = shard_metadata(dst / manifest["shards"][0]["file"])
+    assert first["layout"] == layout and first["tokens"] == manifest["shards"][0]["tokens"]
 
 
 def test_an_interrupted_conversion_resumes_to_the_same_bytes(v1_caches, tmp_path):

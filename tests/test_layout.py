@@ -33,10 +33,18 @@ ROW = 64  # the BOS teacher's pretraining windows, and the longest row of its ca
 def test_document_rows_start_with_bos_and_continue_with_one():
     stats = PackingStats()
     doc = np.arange(10, 20)  # 10 tokens, EOS included
-    rows = list(document_rows(iter([doc, np.array([7])]), 4, stats, bos_id=1))
-    # 3 tokens of the document per row after the BOS; the 1-token document is a row of 2 (BOS, token)
-    assert [r.tolist() for r in rows] == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18], [1, 19], [1, 7]]
-    assert stats.tokens == 5 and stats.dropped_tokens == 0  # the BOS tokens are counted
+    rows = list(document_rows(iter([doc, np.array([7, 8])]), 4, stats, bos_id=1))
+    # 3 tokens of the document per row after the BOS (its EOS, 19, left alone, is no row); [7, 8] is a row of 3
+    assert [r.tolist() for r in rows] == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18], [1, 7, 8]]
+    assert stats.tokens == 4 and stats.dropped_tokens == 1  # the BOS tokens are counted, the lone EOS dropped
+
+
+def test_document_rows_drop_empty_documents_and_a_lone_eos():
+    stats = PackingStats()
+    eos = 2
+    rows = list(document_rows(iter([np.array([5, 6, 7, eos]), np.array([eos])]), 4, stats, bos_id=1))
+    assert [r.tolist() for r in rows] == [[1, 5, 6, 7]]  # no [BOS, EOS] row: neither the cut-off EOS nor the empty document
+    assert stats.dropped_tokens == 2
 
 
 def test_document_rows_without_bos_drop_what_predicts_nothing():
@@ -144,9 +152,13 @@ def test_long_documents_continue_in_rows_of_their_own(bos_teacher, corpus_file, 
     targets = all_targets(out)
     assert (targets.input_ids[:, 0] == tok.bos_token_id).all() and targets.tokens().max() == 16
     body = np.concatenate([row[1:n] for row, n in zip(targets.input_ids, targets.tokens())])
-    stream = [t for line in corpus_file.read_text().splitlines()
-              for t in tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    assert body.tolist() == stream  # nothing lost, nothing doubled: every row is BOS + the next 15 tokens
+    expected = []
+    for line in corpus_file.read_text().splitlines():
+        doc = tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        pieces = [doc[i : i + 15] for i in range(0, len(doc), 15)]
+        expected += [t for i, piece in enumerate(pieces) if not (i and len(piece) == 1) for t in piece]
+    # nothing lost, nothing doubled: every row is BOS + the next 15 tokens (a lone EOS left over is no row)
+    assert body.tolist() == expected
     assert validate_cache(out) == []
 
 

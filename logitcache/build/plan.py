@@ -10,9 +10,8 @@ from logitcache import __version__
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import FORMAT_VERSION
 from logitcache.cache.manifest import FORMAT_NAME, fingerprint
-from logitcache.chat import ChatStats, chat_rows
+from logitcache.chat import ChatStats, chat_rows, rendering_identity
 from logitcache.corpus import Corpus, Layout, PackingStats, layout_rows, resolve_layout
-from logitcache.files import sha256_file
 from logitcache.teacher.base import Teacher
 from logitcache.teacher.folder import tokenizer_fingerprint
 
@@ -51,7 +50,7 @@ class Plan:
             return {**about, "documents": self.stats.documents, "tokens": self.stats.tokens,
                     "dropped_tokens": self.stats.dropped_tokens}
         chat = self.chat_stats
-        return {**about, "documents": chat.records, "tokens": chat.tokens, "dropped_tokens": 0, "records": self.identity["records"],
+        return {**about, "documents": chat.records, "tokens": chat.tokens, "dropped_tokens": chat.dropped_tokens, "records": self.identity["records"],
                 "examples": chat.examples, "truncated": chat.truncated, "skipped": chat.skipped,
                 "target_positions": chat.target_positions}
 
@@ -123,7 +122,7 @@ def plan_build(settings: BuildSettings, teacher: Teacher) -> Plan:
         "text_field": settings.text_field if corpus.has_fields and settings.format == "text" else None,
         "records": None if settings.format == "text" else {
             **asdict(settings.record_fields), "too_long": settings.too_long,
-            "chat_template": sha256_file(settings.chat_template) if settings.chat_template else None},
+            **rendering_identity(tok, settings.record_fields, settings.chat_template)},
         "method": settings.method,
         "params": settings.spec.params,
         "seq_len": settings.seq_len,

@@ -77,6 +77,8 @@ class BuildSettings:
             (self.packing in PACKINGS, f"--packing {self.packing!r}: choose one of {', '.join(PACKINGS)}"),
             (self.format in CORPUS_FORMATS, f"--format {self.format!r}: choose one of {', '.join(CORPUS_FORMATS)}"),
             (self.too_long in LENGTH_POLICIES, f"--too-long {self.too_long!r}: choose one of {', '.join(LENGTH_POLICIES)}"),
+            (self.format == "text" or self.bos == "auto",
+             f"--bos {self.bos}: --format {self.format} renders what the chat template writes (its own BOS or none)"),
             (self.format == "text" or self.packing == "documents",
              f"--format {self.format} keeps one example per row: --packing stream does not apply"),
             (self.chat_template is None or Path(self.chat_template).is_file(), f"--chat-template {self.chat_template}: no such file"),

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from logitcache.cache.format import FORMAT_VERSION, read_shard, shard_metadata, write_shard
 from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME
-from logitcache.cache.manifest import check_complete, fingerprint, read_manifest, write_manifest
+from logitcache.cache.manifest import cache_layout, check_complete, fingerprint, read_manifest, write_manifest
 from logitcache.errors import LogitcacheError
 from logitcache.files import clear_temporaries, sha256_file, write_json_atomic
 
@@ -56,15 +56,17 @@ def _claim(dst: Path, marker: dict) -> None:
     write_json_atomic(dst / BUILD_MARKER, marker)
 
 
-def _convert_shard(src: Path, dst: Path, entry: dict, build_fingerprint: str) -> None:
+def _convert_shard(src: Path, dst: Path, entry: dict, build_fingerprint: str, layout: dict) -> None:
     """Shard ``entry`` of ``src``, checked against its manifest record, written to ``dst`` in the current version."""
     source = src / entry["file"]
     if sha256_file(source) != entry["sha256"]:
         raise LogitcacheError(f"{source}: sha256 differs from the manifest (changed or corrupt); "
                               "`logitcache validate` says more; nothing of this shard was written")
-    meta = {**shard_metadata(source), "format_version": FORMAT_VERSION, "build_fingerprint": build_fingerprint}
+    meta = {**shard_metadata(source), "format_version": FORMAT_VERSION, "build_fingerprint": build_fingerprint,
+            "layout": layout}
     try:
-        write_shard(dst / entry["file"], read_shard(source), meta)
+        targets = read_shard(source)
+        write_shard(dst / entry["file"], targets, {**meta, "tokens": int(targets.tokens().sum())})
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise LogitcacheError(f"{source}: cannot be converted ({exc}); `logitcache validate` says more") from exc
 
@@ -81,12 +83,12 @@ def convert_cache(src: Path, dst: Path, on_shard: Callable[[int], None] | None =
         path = dst / entry["file"]
         done = path.is_file() and shard_metadata(path).get("build_fingerprint") == target
         if not done:
-            _convert_shard(src, dst, entry, target)
+            _convert_shard(src, dst, entry, target, cache_layout(source))
         shards.append({**entry, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         if on_shard is not None:
             on_shard(entry["index"])
     totals = {**source["totals"], "bytes": sum(shard["bytes"] for shard in shards)}
-    manifest = {**source, "format_version": FORMAT_VERSION, "fingerprint": target,
+    manifest = {**source, "format_version": FORMAT_VERSION, "fingerprint": target, "layout": cache_layout(source),
                 "converted_from": source["fingerprint"], "totals": totals, "shards": shards}
     write_manifest(dst, manifest)
     (dst / BUILD_MARKER).unlink(missing_ok=True)

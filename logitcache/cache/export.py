@@ -6,7 +6,7 @@ window is, as in the shards, the teacher's distribution over token ``t + 1``.
 
 ``hf`` (lossless; TRL or a custom loop): the shard columns with the flat per-id lists cut into one
 list per position: ``target_ids [n-1][k_t] int32``, ``target_logprobs [n-1][k_t] float32`` (the
-stored float16 values, exactly), ``gold_logprob [n-1] float32``, and ``tail_logprob [n-1] float32``
+stored values, exactly), ``gold_logprob [n-1] float32``, and ``tail_logprob [n-1] float32``
 (topk) or ``target_counts [n-1][k_t] uint16`` (sample).
 
 ``axolotl``: the rows axolotl's knowledge-distillation trainer consumes. Read at
@@ -30,7 +30,9 @@ axolotl-ai-cloud/axolotl commit 067b021c (July 2026):
   renormalises each position's top-k probabilities to sum 1, then raises them to
   ``T_gen / kd_temperature`` and renormalises again.
 
-So each row holds ``input_ids``, ``attention_mask`` (ones), ``labels`` (= ``input_ids``) and ``n``
+So each row holds ``input_ids``, ``attention_mask`` (ones), ``labels`` (= ``input_ids``, but -100 at a
+token whose position stores no targets: a chat's non-assistant tokens, so that axolotl's CE term skips
+them as the cache does) and ``n``
 target lists: positions ``0 .. n-2`` from the cache with mask 1, and a last one (there is no
 token ``n``) of id 0, log-prob -1e9 and mask 0. The target log-probs are at temperature 1
 (use ``kd_temperature: 1``) and normalised over the position's stored ids:
@@ -145,6 +147,13 @@ def _hf_table(targets: WindowTargets) -> pa.Table:
     return pa.table(columns)
 
 
+def _labels(targets: WindowTargets) -> np.ndarray:
+    """``[B, n]``: the input ids, -100 (ignored by HF losses) at every token whose position stores no targets."""
+    labels = targets.input_ids.astype(np.int32)
+    labels[:, 1:][targets.target_lengths == 0] = -100
+    return labels
+
+
 def _axolotl_table(targets: WindowTargets, proposal_temperature: float) -> pa.Table:
     lengths = targets.target_lengths.astype(np.int64)
     tokens = targets.tokens()
@@ -159,7 +168,7 @@ def _axolotl_table(targets: WindowTargets, proposal_temperature: float) -> pa.Ta
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
         "input_ids": _window_lists(targets.input_ids, tokens, pa.int32()),
         "attention_mask": _window_lists(np.ones_like(targets.input_ids, dtype=np.int8), tokens, pa.int8()),
-        "labels": _window_lists(targets.input_ids, tokens, pa.int32()),
+        "labels": _window_lists(_labels(targets), tokens, pa.int32()),
         "target_token_ids": _per_position(ids, padded_lengths, tokens, pa.int32()),
         "target_logprobs": _per_position(logprobs, padded_lengths, tokens, pa.float32()),
         "target_mask": _per_position(mask, padded_lengths, tokens, pa.int8()),

@@ -335,7 +335,10 @@ def from_table(table: pa.Table) -> WindowTargets:
         return out
 
     def per_position(name: str) -> np.ndarray | None:
-        return rows(_flat(table.column(name))[0], n - 1) if name in table.column_names else None
+        if name not in table.column_names:
+            return None
+        values = decode_logprobs(table, name) if name in LOGPROB_COLUMNS else _flat(table.column(name))[0]
+        return rows(values, n - 1)
 
     names = table.column_names
     return WindowTargets(

@@ -46,7 +46,7 @@ def read_manifest(cache_dir: Path) -> dict:
 
 
 # A v1 cache (written before the layout was recorded) was packed as one stream without BOS.
-V1_LAYOUT = {"packing": "stream", "bos": "never", "bos_token_id": None}
+V1_LAYOUT = {"format": "text", "packing": "stream", "bos": "never", "bos_token_id": None}
 
 
 def cache_layout(manifest: dict) -> dict:

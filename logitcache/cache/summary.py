@@ -81,7 +81,8 @@ def summarize(cache_dir: Path) -> dict:
         bucket_nll -= np.bincount(bucket, weights=gold[scored], minlength=buckets)
         bucket_count += np.bincount(bucket, minlength=buckets)
         if manifest["method"] == "topk":
-            covered_sum += float((1.0 - np.exp(_column_values(path, "tail_logprob").astype(np.float64))).sum())
+            tail = _column_values(path, "tail_logprob").astype(np.float64)[scored]
+            covered_sum += float((1.0 - np.exp(tail)).sum())
     totals = manifest["totals"]
     return {
         "sequences": totals["sequences"],
@@ -91,8 +92,8 @@ def summarize(cache_dir: Path) -> dict:
         "bytes": totals["bytes"],
         "bytes_per_token": totals["bytes"] / max(totals["tokens"], 1),
         "bytes_per_entry": totals["bytes"] / max(entries, 1),
-        "mean_ids_per_position": entries / max(positions, 1),
-        "mean_covered_mass": covered_sum / max(positions, 1) if manifest["method"] == "topk" else None,
+        "mean_ids_per_position": entries / max(int(bucket_count.sum()), 1),  # over the positions with targets
+        "mean_covered_mass": covered_sum / max(int(bucket_count.sum()), 1) if manifest["method"] == "topk" else None,
         "teacher_perplexity": _perplexity(-gold_sum / max(int(bucket_count.sum()), 1)),
         "teacher_perplexity_by_position": {name: _perplexity(nll / count) for name, nll, count
                                            in zip(_bucket_names(), bucket_nll, bucket_count) if count},

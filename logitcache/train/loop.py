@@ -149,6 +149,8 @@ def task_prompts(settings: TrainSettings, data, world: World):
 
     if world.size > 1:
         raise LogitcacheError("--eval-prompts runs in one process; score a multi-process run's student with `logitcache evaluate`")
+    if data.tokenizer is None:
+        raise LogitcacheError("--eval-prompts needs the student's tokenizer: pass --tokenizer DIR (the cache's teacher folder is gone)")
     fields = RecordFields("chat" if settings.format == "text" else settings.format, settings.messages_field,
                           settings.prompt_field, settings.response_field)
     renderer = ChatRenderer(data.tokenizer, fields, settings.chat_template)
