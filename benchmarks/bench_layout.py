@@ -1,7 +1,7 @@
 """Document isolation two ways: a row per document (``--packing documents``, what logitcache does) against
 packed windows with a block-diagonal mask (documents packed, position ids restarting per document).
 
-    python3 benchmarks/bench_layout.py [--teacher DIR --corpus FILE] [--corpus-bytes 400000] [--rounds 2]
+    python3 benchmarks/bench_layout.py [--teacher DIR --corpus FILE | --bos-teacher] [--corpus-bytes 400000] [--rounds 2]
 
 1. Storage and padding, on a pretrained teacher (``--teacher``, default the demo's) and its corpus: the same
    corpus built as ``documents`` and as ``stream`` (``stream`` stores what block-diagonal packing
@@ -39,6 +39,25 @@ from logitcache.teacher.folder import load_tokenizer
 from logitcache.teacher.load import load_teacher
 
 
+def bos_teacher(work: Path) -> tuple[Path, Path]:
+    """(teacher, corpus): ``tests/test_layout.py``'s teacher, made under ``work`` if missing: the demo recipe with
+    a BOS-adding tokenizer (512 ids, "nano"), 300 CE steps on the first 300 stdlib docstrings, windows of 64."""
+    import itertools
+
+    from logitcache.demo import TeacherSizes, make_teacher, pretraining, stdlib_docstrings, write_corpus
+    from logitcache.train.loop import run_train
+
+    folder = work / "bos-teacher"
+    teacher = folder / "teacher-run" / "student"
+    if not (teacher / "config.json").is_file():
+        documents = list(itertools.islice(stdlib_docstrings(), 300))
+        write_corpus(folder / "corpus.jsonl", iter(documents))
+        make_teacher(folder, documents, TeacherSizes(512, "nano", max_positions=128, bos=True))
+        shutil.rmtree(folder / "teacher-run", ignore_errors=True)
+        run_train(pretraining(folder, 300, seq_len=64, eval_every=0))
+    return teacher, folder / "corpus.jsonl"
+
+
 def rows_of(teacher: Path, corpus: Path, packing: str, seq_len: int) -> list[np.ndarray]:
     tok = load_tokenizer(teacher)
     return list(layout_rows(Corpus.open(corpus).documents(), tok, resolve_layout(tok, "auto", packing), seq_len, PackingStats()))
@@ -52,7 +71,7 @@ def teacher_padding(rows: list[np.ndarray], batch: int, shard: int) -> float:
 
 
 def storage_table(args, work: Path) -> list[str]:
-    teacher, corpus = ensure_teacher(args.teacher, args.corpus, args.work)
+    teacher, corpus = bos_teacher(args.work) if args.bos_teacher else ensure_teacher(args.teacher, args.corpus, args.work)
     corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
     docs = rows_of(teacher, corpus, "documents", args.seq_len)
     lengths = np.array([len(r) for r in docs])
@@ -101,7 +120,7 @@ def packed_positions(windows: list[np.ndarray], eos: int) -> list[np.ndarray]:
 
 
 def speed_table(args, work: Path) -> list[str]:
-    teacher, corpus = ensure_teacher(args.teacher, args.corpus, args.work)
+    teacher, corpus = bos_teacher(args.work) if args.bos_teacher else ensure_teacher(args.teacher, args.corpus, args.work)
     corpus = small_corpus(corpus, work / "speed.jsonl", args.corpus_bytes // 2)
     model_dir = random_teacher(work / "llama-32k", teacher)
     from transformers import AutoModelForCausalLM
@@ -158,6 +177,8 @@ def main() -> None:
     teacher_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", choices=("storage", "speed"))
+    parser.add_argument("--bos-teacher", action="store_true",
+                        help="use (and make under --work) tests/test_layout.py's BOS teacher instead of --teacher")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
