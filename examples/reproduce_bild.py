@@ -87,7 +87,7 @@ CACHES = {  # cache name → the BuildSettings fields that make it
     "topk-32": {"method": "topk", "k": 32},
     f"sample-{SAMPLES}": {"method": "sample", "samples": SAMPLES},
 }
-HELD_OUT_CACHE = "topk-8"  # the held-out chats' cache: only its tokens and response positions are used
+HELD_OUT_BUILD = "topk-8"  # how the held-out chats are cached: only their tokens and response positions are used
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--teacher-steps", type=int, default=3000, help="teacher fine-tuning steps")
     add("--student-preset", default="nano", help="student size")
     add("--student-steps", type=int, default=500, help="steps for every student")
-    add("--seq-len", type=int, default=96, help="longest rendered chat in tokens (longer ones are refused)")
+    add("--seq-len", type=int, default=96, help="longest rendered chat in tokens (longer ones are cut; the report counts them)")
     add("--batch-size", type=int, default=32, help="chats per step (teacher and students)")
     add("--lr", type=float, default=3e-3, help="peak learning rate of teacher and students")
     add("--max-new-tokens", type=int, default=32, help="longest greedy answer when scoring")
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("3. caches", flush=True)
     train_chats, held_out_chats = args.out / "tasks" / "train.jsonl", args.out / "tasks" / "held_out.jsonl"
     caches = {name: build(args, teacher, train_chats, args.out / "caches" / name, "chat", fields) for name, fields in CACHES.items()}
-    held_out_cache = build(args, teacher, held_out_chats, args.out / "caches" / "held-out", "chat", CACHES[HELD_OUT_CACHE])
+    held_out_cache = build(args, teacher, held_out_chats, args.out / "caches" / "held-out", "chat", CACHES[HELD_OUT_BUILD])
     teacher_scores = score(args, teacher, held_out_cache)
     print(f"   teacher: exact match {100 * teacher_scores['exact_match']:.1f} %, response LM loss "
           f"{teacher_scores['lm_loss']:.3f}", flush=True)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     wall = time.monotonic() - started
     command = "python examples/reproduce_bild.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
-    truncated = sum(read_manifest(cache)["corpus"]["truncated"] for cache in (caches[HELD_OUT_CACHE], held_out_cache))
+    truncated = sum(read_manifest(cache)["corpus"]["truncated"] for cache in (caches["topk-8"], held_out_cache))
     sizes = (f"{args.train} training and {args.held_out} held-out prompts ({truncated} cut at --seq-len "
              f"{args.seq_len}), vocabulary {args.vocab}; teacher "
              f"{args.teacher_preset} x {args.teacher_steps} steps, students {args.student_preset} x {args.student_steps} "
