@@ -17,7 +17,7 @@
 
 Seeds (``--seeds``) change the student initialisation and data order; the task set, tokenizer, teacher
 and caches (RS-KD draws from build seed 0) are the same for all. The tables go to stdout, ``OUT/results.md`` and ``OUT/results.json``.
-The defaults take about 15 minutes on 2 shared CPU cores.
+The defaults take about 12 minutes on 2 shared CPU cores (examples/REPRODUCE_BILD.md).
 """
 
 from __future__ import annotations
@@ -109,7 +109,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds (initial weights and data order)")
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.held_out < len(TASKS):
+        parser.error(f"--held-out {args.held_out}: need at least {len(TASKS)}, one prompt of each kind")
+    return args
 
 
 # ---- tasks, teacher, caches ---------------------------------------------------------------
