@@ -1,4 +1,4 @@
-"""examples/reproduce_rskd.py and reproduce_bild.py end to end at a tiny size (about 30 s and 20 s on 2 CPU cores).
+"""examples/reproduce_rskd.py and reproduce_bild.py end to end at a tiny size (about 30 s and 10–20 s on 2 CPU cores).
 
 RS-KD: the table must hold all six methods with finite numbers. Of the gradient angles only what the
 math fixes is checked: full KD against itself is exactly 0, and RS-KD (an unbiased estimate of the
