@@ -1,9 +1,12 @@
-"""examples/reproduce_rskd.py end to end at a tiny size (about 30 s on 2 CPU cores).
+"""examples/reproduce_rskd.py and reproduce_bild.py end to end at a tiny size (about 30 s and 10–20 s on 2 CPU cores).
 
-The table must hold all six methods with finite numbers. Of the gradient angles only what the
+RS-KD: the table must hold all six methods with finite numbers. Of the gradient angles only what the
 math fixes is checked: full KD against itself is exactly 0, and RS-KD (an unbiased estimate of the
 full-KD target, averaged over hundreds of positions per batch) points closer to full KD than
 renormalised top-k 12 (biased: here the top 12 ids hold well under half of the teacher's mass).
+
+BiLD: every method for every seed with scores in range, and the response-only caches smaller than
+the same chats cached at every position.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ TINY = [
 ]
 
 
-def load_example(monkeypatch):
-    spec = importlib.util.spec_from_file_location("reproduce_rskd", REPO / "examples" / "reproduce_rskd.py")
+def load_example(monkeypatch, name: str = "reproduce_rskd"):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -54,3 +57,36 @@ def test_reproduce_rskd_at_tiny_size(tmp_path, monkeypatch):
     assert draws[0]["lm_loss"] == rs_kd["lm_loss"] and math.isfinite(draws[1]["lm_loss"])
     assert draws[1]["lm_loss"] != draws[0]["lm_loss"]  # another draw trains another student
     assert "| RS-KD cache draw (build seed) |" in table
+
+
+# ---- examples/reproduce_bild.py ---------------------------------------------------------------
+
+BILD_TINY = [
+    "--train", "100", "--held-out", "20", "--vocab", "400", "--teacher-preset", "nano", "--teacher-steps", "20",
+    "--student-steps", "5", "--batch-size", "8", "--max-new-tokens", "8", "--device", "cpu",
+]
+
+
+def test_reproduce_bild_at_tiny_size(tmp_path, monkeypatch):
+    """Every method for both seeds with finite scores, and the response-only caches smaller than caching every position."""
+    example = load_example(monkeypatch, "reproduce_bild")
+    report = example.main([*BILD_TINY, "--out", str(tmp_path / "run")])
+
+    rows = {row["name"]: row for row in report["methods"]}
+    assert list(rows) == [method.name for method in example.METHODS] and len(rows) == 6
+    for row in rows.values():
+        assert [scores["seed"] for scores in row["seeds"]] == [0, 1], row["name"]
+    for scores in [report["teacher"], *(scores for row in rows.values() for scores in row["seeds"])]:
+        assert 0.0 <= scores["exact_match"] <= 1.0 and 0.0 <= scores["rouge_l"] <= 1.0
+        assert math.isfinite(scores["lm_loss"]) and scores["lm_loss"] > 0
+    seed_0, seed_1 = (rows["SFT only"]["seeds"][i]["lm_loss"] for i in (0, 1))
+    assert seed_0 != seed_1  # another seed trains another student
+
+    storage = {row["cache"]: row for row in report["storage"]}
+    assert list(storage) == list(example.CACHES)
+    for row in storage.values():  # the answers are a small part of each chat, and the prompts are not cached
+        assert 0 < row["response_positions"] < row["every_positions"] / 2
+        assert row["response_bytes"] < row["every_bytes"]
+
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert all(f"| {name} |" in table for name in rows) and "| topk-8 |" in table
