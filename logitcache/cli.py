@@ -338,7 +338,7 @@ def train(
         help="Distil from this cache folder (written by `logitcache build`).")] = TRAIN["cache"],
     loss: Annotated[Optional[str], typer.Option(
         help="Loss with --cache: ce, rs-kd, topk-renorm, topk-ghost, kl, "
-             "reverse-kl, skew-kl, skew-reverse-kl, bild, rlkd (--corpus: ce).")] = TRAIN["loss"],
+             "reverse-kl, skew-kl, skew-reverse-kl, gkd-jsd, bild, rlkd (--corpus: ce).")] = TRAIN["loss"],
     corpus: Annotated[Optional[Path], typer.Option(
         help="Instead of --cache: train with cross-entropy on this "
              "text corpus (held in memory; for small corpora).")] = TRAIN["corpus"],
@@ -379,6 +379,9 @@ def train(
              "others need 1). Default: the loss's own (bild 3, others 1).")] = TRAIN["temperature"],
     skew: Annotated[Optional[float], typer.Option(
         help="Mixing weight of skew-kl and skew-reverse-kl, in (0, 1) (default 0.1, as DistiLLM).")] = TRAIN["skew"],
+    jsd_beta: Annotated[Optional[float], typer.Option(
+        help="gkd-jsd: beta of GKD's generalised JSD, in (0, 1) (default 0.5; toward 0 forward KL, toward 1 "
+             "reverse KL).")] = TRAIN["jsd_beta"],
     loss_k: Annotated[Optional[int], typer.Option(
         help="Top-k of bild (logit differences among the top k; default 8) "
              "and rlkd (rank term over the union of both top k; default 15).")] = TRAIN["loss_k"],

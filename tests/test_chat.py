@@ -299,3 +299,29 @@ def test_sft_on_a_chat_corpus_counts_only_the_assistant_tokens(teacher_dir, chat
     metrics = run_train(replace(settings, eval_prompts=prompts, eval_max_new_tokens=4))
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["eval_lm_loss"])
     assert 0 <= metrics["eval_task_exact_match"] <= 1 and 0 <= metrics["eval_task_rouge_l"] <= 1
+
+
+def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat_corpus, tmp_path):
+    """README's on-policy round: generate with the student, build a chat cache of its answers with the teacher,
+    train the student from its own weights on it (here with GKD's JSD)."""
+    from logitcache.generate.run import run_generate
+    from logitcache.generate.settings import GenerateSettings
+    from logitcache.train.loop import run_train
+    from logitcache.train.settings import TrainSettings
+
+    template = chat_corpus / "chat.jinja"
+    prompts = tmp_path / "prompts.jsonl"
+    # every other record ends in a reference answer, which generate leaves out of the prompt
+    prompts.write_text("".join(json.dumps({"messages": CHAT[: 2 + 2 * (i % 2)]}) + "\n" for i in range(6)))
+    generated = tmp_path / "round-0" / "generated.jsonl"
+    run_generate(GenerateSettings(model=teacher_dir, prompts=prompts, out=generated, chat_template=template,
+                                  max_new_tokens=6, temperature=1.0, seed=0, device="cpu"))
+    cache = tmp_path / "round-0" / "cache"
+    manifest = build_cache(teacher_dir, generated, cache, method="sample", samples=8, format="chat", chat_template=template,
+                           seq_len=128, packing="documents")
+    answers = [json.loads(line)["messages"][-1] for line in generated.read_text().splitlines()]
+    assert all(a["role"] == "assistant" for a in answers) and manifest["corpus"]["examples"] == len(answers)
+    metrics = run_train(TrainSettings(out=tmp_path / "round-0" / "student", cache=cache, loss="gkd-jsd", jsd_beta=0.5,
+                                      init_from=teacher_dir, student=None, steps=2, batch_size=2, eval_every=2,
+                                      eval_windows=2, save_every=0, device="cpu"))  # 6 rows: 2 held out, 4 trained on
+    assert math.isfinite(metrics["loss"]) and (tmp_path / "round-0" / "student" / "student" / "config.json").is_file()

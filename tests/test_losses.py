@@ -19,7 +19,7 @@ from logitcache.errors import LogitcacheError
 from logitcache.losses.sparse import LOSSES, LossOutput, get_loss
 
 V = 40
-KL_FAMILY = ["kl", "topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl", "bild"]
+KL_FAMILY = ["kl", "topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl", "gkd-jsd", "bild"]
 
 
 # ---- building collated batches ------------------------------------------------------------
@@ -115,6 +115,9 @@ def bucket_reference(name: str, z: Tensor, lp: Tensor, ids: list[int], min_tail:
         return kl_list(pb, tb)
     if name == "skew-kl":
         return kl_list(tb, [0.1 * ti + 0.9 * pi for ti, pi in zip(tb, pb, strict=True)])
+    if name == "gkd-jsd":
+        m = [0.5 * ti + 0.5 * pi for ti, pi in zip(tb, pb, strict=True)]
+        return 0.5 * kl_list(tb, m) + 0.5 * kl_list(pb, m)
     assert name == "skew-reverse-kl"
     return kl_list(pb, [0.9 * ti + 0.1 * pi for ti, pi in zip(tb, pb, strict=True)])
 
@@ -181,7 +184,8 @@ def reference_loss(reference, logits: Tensor, batch: dict[str, Tensor], teacher:
 
 def test_registry_names_and_unknown_name_lists_choices() -> None:
     assert list(LOSSES) == [
-        "ce", "rs-kd", "topk-renorm", "topk-ghost", "kl", "reverse-kl", "skew-kl", "skew-reverse-kl", "bild", "rlkd"
+        "ce", "rs-kd", "topk-renorm", "topk-ghost", "kl", "reverse-kl", "skew-kl", "skew-reverse-kl", "gkd-jsd", "bild",
+        "rlkd",
     ]
     with pytest.raises(LogitcacheError, match="skew-reverse-kl"):
         get_loss("forward-kl")
@@ -194,6 +198,8 @@ def test_registry_names_and_unknown_name_lists_choices() -> None:
         ("reverse-kl", {"temperature": 2.0}, "no temperature"),
         ("kl", {"alpha": 1.5}, "alpha"),
         ("skew-kl", {"skew": 0.0}, "skew"),
+        ("gkd-jsd", {"beta": 1.0}, "jsd-beta"),
+        ("gkd-jsd", {"temperature": 2.0}, "no temperature"),
         ("rlkd", {"base": "bild"}, "choose one of"),
         ("rlkd", {"base": "reverse-kl", "temperature": 2.0}, "no temperature"),
     ],
@@ -237,6 +243,12 @@ def dense_skew_reverse_kl(z: Tensor, lp: Tensor) -> Tensor:
     return (p * (p / (0.9 * t + 0.1 * p)).log()).sum()
 
 
+def dense_gkd_jsd(z: Tensor, lp: Tensor, beta: float = 0.5) -> Tensor:
+    t, p = lp.exp(), z.softmax(-1)
+    m = beta * t + (1 - beta) * p
+    return beta * (t * (t / m).log()).sum() + (1 - beta) * (p * (p / m).log()).sum()
+
+
 @pytest.mark.parametrize(
     ("name", "options", "dense"),
     [
@@ -247,6 +259,8 @@ def dense_skew_reverse_kl(z: Tensor, lp: Tensor) -> Tensor:
         ("reverse-kl", {}, dense_reverse_kl),
         ("skew-kl", {}, dense_skew_kl),
         ("skew-reverse-kl", {}, dense_skew_reverse_kl),
+        ("gkd-jsd", {}, dense_gkd_jsd),
+        ("gkd-jsd", {"beta": 0.1}, lambda z, lp: dense_gkd_jsd(z, lp, 0.1)),
     ],
 )
 def test_full_vocabulary_cache_equals_dense_loss_and_gradient(name: str, options: dict, dense) -> None:
@@ -261,7 +275,7 @@ def test_full_vocabulary_cache_equals_dense_loss_and_gradient(name: str, options
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl"])
+@pytest.mark.parametrize("name", ["topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl", "gkd-jsd"])
 def test_bucket_losses_match_loop_reference_on_topk_cache(name: str) -> None:
     teacher = dense_teacher((2, 3))
     logits = student_logits((2, 3))
@@ -274,7 +288,7 @@ def test_bucket_losses_match_loop_reference_on_topk_cache(name: str) -> None:
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl"])
+@pytest.mark.parametrize("name", ["topk-ghost", "reverse-kl", "skew-kl", "skew-reverse-kl", "gkd-jsd"])
 def test_bucket_losses_stay_finite_when_the_cache_rounded_the_tail_to_zero(name: str) -> None:
     # The teacher is truly zero outside its top 6, as a cache with tail_logprob = -inf claims.
     teacher = dense_teacher((2, 3))

@@ -316,6 +316,14 @@ def skew_reverse_kl_rows(logits: Tensor, rows: Rows, skew: float = 0.1) -> Tenso
     return masked_kl(b.student, mixture, b.mask)
 
 
+def gkd_jsd_rows(logits: Tensor, rows: Rows, beta: float = 0.5) -> Tensor:
+    """GKD's generalised Jensen-Shannon divergence ``beta KL(t || m) + (1 - beta) KL(p || m)``,
+    ``m = beta t + (1 - beta) p``, ``[R] float32`` on the buckets ``cached ids + [outside]``."""
+    b = _buckets(logits, rows)
+    mixture = torch.logaddexp(math.log(beta) + b.teacher, math.log1p(-beta) + b.student)
+    return beta * masked_kl(b.teacher, mixture, b.mask) + (1 - beta) * masked_kl(b.student, mixture, b.mask)
+
+
 def _logit_difference_kl(
     teacher: Tensor, student: Tensor, leader: Tensor, mask: Tensor, k: int, temperature: float
 ) -> Tensor:
@@ -544,6 +552,28 @@ def skew_reverse_kl_loss(
     return _loss_output(student_logits, batch, partial(skew_reverse_kl_rows, skew=skew), alpha)
 
 
+def gkd_jsd_loss(
+    student_logits: Tensor,
+    batch: Mapping[str, Tensor],
+    *,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> LossOutput:
+    """GKD's generalised JSD ``beta KL(t || m) + (1 - beta) KL(p || m)``, ``m = beta t + (1 - beta) p``, on
+    the cached support (Agarwal et al., on-policy distillation: meant for the student's own samples,
+    valid on any cache). No temperature. ``beta`` -> 0 behaves like forward KL, -> 1 like reverse KL
+    (each scaled by ``beta`` resp. ``1 - beta``); 0.5 is the symmetric JSD, bounded by ``log 2`` a position.
+
+    Outside mass: as in ``skew_kl_loss``, the student is NOT renormalised; its mass outside the cached
+    ids is one bucket compared with the teacher's tail, and the mixture keeps every term finite.
+    """
+    _require_unit_temperature("gkd-jsd", temperature)
+    if not 0 < beta < 1:
+        raise LogitcacheError(f"--jsd-beta {beta}: must lie in (0, 1)")
+    return _loss_output(student_logits, batch, partial(gkd_jsd_rows, beta=beta), alpha)
+
+
 def bild_loss(
     student_logits: Tensor, batch: Mapping[str, Tensor], *, alpha: float = 0.0, temperature: float = 3.0, k: int = 8
 ) -> LossOutput:
@@ -589,6 +619,7 @@ LOSSES: dict[str, LossFn] = {
     "reverse-kl": reverse_kl_loss,
     "skew-kl": skew_kl_loss,
     "skew-reverse-kl": skew_reverse_kl_loss,
+    "gkd-jsd": gkd_jsd_loss,
     "bild": bild_loss,
     "rlkd": rlkd_loss,
 }

@@ -21,6 +21,7 @@ from logitcache.errors import LogitcacheError
 # leaves the loss's own default.
 LOSS_OPTIONS = {
     "skew": ("skew", "skew", ("skew-kl", "skew-reverse-kl")),
+    "jsd_beta": ("jsd-beta", "beta", ("gkd-jsd",)),
     "loss_k": ("loss-k", "k", ("bild", "rlkd")),
     "rank_temperature": ("rank-temperature", "rank_temperature", ("rlkd",)),
     "rlkd_base": ("rlkd-base", "base", ("rlkd",)),
@@ -60,6 +61,7 @@ class TrainSettings:
     alpha: float = 0.0
     temperature: float | None = None
     skew: float | None = None
+    jsd_beta: float | None = None
     loss_k: int | None = None
     rank_temperature: float | None = None
     rlkd_base: str | None = None
