@@ -321,6 +321,16 @@ def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat
                            seq_len=128, packing="documents")
     answers = [json.loads(line)["messages"][-1] for line in generated.read_text().splitlines()]
     assert all(a["role"] == "assistant" for a in answers) and manifest["corpus"]["examples"] == len(answers)
+    from logitcache.teacher.folder import weights_fingerprint  # the round's cache names the student that answered
+
+    import jsonschema
+    from test_schemas import MANIFEST_SCHEMA, _undocumented
+
+    jsonschema.validate(manifest, MANIFEST_SCHEMA)  # a chat cache's manifest keys are all published
+    assert _undocumented(manifest) == []
+    assert manifest["corpus"]["generated_by"] == {
+        "model": str(teacher_dir.resolve()), "model_fingerprint": weights_fingerprint(teacher_dir), "temperature": 1.0,
+        "top_p": 1.0, "seed": 0, "max_new_tokens": 6}
     metrics = run_train(TrainSettings(out=tmp_path / "round-0" / "student", cache=cache, loss="gkd-jsd", jsd_beta=0.5,
                                       init_from=teacher_dir, student=None, steps=2, batch_size=2, eval_every=2,
                                       eval_windows=2, save_every=0, device="cpu"))  # 6 rows: 2 held out, 4 trained on

@@ -3,6 +3,7 @@ its ``build.json`` and its manifest say about it. The one place that spells the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -12,8 +13,12 @@ from logitcache.cache.format import FORMAT_VERSION
 from logitcache.cache.manifest import FORMAT_NAME, fingerprint
 from logitcache.chat import ChatStats, chat_rows, rendering_identity
 from logitcache.corpus import Corpus, Layout, PackingStats, layout_rows, resolve_layout
+from logitcache.generate.settings import settings_path
 from logitcache.teacher.base import Teacher
 from logitcache.teacher.folder import tokenizer_fingerprint
+
+# What a build of `logitcache generate`'s output records of the generation (its settings file).
+GENERATED_BY = ("model", "model_fingerprint", "temperature", "top_p", "seed", "max_new_tokens")
 
 # Identity fields that the manifest and every shard repeat at their top level.
 _TARGETS = ("method", "params", "seq_len", "seed")
@@ -50,6 +55,10 @@ class Plan:
             return {**about, "documents": self.stats.documents, "tokens": self.stats.tokens,
                     "dropped_tokens": self.stats.dropped_tokens}
         chat = self.chat_stats
+        generated = settings_path(self.corpus.path)
+        if self.corpus.path.is_file() and generated.is_file():  # responses of `logitcache generate`: by which model
+            saved = json.loads(generated.read_text())
+            about["generated_by"] = {key: saved.get(key) for key in GENERATED_BY}
         return {**about, "documents": chat.records, "tokens": chat.tokens, "dropped_tokens": chat.dropped_tokens, "records": self.identity["records"],
                 "examples": chat.examples, "truncated": chat.truncated, "skipped": chat.skipped,
                 "target_positions": chat.target_positions}

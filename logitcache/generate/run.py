@@ -34,12 +34,8 @@ from logitcache.corpus import Corpus
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_json_atomic
 from logitcache.generate.decode import Response, generate_responses, load_generator
-from logitcache.generate.settings import GenerateSettings
-
-
-def settings_path(out: Path) -> Path:
-    """Where the settings of the generation that writes ``out`` are kept."""
-    return out.with_name(out.name + ".settings.json")
+from logitcache.generate.settings import GenerateSettings, settings_path
+from logitcache.teacher.folder import weights_fingerprint
 
 
 
@@ -82,7 +78,8 @@ def resume_point(out: Path) -> int:
 def _settings_record(settings: GenerateSettings) -> dict:
     """The settings that decide the output (not the batch size or device), as JSON."""
     kept = {k: v for k, v in asdict(settings).items() if k not in ("out", "batch_size", "device")}
-    return {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in kept.items()}
+    record = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in kept.items()}
+    return {**record, "model_fingerprint": weights_fingerprint(settings.model)}  # which checkpoint answered
 
 
 def _check_resumable(settings: GenerateSettings) -> None:

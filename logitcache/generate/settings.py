@@ -9,6 +9,11 @@ from logitcache.chat import RecordFields
 from logitcache.errors import LogitcacheError
 
 
+def settings_path(out: Path) -> Path:
+    """Where the settings of the generation that writes ``out`` are kept (a build of ``out`` reads them too)."""
+    return out.with_name(out.name + ".settings.json")
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How tokens are picked: greedy when ``temperature == 0``, else sampled from the top-p nucleus of
