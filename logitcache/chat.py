@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from logitcache.corpus import Corpus
+from logitcache.cache.format import leading_mask
+from logitcache.corpus import Corpus, pad_rows
 from logitcache.errors import LogitcacheError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -293,10 +294,8 @@ def chat_rows(corpus: Corpus, tokenizer, fields: RecordFields, template_file: Pa
 def pad_examples(examples: list[ChatExample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``examples`` right-padded: ``input_ids [B, n] int64``, ``token_counts [B] int64`` and
     ``target_mask [B, n-1] bool`` (False at padding)."""
+    ids, _ = pad_rows([e.input_ids for e in examples])
     counts = np.fromiter((len(e) for e in examples), dtype=np.int64, count=len(examples))
-    n = int(counts.max())
-    ids, mask = np.zeros((len(examples), n), dtype=np.int64), np.zeros((len(examples), n - 1), dtype=bool)
-    for i, e in enumerate(examples):
-        ids[i, : len(e)] = e.input_ids
-        mask[i, : len(e) - 1] = e.target_mask
+    mask = np.zeros((len(examples), ids.shape[1] - 1), dtype=bool)
+    mask[leading_mask(counts - 1, mask.shape[1])] = np.concatenate([e.target_mask for e in examples])
     return ids, counts, mask

@@ -62,7 +62,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset, DatasetInfo, concatenate_datasets
 
-from logitcache.cache.format import WindowTargets, read_shard
+from logitcache.cache.format import WindowTargets, leading_mask, list_column, read_shard
 from logitcache.cache.manifest import check_complete, read_manifest
 from logitcache.errors import LogitcacheError
 from logitcache.files import TMP_SUFFIX, replace_folder
@@ -74,19 +74,6 @@ LAYOUTS = ("axolotl", "hf")
 PAD_LOGPROB = -1e9
 
 
-def _lists(values: np.ndarray, lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
-    """``values`` cut into consecutive lists of ``lengths`` (``[L]``, summing to ``len(values)``)."""
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    assert offsets[-1] == len(values), "lengths do not cover the values"
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=arrow_type))
-
-
-def _real(width: int, counts: np.ndarray) -> np.ndarray:
-    """``[B, width] bool``: the first ``counts[b]`` entries of each row (the rest is padding)."""
-    return np.arange(width)[None, :] < counts[:, None]
-
-
 def _per_position(values: np.ndarray, lengths: np.ndarray, positions: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
     """Flat per-id ``values [S]`` → one list per window of one list per position; ``lengths [B, P]``
     padded after each window's ``positions [B]``."""
@@ -94,13 +81,13 @@ def _per_position(values: np.ndarray, lengths: np.ndarray, positions: np.ndarray
     np.cumsum(positions, out=offsets[1:])
     return pa.ListArray.from_arrays(
         pa.array(offsets.astype(np.int32)),
-        _lists(values, lengths[_real(lengths.shape[1], positions)], arrow_type),
+        list_column(values, lengths[leading_mask(positions, lengths.shape[1])], arrow_type),
     )
 
 
-def _window_lists(values: np.ndarray, counts: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+def _windowlist_column(values: np.ndarray, counts: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
     """``values [B, W]`` → one list per window of its first ``counts [B]`` values."""
-    return _lists(values[_real(values.shape[1], counts)], counts, arrow_type)
+    return list_column(values[leading_mask(counts, values.shape[1])], counts, arrow_type)
 
 
 def log_normalise(logits: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -135,15 +122,15 @@ def _hf_table(targets: WindowTargets) -> pa.Table:
     positions = tokens - 1
     columns = {
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _window_lists(targets.input_ids, tokens, pa.int32()),
+        "input_ids": _windowlist_column(targets.input_ids, tokens, pa.int32()),
         "target_ids": _per_position(targets.target_ids, lengths, positions, pa.int32()),
         "target_logprobs": _per_position(targets.target_logprobs.astype(np.float32), lengths, positions, pa.float32()),
     }
     if targets.method == "topk":
-        columns["tail_logprob"] = _window_lists(targets.tail_logprob.astype(np.float32), positions, pa.float32())
+        columns["tail_logprob"] = _windowlist_column(targets.tail_logprob.astype(np.float32), positions, pa.float32())
     else:
         columns["target_counts"] = _per_position(targets.target_counts, lengths, positions, pa.uint16())
-    columns["gold_logprob"] = _window_lists(targets.gold_logprob.astype(np.float32), positions, pa.float32())
+    columns["gold_logprob"] = _windowlist_column(targets.gold_logprob.astype(np.float32), positions, pa.float32())
     return pa.table(columns)
 
 
@@ -166,9 +153,9 @@ def _axolotl_table(targets: WindowTargets, proposal_temperature: float) -> pa.Ta
     mask = np.insert(np.ones(len(targets.target_ids), dtype=np.int8), window_ends, 0)
     return pa.table({
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _window_lists(targets.input_ids, tokens, pa.int32()),
-        "attention_mask": _window_lists(np.ones_like(targets.input_ids, dtype=np.int8), tokens, pa.int8()),
-        "labels": _window_lists(_labels(targets), tokens, pa.int32()),
+        "input_ids": _windowlist_column(targets.input_ids, tokens, pa.int32()),
+        "attention_mask": _windowlist_column(np.ones_like(targets.input_ids, dtype=np.int8), tokens, pa.int8()),
+        "labels": _windowlist_column(_labels(targets), tokens, pa.int32()),
         "target_token_ids": _per_position(ids, padded_lengths, tokens, pa.int32()),
         "target_logprobs": _per_position(logprobs, padded_lengths, tokens, pa.float32()),
         "target_mask": _per_position(mask, padded_lengths, tokens, pa.int8()),

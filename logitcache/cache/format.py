@@ -211,7 +211,13 @@ class WindowTargets:
 MAX_VALUES_PER_COLUMN = np.iinfo(np.int32).max  # Arrow list offsets are int32
 
 
-def _list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+def leading_mask(counts: np.ndarray, width: int) -> np.ndarray:
+    """``[B, width] bool``: the first ``counts[b]`` entries of each row, the rest (right padding) False."""
+    return np.arange(width)[None, :] < np.asarray(counts, dtype=np.int64)[:, None]
+
+
+def list_column(values: np.ndarray, row_lengths: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
+    """``values`` cut into consecutive Arrow lists of ``row_lengths [L]`` (summing to ``len(values)``)."""
     offsets = np.zeros(len(row_lengths) + 1, dtype=np.int64)
     np.cumsum(row_lengths, out=offsets[1:])
     if offsets[-1] != len(values):
@@ -238,7 +244,7 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
         """Column ``name`` as this version stores it: its type, log-probabilities rounded (v2) or float16 (v1)."""
         if name in LOGPROB_COLUMNS:
             values = values.astype(np.float16) if version == 1 else round_mantissa(values, metadata["logprob_mantissa_bits"][name])
-        return _list_column(values, row_lengths, schema.field(name).type.value_type)
+        return list_column(values, row_lengths, schema.field(name).type.value_type)
 
     b, n = targets.input_ids.shape
     tokens = targets.tokens()
@@ -246,7 +252,7 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     ids_per_window = targets.target_lengths.reshape(b, n - 1).sum(axis=1, dtype=np.int64)
     real_tokens = real_positions = slice(None)  # every row full: the arrays as they are
     if targets.token_counts is not None:
-        real_tokens = np.arange(n) < tokens[:, None]
+        real_tokens = leading_mask(tokens, n)
         real_positions = real_tokens[:, 1:]
 
     def per_position(name: str, values: np.ndarray) -> pa.ListArray:
@@ -254,9 +260,9 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
 
     columns = {
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
-        "input_ids": _list_column(targets.input_ids[real_tokens].reshape(-1), tokens, pa.int32()),
+        "input_ids": list_column(targets.input_ids[real_tokens].reshape(-1), tokens, pa.int32()),
         "target_lengths": per_position("target_lengths", targets.target_lengths),
-        "target_ids": _list_column(targets.target_ids, ids_per_window, pa.int32()),
+        "target_ids": list_column(targets.target_ids, ids_per_window, pa.int32()),
         "target_logprobs": stored("target_logprobs", targets.target_logprobs, ids_per_window),
     }
     if targets.method == "topk":
@@ -325,7 +331,7 @@ def from_table(table: pa.Table) -> WindowTargets:
     tokens = np.diff(offsets).astype(np.int64)
     n = int(tokens.max())
     full = bool((tokens == n).all())
-    real = None if full else np.arange(n) < tokens[:, None]
+    real = None if full else leading_mask(tokens, n)
 
     def rows(values: np.ndarray, width: int) -> np.ndarray:
         if full:

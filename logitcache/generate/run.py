@@ -82,14 +82,14 @@ def _settings_record(settings: GenerateSettings) -> dict:
     return {**record, "model_fingerprint": weights_fingerprint(settings.model)}  # which checkpoint answered
 
 
-def _check_resumable(settings: GenerateSettings) -> None:
-    """Refuse an ``--out`` that another generation, or something else, wrote."""
+def _check_resumable(settings: GenerateSettings, record: dict) -> None:
+    """Refuse an ``--out`` that another generation (other settings ``record``), or something else, wrote."""
     saved_path = settings_path(settings.out)
     if settings.out.exists() and not saved_path.exists():
         raise LogitcacheError(f"--out {settings.out} exists and was not written by `logitcache generate`; choose another file")
     if saved_path.exists():
         saved = json.loads(saved_path.read_text())
-        differ = [k for k, v in _settings_record(settings).items() if saved.get(k) != v]
+        differ = [k for k, v in record.items() if saved.get(k) != v]
         if differ:
             raise LogitcacheError(
                 f"--out {settings.out} was generated with other settings ({', '.join(differ)}); "
@@ -104,13 +104,14 @@ def run_generate(settings: GenerateSettings, on_progress: Callable[[int, int], N
     """
     settings.check()
     prompts = read_prompts(settings.prompts, settings.fields)
-    _check_resumable(settings)
+    settings_record = _settings_record(settings)  # hashes the model's weights: once a run
+    _check_resumable(settings, settings_record)
     model, renderer = load_generator(settings.model, settings.fields, settings.chat_template, settings.device, settings.dtype)
     start = resume_point(settings.out)
     todo = [(index, where, messages) for index, where, messages, _ in prompts if index >= start]
     batches = generate_responses(model, renderer, todo, settings.sampling, settings.batch_size)  # checks every prompt
     settings.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(settings_path(settings.out), _settings_record(settings))
+    write_json_atomic(settings_path(settings.out), settings_record)
     counts = {"prompts": len(prompts), "resumed_at": start, "written": 0, "empty": 0, "unfinished": 0}
     progress = on_progress or (lambda done, total: None)
     progress(len(prompts) - len(todo), len(prompts))

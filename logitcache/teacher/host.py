@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from logitcache.cache.format import WindowTargets
+from logitcache.cache.format import WindowTargets, leading_mask
 from logitcache.targets.rng import row_keys
 from logitcache.targets.rows import row_targets
 from logitcache.targets.spec import TargetSpec
@@ -39,7 +39,7 @@ def targets_from_hidden(
     pos = torch.arange(positions, device=hidden.device)[None, :].expand(b, positions)
     real = target_mask
     if real is None and token_counts is not None:
-        real = np.arange(positions)[None, :] < (np.asarray(token_counts, dtype=np.int64) - 1)[:, None]
+        real = leading_mask(np.asarray(token_counts) - 1, positions)
     if real is None:
         rows, labels = hidden.reshape(b * positions, -1), input_ids[:, 1:].reshape(-1)
         seq, pos = seq.reshape(-1), pos.reshape(-1)
@@ -126,7 +126,7 @@ class PendingTargets:
             return out
 
         if self.token_counts is not None:  # padding: input id 0, as the shard reader gives it back
-            input_ids = np.where(np.arange(positions + 1) < self.token_counts[:, None], input_ids, 0).astype(np.int32)
+            input_ids = np.where(leading_mask(self.token_counts, positions + 1), input_ids, 0).astype(np.int32)
         return WindowTargets(
             sequence_ids=self.sequence_ids,
             input_ids=input_ids,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from logitcache.cache.format import leading_mask
 from logitcache.cache.manifest import read_manifest
 from logitcache.chat import ChatStats, chat_rows, pad_examples
 from logitcache.corpus import Corpus, PackingStats, layout_rows, pad_rows, resolve_layout
@@ -246,7 +247,7 @@ def open_corpus(settings: TrainSettings, step_windows: int, world: World, lanes:
         layout = resolve_layout(tokenizer, settings.bos, settings.packing)
         rows = list(layout_rows(corpus.documents(), tokenizer, layout, settings.seq_len, PackingStats()))
         windows, counts = pad_rows(rows) if rows else (np.zeros((0, 2), dtype=np.int64), None)
-        mask = None if counts is None else np.arange(windows.shape[1] - 1)[None, :] < (counts - 1)[:, None]
+        mask = None if counts is None else leading_mask(counts - 1, windows.shape[1] - 1)
     else:  # SFT: cross-entropy on the assistant's (the response's) tokens only
         rows = list(chat_rows(corpus, tokenizer, settings.record_fields, settings.chat_template, settings.seq_len,
                               settings.too_long, ChatStats()))

@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -144,15 +145,14 @@ def task_prompts(settings: TrainSettings, data, world: World):
     """``--eval-prompts``: the renderer of the student's prompts and the prompts with their references (or None)."""
     if settings.eval_prompts is None:
         return None
-    from logitcache.chat import ChatRenderer, RecordFields
+    from logitcache.chat import ChatRenderer
     from logitcache.generate.tasks import read_references
 
     if world.size > 1:
         raise LogitcacheError("--eval-prompts runs in one process; score a multi-process run's student with `logitcache evaluate`")
     if data.tokenizer is None:
         raise LogitcacheError("--eval-prompts needs the student's tokenizer: pass --tokenizer DIR (the cache's teacher folder is gone)")
-    fields = RecordFields("chat" if settings.format == "text" else settings.format, settings.messages_field,
-                          settings.prompt_field, settings.response_field)
+    fields = settings.record_fields if settings.format != "text" else replace(settings.record_fields, format="chat")
     renderer = ChatRenderer(data.tokenizer, fields, settings.chat_template)
     return renderer, read_references(settings.eval_prompts, fields)
 
