@@ -19,6 +19,7 @@ packed windows with a block-diagonal mask (documents packed, position ids restar
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -172,17 +173,58 @@ def speed_table(args, work: Path) -> list[str]:
     return out
 
 
+def contexts_table(args, work: Path) -> list[str]:
+    """The BOS teacher's perplexity on the documents that fit a row: cached with the defaults, cached as a
+    BOS-less stream, and by plain transformers one document at a time (``tests/test_layout.py`` bounds these)."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.cache.summary import summarize
+    from logitcache.demo import write_corpus
+    from logitcache.teacher.folder import load_tokenizer
+
+    teacher, corpus = bos_teacher(args.work)
+    tok = load_tokenizer(teacher)
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    docs = [d for d in docs if len(tok(d)["input_ids"]) + 1 <= 64]
+    write_corpus(work / "short.jsonl", iter(docs))
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
+    nll = count = 0
+    with torch.inference_mode():
+        for doc in docs:
+            ids = torch.tensor([tok(doc)["input_ids"] + [tok.eos_token_id]])
+            logprobs = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])
+            nll, count = nll - float(logprobs.sum()), count + logprobs.numel()
+    out = [f"BOS teacher, {len(docs)} documents that fit 64 tokens with their BOS and EOS", "",
+           "| how the teacher saw them | perplexity | positions 0-31 | positions 32+ |", "|---|---:|---:|---:|",
+           f"| transformers, one document at a time | {math.exp(nll / count):.3f} | | |"]
+    for name, options in (("cache, defaults (`--bos auto --packing documents`)", {}),
+                          ("cache, `--bos never --packing stream`", {"bos": "never", "packing": "stream"})):
+        settings = BuildSettings(teacher=teacher, corpus=work / "short.jsonl", out=work / f"contexts-{len(out)}",
+                                 seq_len=64, overwrite=True, **options)
+        run_build(settings)
+        summary = summarize(settings.out)
+        buckets = summary["teacher_perplexity_by_position"]
+        out.append(f"| {name} | {summary['teacher_perplexity']:.3f} | {buckets.get('0-31', float('nan')):.2f} | "
+                   f"{buckets.get('32-255', float('nan')):.2f} |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     teacher_arguments(parser)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", choices=("storage", "speed"))
+    parser.add_argument("--only", choices=("storage", "speed", "contexts"))
     parser.add_argument("--bos-teacher", action="store_true",
                         help="use (and make under --work) tests/test_layout.py's BOS teacher instead of --teacher")
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only == "contexts":
+            print("\n".join(contexts_table(args, Path(tmp))), flush=True)
+            return
         if args.only != "speed":
             print("\n".join(storage_table(args, Path(tmp))), "\n", flush=True)
         if args.only != "storage":
