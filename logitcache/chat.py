@@ -20,6 +20,13 @@ text is tokenized once, and a token is the assistant's when its characters (the 
 mapping) overlap a span. Comparing token prefixes instead would break where BPE merges across a turn
 boundary; ``return_assistant_tokens_mask`` needs ``{% generation %}`` markers most templates lack.
 
+Generated records: a record of ``logitcache generate``'s output (it has ``response_ids`` and
+``response_logprobs``) is scored on the tokens the model drew, not on a re-tokenisation of its text
+(which BPE need not give back): the example is the prompt as generate rendered it (the messages before
+the last, with the generation prompt) followed by ``response_ids``. Only those response tokens get
+targets, and each carries the log-probability it was drawn with (``ChatExample.behavior_logprobs``),
+which on-policy losses importance-weight by; every other position's is NaN.
+
 Special tokens: what the template renders is what the teacher sees. The text is tokenized without the
 tokenizer's special tokens, and those the tokenizer adds around a text (a BOS, say) are added only
 where the rendered text does not already start (or end) with them, so a template that writes the BOS
@@ -67,13 +74,32 @@ class RecordFields:
 @dataclass(frozen=True)
 class ChatExample:
     """One rendered conversation: ``input_ids [n] int64`` and ``target_mask [n-1] bool`` (True at ``t``
-    when token ``t + 1`` is an assistant's)."""
+    when token ``t + 1`` is an assistant's); ``behavior_logprobs [n-1] float32`` for a generated record:
+    the log-probability token ``t + 1`` was drawn with, NaN where it was not drawn (None: not generated)."""
 
     input_ids: np.ndarray
     target_mask: np.ndarray
+    behavior_logprobs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def cut(self, max_len: int) -> ChatExample:
+        """The first ``max_len`` tokens."""
+        behavior = None if self.behavior_logprobs is None else self.behavior_logprobs[: max_len - 1]
+        return ChatExample(self.input_ids[:max_len], self.target_mask[: max_len - 1], behavior)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A generated response as drawn: its token ids ``[m] int64`` and the log-probability each was drawn
+    with ``[m] float32`` (``logitcache generate``'s ``response_ids`` and ``response_logprobs``)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+
+
+SAMPLED_FIELDS = ("response_ids", "response_logprobs")
 
 
 @dataclass
@@ -87,6 +113,7 @@ class ChatStats:
     tokens: int = 0
     dropped_tokens: int = 0  # cut off by truncation, or in skipped examples
     target_positions: int = 0
+    sampled: int = 0  # generated records, scored on their drawn tokens
 
 
 # ---- records → messages -----------------------------------------------------------------------
@@ -135,10 +162,29 @@ def conversation(record: dict, fields: RecordFields, where: str) -> list[Message
     return _messages(messages, where, fields.response_field)
 
 
+def sampled_response(record: dict, where: str) -> Sampled | None:
+    """The generated tokens of a record of ``logitcache generate``'s output, checked; None for any other record."""
+    if not any(name in record for name in SAMPLED_FIELDS):
+        return None
+    ids, logprobs = (_field(record, name, where, "logitcache generate") for name in SAMPLED_FIELDS)
+    if (not isinstance(ids, list) or not isinstance(logprobs, list) or len(ids) != len(logprobs) or not ids
+            or not all(isinstance(i, int) and i >= 0 for i in ids)
+            or not all(isinstance(x, (int, float)) and x <= 0 for x in logprobs)):
+        raise LogitcacheError(f"{where}: response_ids and response_logprobs must be lists of the same non-zero length, "
+                              "of token ids and of log-probabilities (<= 0)")
+    return Sampled(np.asarray(ids, dtype=np.int64), np.asarray(logprobs, dtype=np.float32))
+
+
 def read_conversations(corpus: Corpus, fields: RecordFields) -> Iterator[tuple[str, list[Message]]]:
     """Each record's place and checked messages, in the corpus order."""
+    for where, _, messages in read_chats(corpus, fields):
+        yield where, messages
+
+
+def read_chats(corpus: Corpus, fields: RecordFields) -> Iterator[tuple[str, dict, list[Message]]]:
+    """Each record's place, the record itself and its checked messages, in the corpus order."""
     for where, record in corpus.records():
-        yield where, conversation(record, fields, where)
+        yield where, record, conversation(record, fields, where)
 
 
 def split_reference(messages: list[Message], where: str) -> tuple[list[Message], str | None]:
@@ -244,10 +290,26 @@ class ChatRenderer:
                 spans.append((start, end))
         return spans
 
-    def example(self, messages: list[Message], where: str) -> ChatExample:
-        """``messages`` (with at least one assistant turn) as input ids and the assistant target mask."""
+    def sampled_example(self, messages: list[Message], sampled: Sampled, where: str) -> ChatExample:
+        """A generated record: the generation prompt of ``messages`` before the last (the response's) and the
+        drawn tokens ``sampled.ids``, targets and behaviour log-probabilities on those tokens only."""
+        if messages[-1]["role"] != "assistant":
+            raise LogitcacheError(f"{where}: a generated record must end with the assistant's response")
+        prompt = self.prompt_ids(split_reference(messages, where)[0], where)
+        n = len(prompt) + len(sampled.ids)
+        mask = np.zeros(n - 1, dtype=bool)
+        mask[len(prompt) - 1 :] = True
+        behavior = np.full(n - 1, np.nan, dtype=np.float32)
+        behavior[len(prompt) - 1 :] = sampled.logprobs
+        return ChatExample(np.concatenate([prompt, sampled.ids]), mask, behavior)
+
+    def example(self, messages: list[Message], where: str, sampled: Sampled | None = None) -> ChatExample:
+        """``messages`` (with at least one assistant turn) as input ids and the assistant target mask; a generated
+        record's (``sampled``) by :meth:`sampled_example`."""
         if not any(m["role"] == "assistant" for m in messages):
             raise LogitcacheError(f"{where}: no assistant turn (or response) to take targets from")
+        if sampled is not None:
+            return self.sampled_example(messages, sampled, where)
         text = self.render(messages, where)
         ids, offsets, before = self._tokens(text, with_after=True)
         starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)  # an empty span still has a place
@@ -258,17 +320,19 @@ class ChatRenderer:
         return ChatExample(np.asarray(ids, dtype=np.int64), assistant[1:])
 
     def examples(
-        self, conversations: Iterator[tuple[str, list[Message]]], max_len: int | None = None,
-        policy: str = "truncate", stats: ChatStats | None = None,
+        self, conversations: Iterator[tuple[str, list[Message]] | tuple[str, list[Message], Sampled | None]],
+        max_len: int | None = None, policy: str = "truncate", stats: ChatStats | None = None,
     ) -> Iterator[ChatExample]:
-        """The examples of ``conversations``; longer than ``max_len`` tokens: cut to ``max_len`` (``truncate``;
-        skipped if no target is left) or ``skip``ped. ``stats`` counts what happened."""
+        """The examples of ``conversations`` (``(place, messages)``, or ``(place, messages, sampled)`` for records
+        that may be generated); longer than ``max_len`` tokens: cut to ``max_len`` (``truncate``; skipped if no
+        target is left) or ``skip``ped. ``stats`` counts what happened."""
         if policy not in LENGTH_POLICIES:
             raise LogitcacheError(f"length policy {policy!r}: use one of {', '.join(LENGTH_POLICIES)}")
         stats = ChatStats() if stats is None else stats
-        for where, messages in conversations:
+        for where, messages, *sampled in conversations:
             stats.records += 1
-            example = self.example(messages, where)
+            example = self.example(messages, where, *sampled)
+            stats.sampled += example.behavior_logprobs is not None
             if max_len is not None and len(example.input_ids) > max_len:
                 if policy == "skip" or not example.target_mask[: max_len - 1].any():
                     stats.skipped += 1
@@ -276,7 +340,7 @@ class ChatRenderer:
                     continue
                 stats.truncated += 1
                 stats.dropped_tokens += len(example.input_ids) - max_len
-                example = ChatExample(example.input_ids[:max_len], example.target_mask[: max_len - 1])
+                example = example.cut(max_len)
             stats.examples += 1
             stats.tokens += len(example.input_ids)
             stats.target_positions += int(example.target_mask.sum())
@@ -288,7 +352,8 @@ def chat_rows(corpus: Corpus, tokenizer, fields: RecordFields, template_file: Pa
     """Every record of ``corpus`` as a :class:`ChatExample` of at most ``max_len`` tokens (a row of a
     build or of ``train --corpus``); ``stats`` counts what happened."""
     renderer = ChatRenderer(tokenizer, fields, template_file)
-    return renderer.examples(read_conversations(corpus, fields), max_len, policy, stats)
+    conversations = ((where, messages, sampled_response(record, where)) for where, record, messages in read_chats(corpus, fields))
+    return renderer.examples(conversations, max_len, policy, stats)
 
 
 def pad_examples(examples: list[ChatExample]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -299,3 +364,14 @@ def pad_examples(examples: list[ChatExample]) -> tuple[np.ndarray, np.ndarray, n
     mask = np.zeros((len(examples), ids.shape[1] - 1), dtype=bool)
     mask[leading_mask(counts - 1, mask.shape[1])] = np.concatenate([e.target_mask for e in examples])
     return ids, counts, mask
+
+
+def pad_behavior(examples: list[ChatExample]) -> np.ndarray:
+    """The behaviour log-probabilities of ``examples`` right-padded to the longest: ``[B, n-1] float32``,
+    NaN where a token was not drawn (padding, prompts, examples that were not generated)."""
+    n = max(len(e) for e in examples)
+    out = np.full((len(examples), n - 1), np.nan, dtype=np.float32)
+    for row, example in enumerate(examples):
+        if example.behavior_logprobs is not None:
+            out[row, : len(example) - 1] = example.behavior_logprobs
+    return out

@@ -70,19 +70,32 @@ def all_targets(cache: Path) -> WindowTargets:
 def as_v1(cache: Path, out: Path) -> Path:
     """A copy of ``cache`` in shard format v1 (float16 log-probabilities, uint16 counts, no BYTE_STREAM_SPLIT), as
     logitcache wrote before format v2: the v1 caches users hold, for the tests of reading and converting them."""
-    from logitcache.cache.format import shard_metadata, write_shard
+    return as_version(cache, out, 1)
+
+
+def as_version(cache: Path, out: Path, version: int) -> Path:
+    """A copy of ``cache`` in the older shard format ``version`` (1 or 2), as logitcache wrote it then (v2: no
+    behavior_logprob column)."""
+    from dataclasses import replace
+
+    from logitcache.cache.format import BEHAVIOR_COLUMN, shard_metadata, write_shard
     from logitcache.cache.manifest import write_manifest
     from logitcache.files import sha256_file
 
     out.mkdir(parents=True)
     manifest = read_manifest(cache)
     for entry in manifest["shards"]:
-        meta = {key: value for key, value in shard_metadata(cache / entry["file"]).items()
-                if key not in ("logprob_mantissa_bits", "layout", "tokens")}  # keys v1 shards did not have
-        write_shard(out / entry["file"], read_shard(cache / entry["file"]), {**meta, "format_version": 1})
+        meta = shard_metadata(cache / entry["file"])
+        if version == 1:  # keys v1 shards did not have
+            meta = {key: value for key, value in meta.items() if key not in ("logprob_mantissa_bits", "layout", "tokens")}
+        else:
+            meta["logprob_mantissa_bits"].pop(BEHAVIOR_COLUMN, None)
+        targets = replace(read_shard(cache / entry["file"]), behavior_logprob=None)
+        write_shard(out / entry["file"], targets, {**meta, "format_version": version})
         entry.update(bytes=(out / entry["file"]).stat().st_size, sha256=sha256_file(out / entry["file"]))
     manifest["totals"]["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
-    write_manifest(out, {**{k: v for k, v in manifest.items() if k != "layout"}, "format_version": 1})
+    older = {k: v for k, v in manifest.items() if k != "layout" or version > 1}
+    write_manifest(out, {**older, "format_version": version})
     return out
 
 

@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-from conftest import as_v1, build_cache, run_cli
+from conftest import as_version, build_cache, run_cli
 
-from logitcache.cache.format import read_shard
+from logitcache.cache.format import FORMAT_VERSION, read_shard
 from logitcache.cache.manifest import read_manifest
 from logitcache.cache.summary import summarize
 from logitcache.cache.validate import validate_cache
@@ -151,20 +151,22 @@ def test_round_mantissa_rounds_once_to_nearest():
     assert special[0] == -np.inf and special[1] == 0.0 and np.isnan(special[2]) and special[3] == -np.finfo(np.float32).max
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("cache_name", ["topk_cache", "sample_cache"])
-def test_v1_caches_are_read_validated_and_inspected(cache_name, request, tmp_path):
-    """A v1 copy of a v2 cache: the same targets (float16 holds every v2 value of its range), sound, the same summary."""
+def test_older_caches_are_read_validated_and_inspected(cache_name, version, request, tmp_path):
+    """A v1 (v2) copy of a current cache: the same targets (float16 holds every value of its range), sound, the same summary."""
     cache = request.getfixturevalue(cache_name)
-    old = as_v1(cache, tmp_path / "v1")
-    assert read_manifest(old)["format_version"] == 1 and validate_cache(old) == []
+    old = as_version(cache, tmp_path / "old", version)
+    assert read_manifest(old)["format_version"] == version and validate_cache(old) == []
     for entry in read_manifest(old)["shards"]:
         new, v1 = read_shard(cache / entry["file"]), read_shard(old / entry["file"])
         assert v1.target_logprobs.dtype == np.float32 and np.array_equal(v1.target_ids, new.target_ids)
         assert np.array_equal(v1.target_logprobs, new.target_logprobs)  # v2 keeps at most float16's 10 bits
         assert np.array_equal(v1.gold_logprob, new.gold_logprob)
     assert summarize(old)["teacher_perplexity"] == summarize(cache)["teacher_perplexity"]
-    assert summarize(old)["bytes"] != summarize(cache)["bytes"]
-    # A v1 shard slipped into the v2 cache is named, not decoded as if it were v2.
+    if version == 1:  # float16 columns; v2 text shards differ from v3's in their metadata alone
+        assert summarize(old)["bytes"] != summarize(cache)["bytes"]
+    # An older shard slipped into a current cache is named, not decoded as if it were current.
     import shutil
 
     from logitcache.cache.manifest import write_manifest
@@ -178,7 +180,7 @@ def test_v1_caches_are_read_validated_and_inspected(cache_name, request, tmp_pat
     manifest["shards"][0].update(sha256=sha256_file(shard), bytes=shard.stat().st_size)
     manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
     write_manifest(mixed, manifest)
-    assert validate_cache(mixed) == ["shard-00000.parquet: shard format v1 in a v2 cache"]
+    assert validate_cache(mixed) == [f"shard-00000.parquet: shard format v{version} in a v{FORMAT_VERSION} cache"]
 
 
 def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
@@ -187,12 +189,12 @@ def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
 
     from logitcache.cache.format import FORMAT_VERSION, shard_metadata
 
-    assert FORMAT_VERSION == 2
+    assert FORMAT_VERSION == 3
     for cache in (topk_cache, sample_cache):
         shard = cache / "shard-00000.parquet"
         types = {field.name: field.type for field in pq.read_schema(shard)}
         assert not any(pa.types.is_float16(t.value_type) for t in types.values() if pa.types.is_list(t))
-        assert shard_metadata(shard)["format_version"] == 2
+        assert shard_metadata(shard)["format_version"] == FORMAT_VERSION
         chunk = pq.ParquetFile(shard).metadata.row_group(0)
         encodings = {chunk.column(c).path_in_schema.split(".")[0]: chunk.column(c).encodings for c in range(chunk.num_columns)}
         assert "BYTE_STREAM_SPLIT" in encodings["target_logprobs"] and "BYTE_STREAM_SPLIT" in encodings["gold_logprob"]

@@ -319,8 +319,19 @@ def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat
     cache = tmp_path / "round-0" / "cache"
     manifest = build_cache(teacher_dir, generated, cache, method="sample", samples=8, format="chat", chat_template=template,
                            seq_len=128, packing="documents")
-    answers = [json.loads(line)["messages"][-1] for line in generated.read_text().splitlines()]
+    records = [json.loads(line) for line in generated.read_text().splitlines()]
+    answers = [r["messages"][-1] for r in records]
     assert all(a["role"] == "assistant" for a in answers) and manifest["corpus"]["examples"] == len(answers)
+    # the teacher scored the tokens the student drew, and each carries the log-probability it was drawn with
+    assert manifest["corpus"]["sampled"] == len(records)
+    stored = all_targets(cache)
+    for row, record in enumerate(records):
+        n, drawn = int(stored.tokens()[row]), np.asarray(record["response_ids"])
+        assert np.array_equal(stored.input_ids[row, n - len(drawn) : n], drawn)
+        behavior = stored.behavior_logprob[row, : n - 1]
+        assert np.isnan(behavior[: n - 1 - len(drawn)]).all()
+        np.testing.assert_allclose(behavior[n - 1 - len(drawn) :], record["response_logprobs"], rtol=2.0**-10, atol=1e-6)
+        assert (stored.target_lengths[row, : n - 1] > 0).tolist() == np.isfinite(behavior).tolist()
     from logitcache.teacher.folder import weights_fingerprint  # the round's cache names the student that answered
 
     import jsonschema

@@ -26,7 +26,7 @@ from logitcache.cache.format import (
 from logitcache.cache.layout import shard_name
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
-SHARD_SPECS = {version: json.loads((SCHEMAS / f"shard-v{version}.arrow.json").read_text()) for version in (1, 2)}
+SHARD_SPECS = {version: json.loads((SCHEMAS / f"shard-v{version}.arrow.json").read_text()) for version in (1, 2, 3)}
 SHARD_SPEC = SHARD_SPECS[FORMAT_VERSION]
 MANIFEST_SCHEMA = json.loads((SCHEMAS / "manifest.schema.json").read_text())
 PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "float16": pa.float16(),
@@ -40,30 +40,38 @@ def arrow_type(name: str, element_nullable: bool) -> pa.DataType:
     return PRIMITIVES[name]
 
 
-def published_schema(method: str, version: int = FORMAT_VERSION, type_key: str = "type") -> pa.Schema:
-    """The schema a published spec gives; ``type_key`` picks a field's alternative type where it has one."""
+def published_schema(method: str, version: int = FORMAT_VERSION, type_key: str = "type", optional: bool = False) -> pa.Schema:
+    """The schema a published spec gives; ``type_key`` picks a field's alternative type where it has one;
+    ``optional``: with the spec's optional columns (v3: a chat cache's behavior_logprob), last."""
     spec = SHARD_SPECS[version]
     fields = spec["fields"]
+    names = [*spec["methods"][method], *(spec.get("optional_columns", {}) if optional else ())]
     return pa.schema(
         pa.field(name, arrow_type(fields[name].get(type_key, fields[name]["type"]), fields[name].get("element_nullable", True)),
                  nullable=fields[name]["nullable"])
-        for name in spec["methods"][method]
+        for name in names
     )
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_published_shard_schema_equals_the_writers(method, version):
     # Names, order, types, column and element nullability; v2 counts are uint8 up to N = 255.
     assert published_schema(method, version).equals(shard_schema(method, version, samples=50), check_metadata=True)
     assert published_schema(method, version, "type_above_255_samples").equals(
         shard_schema(method, version, samples=256), check_metadata=True)
+    if version >= 3:  # a chat cache's shards: the optional behavior_logprob last
+        assert published_schema(method, version, optional=True).equals(
+            shard_schema(method, version, samples=50, behavior=True), check_metadata=True)
+    else:
+        assert "optional_columns" not in SHARD_SPECS[version]
 
 
 def test_published_shard_spec_matches_the_writers_constants():
     assert SHARD_SPEC["format_version"] == FORMAT_VERSION
     assert set(SHARD_SPEC["methods"]) == set(METHODS)
-    assert set(SHARD_SPEC["fields"]) == {name for names in SHARD_SPEC["methods"].values() for name in names}
+    assert set(SHARD_SPEC["fields"]) == {name for names in SHARD_SPEC["methods"].values() for name in names} | set(
+        SHARD_SPEC["optional_columns"])
     assert list(SHARD_SPEC["metadata"]) == [METADATA_KEY.decode()]
     parquet = SHARD_SPEC["parquet"]
     assert (parquet["row_group_rows"], parquet["compression_level"]) == (ROW_GROUP_ROWS, ZSTD_LEVEL)

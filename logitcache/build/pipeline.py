@@ -13,7 +13,7 @@ from threading import Event, Thread
 
 import numpy as np
 
-from logitcache.chat import ChatExample, pad_examples
+from logitcache.chat import ChatExample, pad_behavior, pad_examples
 from logitcache.corpus import pad_rows
 from logitcache.targets.spec import TargetSpec
 
@@ -142,6 +142,13 @@ def batch_of(rows: list) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | No
     if isinstance(rows[0], ChatExample):
         return pad_examples(rows)
     return (*pad_rows(rows), None)
+
+
+def behavior_of(rows: list) -> np.ndarray | None:
+    """The behaviour log-probabilities of a batch of rows as :func:`batch_of` pads them, ``[B, n-1] float32``
+    (NaN where a token was not drawn by a recorded sampler): for chat rows, which shard format v3 stores them
+    for; None for text rows."""
+    return pad_behavior(rows) if isinstance(rows[0], ChatExample) else None
 
 
 def queue_batch(teacher, batch: np.ndarray, sequence_ids: np.ndarray, spec: TargetSpec, host: ThreadPoolExecutor,

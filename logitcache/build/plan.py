@@ -61,7 +61,7 @@ class Plan:
             about["generated_by"] = {key: saved.get(key) for key in GENERATED_BY}
         return {**about, "documents": chat.records, "tokens": chat.tokens, "dropped_tokens": chat.dropped_tokens, "records": self.identity["records"],
                 "examples": chat.examples, "truncated": chat.truncated, "skipped": chat.skipped,
-                "target_positions": chat.target_positions}
+                "target_positions": chat.target_positions, "sampled": chat.sampled}
 
     def _header(self) -> dict:
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "logitcache_version": __version__}

@@ -19,11 +19,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from logitcache.build.pipeline import IN_FLIGHT, background, batch_of, cpu_streams, frozen_heap, pieces_of, queue_batch
+from logitcache.build.pipeline import IN_FLIGHT, background, batch_of, behavior_of, cpu_streams, frozen_heap, pieces_of, queue_batch
 from logitcache.build.plan import Plan, plan_build
 from logitcache.build.settings import BuildSettings
 from logitcache.cache.format import WindowTargets, shard_metadata, write_shard
@@ -156,9 +157,10 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
                 todo = not _shard_complete(path, plan)
             if todo:
                 batch, token_counts, target_mask = batch_of(part)
-                batches.append(queue_batch(teacher, batch, first_id + places, settings.spec, host, streams, token_counts,
-                                           target_mask))
-                in_flight.append(batches[-1])
+                computed = queue_batch(teacher, batch, first_id + places, settings.spec, host, streams, token_counts,
+                                       target_mask)
+                batches.append((computed, behavior_of(part)))
+                in_flight.append(computed)
                 if len(in_flight) > IN_FLIGHT:
                     in_flight.popleft().result()
             rows += len(part)
@@ -179,8 +181,9 @@ def run_build(settings: BuildSettings, on_windows: Callable[[int], None] | None 
     return _finish(settings, plan, shards)
 
 
-def _write_shard(path: Path, batches: list[Future], metadata: dict) -> None:
-    targets = WindowTargets.concat([f.result() for f in batches])
+def _write_shard(path: Path, batches: list[tuple[Future, np.ndarray | None]], metadata: dict) -> None:
+    """The teacher's targets of ``batches`` (each with the rows' behaviour log-probabilities, or None) as shard ``path``."""
+    targets = WindowTargets.concat([replace(f.result(), behavior_logprob=behavior) for f, behavior in batches])
     targets = targets.select(np.argsort(targets.sequence_ids, kind="stable"))  # batched by length: back in order
     check_finite(targets)
     write_shard(path, targets, {**metadata, "target_entries": len(targets.target_ids),

@@ -1,21 +1,25 @@
-"""``logitcache convert``: rewrite a v1 cache (float16 log-probabilities) as shard format v2, shard by shard.
+"""``logitcache convert``: rewrite an older cache (v1: float16 log-probabilities; v2) in the current shard format, shard by shard.
 
 Crash safety is a build's: every shard is written under a temporary name and renamed into place,
 ``build.json`` marks the destination as holding this conversion (its fingerprint) while it runs, and
 ``manifest.json`` comes last. Re-running the same conversion keeps the shards already converted and
 writes the rest. The targets are exactly the source's: every float16 is a float32, and a v1 value has
 no more mantissa bits than v2 keeps (10; a sample cache's ``params.logprob_bits``, which v1 applied too).
+A v2 cache of a chat corpus gains v3's ``behavior_logprob`` column, all NaN: no token of it was recorded as
+drawn by a sampler (v2 did not keep the records' ``response_logprobs``; rebuild to have them).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from logitcache.cache.format import FORMAT_VERSION, read_shard, shard_metadata, write_shard
+from logitcache.cache.format import FORMAT_VERSION, has_behavior, read_shard, shard_metadata, write_shard
 from logitcache.cache.layout import BUILD_MARKER, MANIFEST_NAME
 from logitcache.cache.manifest import cache_layout, check_complete, fingerprint, read_manifest, write_manifest
 from logitcache.errors import LogitcacheError
@@ -66,13 +70,15 @@ def _convert_shard(src: Path, dst: Path, entry: dict, build_fingerprint: str, la
             "layout": layout}
     try:
         targets = read_shard(source)
+        if has_behavior(FORMAT_VERSION, layout["format"]) and targets.behavior_logprob is None:
+            targets = replace(targets, behavior_logprob=np.full(targets.gold_logprob.shape, np.nan, dtype=np.float32))
         write_shard(dst / entry["file"], targets, {**meta, "tokens": int(targets.tokens().sum())})
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise LogitcacheError(f"{source}: cannot be converted ({exc}); `logitcache validate` says more") from exc
 
 
 def convert_cache(src: Path, dst: Path, on_shard: Callable[[int], None] | None = None) -> dict:
-    """Write the v1 cache ``src`` as a cache of the current format at ``dst`` (or finish an interrupted
+    """Write the older cache ``src`` as a cache of the current format at ``dst`` (or finish an interrupted
     conversion there) and return its manifest. ``on_shard(i)`` is called as shard ``i`` is done or found done."""
     src, dst = Path(src), Path(dst)
     source = _check_source(src, dst)

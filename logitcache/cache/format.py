@@ -1,4 +1,4 @@
-"""Shard format v2 (and v1, still read): one Parquet row per window, fixed Arrow schema per method, zstd.
+"""Shard format v3 (v1 and v2 still read): one Parquet row per window, fixed Arrow schema per method, zstd.
 
 A row of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's distribution
 over token ``t + 1``. Per-id columns are flat and position-major: the ids of position 0 come
@@ -14,6 +14,12 @@ Format v2 differs from v1 in two ways:
   and BYTE_STREAM_SPLIT-encoded, so that the zeroed low bytes cost nearly nothing; v1 stored float16.
   In memory (:class:`WindowTargets`) log-probabilities are float32 whatever the version: only
   :func:`to_table` and :func:`decode_logprobs` know the difference.
+
+Format v3 adds one per-position column to the caches of chat and prompt-response corpora
+(:func:`has_behavior`): ``behavior_logprob[t]``, the log-probability with which the model that generated
+the response drew token ``t + 1`` (``logitcache generate``'s ``response_logprobs``), NaN where the token
+was not drawn by a recorded sampler (the prompt, the template's text, a reference answer). On-policy
+losses importance-weight stale samples with it. Everything else is v2's.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_atomic
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
-READABLE_VERSIONS = (1, 2)  # v1 caches are read as they are, or rewritten by `logitcache convert`
+READABLE_VERSIONS = (1, 2, 3)  # older caches are read as they are, or rewritten by `logitcache convert`
 
 
 METADATA_KEY = b"logitcache"
@@ -63,7 +69,10 @@ MAX_IDS_PER_POSITION = np.iinfo(np.uint16).max
 MAX_VOCAB = np.iinfo(np.int32).max
 
 
-LOGPROB_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob")
+BEHAVIOR_COLUMN = "behavior_logprob"
+
+
+LOGPROB_COLUMNS = ("target_logprobs", "tail_logprob", "gold_logprob", BEHAVIOR_COLUMN)
 
 
 # Mantissa bits every v2 log-probability column keeps but a sample cache's target_logprobs, which keeps
@@ -83,15 +92,22 @@ def logprob_bits(method: str, params: dict) -> dict[str, int]:
     return bits
 
 
+def has_behavior(version: int, corpus_format: str) -> bool:
+    """Whether shards of format ``version`` built from a ``corpus_format`` corpus (the manifest's
+    ``layout.format``) carry :data:`BEHAVIOR_COLUMN`: v3 caches of chat and prompt-response corpora."""
+    return version >= 3 and corpus_format != "text"
+
+
 def count_type(samples: int) -> pa.DataType:
     """The narrowest unsigned type that holds a draw count of ``samples`` draws."""
     return pa.uint8() if samples <= np.iinfo(np.uint8).max else pa.uint16()
 
 
-def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None = None) -> pa.Schema:
+def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None = None, behavior: bool = False) -> pa.Schema:
     """The Arrow schema every shard of ``method`` is written with in format ``version`` (metadata aside).
 
-    ``samples`` (sample caches, v2): N, which picks the count type.
+    ``samples`` (sample caches, v2 on): N, which picks the count type. ``behavior`` (v3 on): the shards
+    carry :data:`BEHAVIOR_COLUMN` (see :func:`has_behavior`).
     """
     if method not in METHODS:
         raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -100,6 +116,8 @@ def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None
     logprob = pa.float16() if version == 1 else pa.float32()
     counts = pa.uint16() if version == 1 else count_type(samples or MAX_IDS_PER_POSITION)
     field = lambda name, kind: pa.field(name, pa.list_(kind), nullable=False)  # noqa: E731
+    if behavior and version < 3:
+        raise LogitcacheError(f"format version {version} has no {BEHAVIOR_COLUMN} column (v3 on)")
     own = field("tail_logprob", logprob) if method == "topk" else field("target_counts", counts)
     return pa.schema([
         pa.field("sequence_id", pa.int64(), nullable=False),
@@ -109,6 +127,7 @@ def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None
         field("target_logprobs", logprob),
         own,
         field("gold_logprob", logprob),
+        *([field(BEHAVIOR_COLUMN, logprob)] if behavior else []),
     ])
 
 
@@ -145,6 +164,7 @@ class WindowTargets:
     tail_logprob: np.ndarray | None = None  # [B, n-1] float32 (topk)
     target_counts: np.ndarray | None = None  # [S] uint8 or uint16 (sample)
     token_counts: np.ndarray | None = None  # [B] int64 tokens of each row; None: every row has n
+    behavior_logprob: np.ndarray | None = None  # [B, n-1] float32, NaN where not sampled (v3 chat caches)
 
     @property
     def method(self) -> str:
@@ -169,7 +189,8 @@ class WindowTargets:
             return None if rows is None else np.pad(rows, ((0, 0), (0, extra)))
 
         return replace(self, input_ids=pad(self.input_ids), target_lengths=pad(self.target_lengths),
-                       gold_logprob=pad(self.gold_logprob), tail_logprob=pad(self.tail_logprob), token_counts=self.tokens())
+                       gold_logprob=pad(self.gold_logprob), tail_logprob=pad(self.tail_logprob), token_counts=self.tokens(),
+                       behavior_logprob=pad(self.behavior_logprob))
 
     def select(self, rows: np.ndarray) -> WindowTargets:
         """Rows ``rows [R] int64`` (in that order), per-id arrays gathered to match."""
@@ -189,6 +210,7 @@ class WindowTargets:
             target_ids=take("target_ids", entries), target_logprobs=take("target_logprobs", entries),
             gold_logprob=self.gold_logprob[rows], tail_logprob=take("tail_logprob", rows),
             target_counts=take("target_counts", entries), token_counts=take("token_counts", rows),
+            behavior_logprob=take("behavior_logprob", rows),
         )
 
     @staticmethod
@@ -236,9 +258,12 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     bits its log-probabilities keep."""
     metadata = {"format_version": FORMAT_VERSION, **metadata}
     version = metadata["format_version"]
+    behavior = targets.behavior_logprob is not None
     if version >= 2:
         metadata["logprob_mantissa_bits"] = logprob_bits(targets.method, metadata.get("params", {}))
-    schema = shard_schema(targets.method, version, metadata.get("params", {}).get("samples"))
+        if behavior:
+            metadata["logprob_mantissa_bits"][BEHAVIOR_COLUMN] = LOGPROB_BITS
+    schema = shard_schema(targets.method, version, metadata.get("params", {}).get("samples"), behavior)
 
     def stored(name: str, values: np.ndarray, row_lengths: np.ndarray) -> pa.ListArray:
         """Column ``name`` as this version stores it: its type, log-probabilities rounded (v2) or float16 (v1)."""
@@ -270,6 +295,8 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     else:
         columns["target_counts"] = stored("target_counts", targets.target_counts, ids_per_window)
     columns["gold_logprob"] = per_position("gold_logprob", targets.gold_logprob)
+    if behavior:
+        columns[BEHAVIOR_COLUMN] = per_position(BEHAVIOR_COLUMN, targets.behavior_logprob)
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
@@ -357,6 +384,7 @@ def from_table(table: pa.Table) -> WindowTargets:
         tail_logprob=per_position("tail_logprob"),
         target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,
         token_counts=None if full else tokens,
+        behavior_logprob=per_position(BEHAVIOR_COLUMN),
     )
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from logitcache.cache.format import from_table, shard_metadata, shard_schema
+from logitcache.cache.format import from_table, has_behavior, shard_metadata, shard_schema
 from logitcache.cache.layout import SHARD_PATTERN
 from logitcache.cache.manifest import cache_layout, check_complete, read_manifest
 from logitcache.errors import LogitcacheError
@@ -34,6 +34,8 @@ def _check_rows(name: str, targets, manifest: dict) -> list[str]:
         values = getattr(targets, column)
         if values is not None and np.isnan(values).any():
             problems.append(f"{name}: {column} holds NaN (a teacher whose logits overflowed); rebuild this cache")
+    if targets.behavior_logprob is not None and (targets.behavior_logprob > 0).any():
+        problems.append(f"{name}: behavior_logprob holds values above 0, which are not log-probabilities")
     if targets.target_counts is not None:
         lengths = targets.target_lengths.reshape(-1).astype(np.int64)
         lengths = lengths[lengths > 0]  # padding and positions without targets hold no counts
@@ -68,7 +70,8 @@ def _check_shard(cache_dir: Path, entry: dict, manifest: dict, deep: bool) -> li
     if meta.get("format_version") != version:
         problems.append(f"{name}: shard format v{meta.get('format_version')} in a v{version} cache")
         return problems
-    if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"], version, manifest["params"].get("samples"))):
+    behavior = has_behavior(version, cache_layout(manifest)["format"])
+    if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"], version, manifest["params"].get("samples"), behavior)):
         problems.append(f"{name}: schema differs from shard format v{version} for method {manifest['method']}")
         return problems
     rows = parquet.metadata.num_rows

@@ -81,7 +81,9 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
     ``target_logprobs`` and ``target_weights [B, P, K]`` float32 (0 at padding);
     ``tail_logprob``, ``gold_logprob [B, P]`` float32 and ``position_mask [B, P]`` bool
     (a position counts when it has stored ids), ``token_counts [B]`` int64 (each row's tokens; the
-    rest is right padding). ``K`` is the widest position in the batch.
+    rest is right padding). ``K`` is the widest position in the batch. A cache with behaviour
+    log-probabilities (format v3, chat corpora) adds ``behavior_logprob [B, P]`` float32 (NaN where the
+    token was not drawn by a recorded sampler).
     """
     batch = WindowTargets.concat(list(samples))
     lengths = batch.target_lengths
@@ -112,6 +114,8 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
         "position_mask": lengths > 0,
         "token_counts": batch.tokens().astype(np.int64),
     }
+    if batch.behavior_logprob is not None:
+        dense["behavior_logprob"] = batch.behavior_logprob.astype(np.float32)
     return {name: torch.from_numpy(array) for name, array in dense.items()}
 
 

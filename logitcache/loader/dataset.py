@@ -101,6 +101,7 @@ class _Unit:
             tail_logprob=None if t.tail_logprob is None else t.tail_logprob[per_window],
             target_counts=None if t.target_counts is None else t.target_counts[lo:hi],
             token_counts=None if t.token_counts is None else t.token_counts[per_window],
+            behavior_logprob=None if t.behavior_logprob is None else t.behavior_logprob[per_window],
         )
 
 
