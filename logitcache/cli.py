@@ -338,7 +338,8 @@ def train(
         help="Distil from this cache folder (written by `logitcache build`).")] = TRAIN["cache"],
     loss: Annotated[Optional[str], typer.Option(
         help="Loss with --cache: ce, rs-kd, topk-renorm, topk-ghost, kl, "
-             "reverse-kl, skew-kl, skew-reverse-kl, gkd-jsd, bild, rlkd (--corpus: ce).")] = TRAIN["loss"],
+             "reverse-kl, skew-kl, skew-reverse-kl, gkd-jsd, minillm (a cache of generated responses), bild, rlkd "
+             "(--corpus: ce).")] = TRAIN["loss"],
     corpus: Annotated[Optional[Path], typer.Option(
         help="Instead of --cache: train with cross-entropy on this "
              "text corpus (held in memory; for small corpora).")] = TRAIN["corpus"],
@@ -382,6 +383,9 @@ def train(
     jsd_beta: Annotated[Optional[float], typer.Option(
         help="gkd-jsd: beta of GKD's generalised JSD, in (0, 1) (default 0.5; toward 0 forward KL, toward 1 "
              "reverse KL).")] = TRAIN["jsd_beta"],
+    pg_clip: Annotated[Optional[float], typer.Option(
+        help="minillm: importance ratios of stale samples are clipped to 1 +- this, as PPO does, in (0, 1) "
+             "(default 0.2).")] = TRAIN["pg_clip"],
     loss_k: Annotated[Optional[int], typer.Option(
         help="Top-k of bild (logit differences among the top k; default 8) "
              "and rlkd (rank term over the union of both top k; default 15).")] = TRAIN["loss_k"],

@@ -301,7 +301,7 @@ def test_sft_on_a_chat_corpus_counts_only_the_assistant_tokens(teacher_dir, chat
     assert 0 <= metrics["eval_task_exact_match"] <= 1 and 0 <= metrics["eval_task_rouge_l"] <= 1
 
 
-def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat_corpus, tmp_path):
+def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat_corpus, topk_cache, tmp_path):
     """README's on-policy round: generate with the student, build a chat cache of its answers with the teacher,
     train the student from its own weights on it (here with GKD's JSD)."""
     from logitcache.generate.run import run_generate
@@ -346,3 +346,11 @@ def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat
                                       init_from=teacher_dir, student=None, steps=2, batch_size=2, eval_every=2,
                                       eval_windows=2, save_every=0, device="cpu"))  # 6 rows: 2 held out, 4 trained on
     assert math.isfinite(metrics["loss"]) and (tmp_path / "round-0" / "student" / "student" / "config.json").is_file()
+    # MiniLLM's policy gradient reads the sampling log-probabilities the cache keeps; a cache without them is refused
+    pg = run_train(TrainSettings(out=tmp_path / "round-0" / "minillm", cache=cache, loss="minillm", pg_clip=0.2,
+                                 init_from=teacher_dir, student=None, steps=2, batch_size=2, eval_every=2, eval_windows=2,
+                                 save_every=0, device="cpu"))
+    assert math.isfinite(pg["loss"])
+    with pytest.raises(LogitcacheError, match="minillm needs"):
+        run_train(TrainSettings(out=tmp_path / "text-minillm", cache=topk_cache, loss="minillm", init_from=teacher_dir,
+                                student=None, steps=1, device="cpu"))

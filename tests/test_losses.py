@@ -46,14 +46,19 @@ def sparse_batch(
     ids = ids.where(mask, 0)
     b, p = teacher.shape[:2]
     g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, teacher.shape[-1], (b, p), generator=g)
+    # as if a student had drawn the labels: each with the log-probability it was drawn with, the first not drawn
+    behavior = torch.log(0.05 + 0.9 * torch.rand(b, p, generator=g))
+    behavior[:, 0] = math.nan
     return {
-        "labels": torch.randint(0, teacher.shape[-1], (b, p), generator=g),
+        "labels": labels,
         "target_ids": ids,
         "target_mask": mask,
         "target_logprobs": teacher.gather(-1, ids).where(mask, 0.0),
         "target_weights": weights.gather(-1, ids).where(mask, 0.0),
         "tail_logprob": teacher.masked_fill(keep, -math.inf).logsumexp(-1),
-        "gold_logprob": teacher.gather(-1, ids[..., :1]).squeeze(-1),
+        "gold_logprob": teacher.gather(-1, labels[..., None]).squeeze(-1),
+        "behavior_logprob": behavior,
         "position_mask": torch.ones(b, p, dtype=torch.bool) if position_mask is None else position_mask,
     }
 
@@ -184,8 +189,8 @@ def reference_loss(reference, logits: Tensor, batch: dict[str, Tensor], teacher:
 
 def test_registry_names_and_unknown_name_lists_choices() -> None:
     assert list(LOSSES) == [
-        "ce", "rs-kd", "topk-renorm", "topk-ghost", "kl", "reverse-kl", "skew-kl", "skew-reverse-kl", "gkd-jsd", "bild",
-        "rlkd",
+        "ce", "rs-kd", "topk-renorm", "topk-ghost", "kl", "reverse-kl", "skew-kl", "skew-reverse-kl", "gkd-jsd", "minillm",
+        "bild", "rlkd",
     ]
     with pytest.raises(LogitcacheError, match="skew-reverse-kl"):
         get_loss("forward-kl")
@@ -200,6 +205,8 @@ def test_registry_names_and_unknown_name_lists_choices() -> None:
         ("skew-kl", {"skew": 0.0}, "skew"),
         ("gkd-jsd", {"beta": 1.0}, "jsd-beta"),
         ("gkd-jsd", {"temperature": 2.0}, "no temperature"),
+        ("minillm", {"clip": 1.0}, "pg-clip"),
+        ("minillm", {"temperature": 2.0}, "no temperature"),
         ("rlkd", {"base": "bild"}, "choose one of"),
         ("rlkd", {"base": "reverse-kl", "temperature": 2.0}, "no temperature"),
     ],
@@ -493,6 +500,90 @@ def test_rlkd_rank_term_vanishes_when_student_logits_are_teacher_logprobs_plus_c
     torch.testing.assert_close(rlkd, kl, rtol=0.0, atol=1e-5)  # the rank term is 0
     if k == V:
         assert abs(rlkd.item()) < 1e-5  # and so is KL against the whole teacher
+
+
+# ---- MiniLLM's policy gradient on the student's own samples -------------------------------
+
+
+def minillm_reference(logits: Tensor, batch: dict[str, Tensor], teacher: Tensor, clip: float = 0.2) -> tuple[Tensor, Tensor]:
+    """MiniLLM's loss by explicit loops in float64, and its gradient: at each counted position a weight times the
+    reverse KL on the buckets, plus, at a drawn one, ``-min(rho A, clip(rho) A)`` with ``A`` the mean future reward
+    ``gold - behavior`` over the later drawn positions of the row."""
+    z64 = logits.detach().double().requires_grad_()
+    lp64 = teacher.double()
+    counted = batch["position_mask"]
+    behavior = batch["behavior_logprob"].double()
+    gold = batch["gold_logprob"].double()
+    total = z64.new_zeros(())
+    for b, t in counted.nonzero().tolist():
+        single = bucket_reference("reverse-kl", z64[b, t], lp64[b, t], cached_ids(batch, b, t), min_tail=1.1920928955078125e-07)
+        if not math.isfinite(behavior[b, t].item()):
+            total = total + single
+            continue
+        later = [u for u in range(t + 1, counted.shape[1]) if counted[b, u] and math.isfinite(behavior[b, u].item())]
+        advantage = sum((gold[b, u] - behavior[b, u]).item() for u in later) / len(later) if later else 0.0
+        ratio = torch.exp(z64[b, t].log_softmax(-1)[batch["labels"][b, t]] - behavior[b, t])
+        clipped = ratio.clamp(1 - clip, 1 + clip)
+        total = total + clipped.detach() * single - torch.minimum(ratio * advantage, clipped * advantage)
+    (grad,) = torch.autograd.grad(total, z64)
+    return total.detach(), grad
+
+
+@pytest.mark.parametrize("clip", [0.2, 0.5])
+def test_minillm_matches_its_loop_reference(clip: float) -> None:
+    teacher = dense_teacher((3, 6))
+    position_mask = torch.ones(3, 6, dtype=torch.bool)
+    position_mask[1, 4] = False  # a position without targets between two drawn ones
+    batch = topk_batch(teacher, 6, position_mask)
+    batch["behavior_logprob"][2] = math.nan  # an off-policy row: reverse KL alone
+    logits = student_logits((3, 6))
+    # ratios on both sides of the clipping range, and rewards of both signs
+    assert (batch["behavior_logprob"][:2, 1:] > logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[:2, 1:, 0]).any()
+    total, grad = loss_and_grad("minillm", logits, batch, clip=clip)
+    expected, expected_grad = minillm_reference(logits, batch, teacher, clip)
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_minillm_on_fresh_samples_is_the_reverse_kl_policy_gradient() -> None:
+    """Sampled by the student itself (behaviour = its log-probability now): every ratio is 1 and the gradient is
+    ``sum_t [grad RKL_t - A_t grad log q(y_t)]``, MiniLLM's single-step and long-term terms."""
+    teacher = dense_teacher((2, 5))
+    logits = student_logits((2, 5))
+    batch = topk_batch(teacher, 6)
+    batch["behavior_logprob"] = logits.detach().log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]
+    total, grad = loss_and_grad("minillm", logits, batch)
+    reverse, reverse_grad = loss_and_grad("reverse-kl", logits, batch)
+    log_q = logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]
+    reward = batch["gold_logprob"] - batch["behavior_logprob"]
+    advantage = torch.zeros(2, 5)
+    for t in range(4):
+        advantage[:, t] = reward[:, t + 1 :].mean(-1)
+    (policy_grad,) = torch.autograd.grad(-(advantage * log_q).sum(), logits)
+    torch.testing.assert_close(total, reverse - advantage.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, reverse_grad + policy_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_minillm_future_rewards_stay_within_each_packed_sequence() -> None:
+    from logitcache.losses.sparse import FUTURE_REWARD, with_future_rewards
+
+    reward = torch.tensor([[0.5, -1.0, 2.0, 7.0, -3.0, 1.0, 4.0]])
+    batch = {"position_mask": torch.tensor([[True, True, True, False, True, True, True]]),
+             "gold_logprob": reward - 1.0, "behavior_logprob": torch.full((1, 7), -1.0),
+             # two sequences packed in one row: tokens 0-3 and 4-7; position 3 (token 3 -> 4) crosses them
+             "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])}
+    batch["behavior_logprob"][0, 5] = math.nan  # not drawn: no reward, and no future of its own
+    future = with_future_rewards(batch)[FUTURE_REWARD][0]
+    torch.testing.assert_close(future, torch.tensor([0.5, 2.0, 0.0, 0.0, 4.0, 0.0, 0.0]))
+    unpacked = with_future_rewards({k: v for k, v in batch.items() if k != "position_ids"})[FUTURE_REWARD][0]
+    assert unpacked[0].item() == pytest.approx((-1.0 + 2.0 - 3.0 + 4.0) / 4)  # without position ids: one sequence
+
+
+def test_minillm_refuses_a_cache_without_sampling_logprobs() -> None:
+    batch = topk_batch(dense_teacher((1, 3)), 4)
+    del batch["behavior_logprob"]
+    with pytest.raises(LogitcacheError, match="logitcache generate"):
+        get_loss("minillm")(student_logits((1, 3)), batch)
 
 
 # ---- RS-KD is unbiased, top-K is not ------------------------------------------------------

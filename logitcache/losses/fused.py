@@ -47,6 +47,7 @@ from torch import Tensor
 
 from logitcache.errors import LogitcacheError
 from logitcache.losses.sparse import (
+    FUTURE_REWARD,
     LOG_ZERO,
     LOSSES,
     LossOutput,
@@ -55,6 +56,7 @@ from logitcache.losses.sparse import (
     get_loss,
     masked_kl,
     masked_log_softmax,
+    prepare_batch,
     rows_at,
     rs_kd_log_weights,
 )
@@ -282,6 +284,8 @@ def _rows_batch(rows: Rows) -> dict[str, Tensor]:
         "target_weights": rows.weights[:, None],
         "tail_logprob": rows.tail_logprob[:, None],
         "position_mask": torch.ones_like(rows.labels[:, None], dtype=torch.bool),
+        **{name: values[:, None] for name, values in (("behavior_logprob", rows.behavior), (FUTURE_REWARD, rows.future_reward))
+           if values is not None},
     }
 
 
@@ -403,6 +407,7 @@ def fused_loss(
         chunk_rows = default_chunk_rows(head_weight.shape[0], head_weight.shape[1], hidden.device)
     if chunk_rows < 1:
         raise LogitcacheError(f"chunk_rows={chunk_rows} must be at least 1")
+    batch = prepare_batch(name, batch)  # what a loss takes from whole sequences, before rows go by chunks
     positions = batch["position_mask"].nonzero()  # the counted positions, in select_rows' order
     hidden_rows, rows = hidden[positions[:, 0], positions[:, 1]], _row_taker(batch, positions)
     if name in _CLOSED_FORMS:

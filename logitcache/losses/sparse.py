@@ -83,6 +83,9 @@ class Rows(NamedTuple):
     logprobs ``[R, K] float32`` (teacher log-probs, 0 at padding), weights ``[R, K] float32``
     (sample: count / N; topk: exp(logprob); 0 at padding), tail_logprob ``[R] float32``
     (log teacher mass outside the ids, may be -inf), labels ``[R] int64`` (gold next tokens).
+    Caches of generated responses (format v3) add ``behavior`` ``[R] float32``, the log-probability the
+    label was drawn with (NaN: not drawn by a recorded sampler), and :func:`with_future_rewards` the
+    ``future_reward`` ``[R] float32`` of MiniLLM's long-term term; None where the batch has none.
     """
 
     ids: Tensor
@@ -91,6 +94,8 @@ class Rows(NamedTuple):
     weights: Tensor
     tail_logprob: Tensor
     labels: Tensor
+    behavior: Tensor | None = None
+    future_reward: Tensor | None = None
 
 
 RowLoss = Callable[[Tensor, Rows], Tensor]
@@ -116,6 +121,10 @@ def select_rows(student_logits: Tensor, batch: Mapping[str, Tensor]) -> tuple[Te
 
 def rows_at(batch: Mapping[str, Tensor], window: Tensor, position: Tensor) -> Rows:
     """The :class:`Rows` of the batch's positions ``(window[r], position[r])`` (``[R] int64`` each)."""
+
+    def optional(name: str) -> Tensor | None:
+        return batch[name][window, position].float() if name in batch else None
+
     return Rows(
         ids=batch["target_ids"][window, position],
         mask=batch["target_mask"][window, position],
@@ -123,6 +132,8 @@ def rows_at(batch: Mapping[str, Tensor], window: Tensor, position: Tensor) -> Ro
         weights=batch["target_weights"][window, position].float(),
         tail_logprob=batch["tail_logprob"][window, position].float(),
         labels=batch["labels"][window, position],
+        behavior=optional("behavior_logprob"),
+        future_reward=optional(FUTURE_REWARD),
     )
 
 
@@ -322,6 +333,24 @@ def gkd_jsd_rows(logits: Tensor, rows: Rows, beta: float = 0.5) -> Tensor:
     b = _buckets(logits, rows)
     mixture = torch.logaddexp(math.log(beta) + b.teacher, math.log1p(-beta) + b.student)
     return beta * masked_kl(b.teacher, mixture, b.mask) + (1 - beta) * masked_kl(b.student, mixture, b.mask)
+
+
+def minillm_rows(logits: Tensor, rows: Rows, clip: float = 0.2) -> Tensor:
+    """MiniLLM's reverse-KL policy gradient on the student's own samples, per drawn token ``[R] float32``:
+    ``w * RKL + PG``, where ``RKL`` is :func:`reverse_kl_rows` (the single-step term) and
+    ``PG = -min(rho * A, clip(rho, 1 - clip, 1 + clip) * A)``, ``rho = q_theta(y) / q_old(y)`` (the label's
+    probability now over the one it was drawn with, ``rows.behavior``; with gradient), ``A =
+    rows.future_reward`` and ``w = clip(rho)`` without gradient. A row not drawn by a recorded sampler
+    (``behavior`` NaN: a prompt, an off-policy answer) has ``w = 1`` and no PG term.
+    """
+    single = reverse_kl_rows(logits, rows)
+    drawn = torch.isfinite(rows.behavior)
+    log_now = _student_logprobs_at(logits, rows.labels[:, None])[:, 0]
+    ratio = torch.exp(torch.where(drawn, log_now - rows.behavior, torch.zeros_like(log_now)))
+    clipped = ratio.clamp(1.0 - clip, 1.0 + clip)
+    reward = torch.where(drawn, rows.future_reward, torch.zeros_like(ratio))
+    policy = -torch.minimum(ratio * reward, clipped * reward)
+    return torch.where(drawn, clipped.detach(), torch.ones_like(ratio)) * single + policy
 
 
 def _logit_difference_kl(
@@ -574,6 +603,76 @@ def gkd_jsd_loss(
     return _loss_output(student_logits, batch, partial(gkd_jsd_rows, beta=beta), alpha)
 
 
+FUTURE_REWARD = "future_reward"
+
+
+def with_future_rewards(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``batch`` with MiniLLM's length-normalised long-term reward ``future_reward [B, P] float32``: at a
+    drawn position ``t`` (counted, ``behavior_logprob`` finite), the mean of ``r_u = gold_logprob_u -
+    behavior_logprob_u`` over the drawn positions ``u > t`` of the same sequence (0 where there is none).
+
+    ``r_u`` is the per-token log-ratio ``log p(y_u) - log q(y_u)`` of teacher and student at the time of
+    sampling (the reward of MiniLLM, computed at rollout as PPO does); sequences are rows, or the segments
+    of a packed row (``position_ids`` restarting at 0).
+    """
+    behavior = batch["behavior_logprob"].float()
+    drawn = batch["position_mask"] & torch.isfinite(behavior)
+    reward = torch.where(drawn, batch["gold_logprob"].float() - behavior, torch.zeros_like(behavior))
+    if "position_ids" in batch:  # position p belongs to the segment of token p
+        segment = (batch["position_ids"][:, :-1] == 0).long().cumsum(1)
+    else:
+        segment = torch.zeros_like(reward, dtype=torch.long)
+    width = int(segment.max()) + 1 if segment.numel() else 1
+
+    def after(values: Tensor) -> Tensor:
+        """``[B, P]``: the sum of ``values`` over the later positions of each position's own segment."""
+        totals = values.new_zeros(values.shape[0], width).scatter_add_(1, segment, values)
+        later_segments = totals.flip(1).cumsum(1).flip(1) - totals  # the segments after each one
+        return values.sum(1, keepdim=True) - values.cumsum(1) - later_segments.gather(1, segment)
+
+    rewards, count = after(reward), after(drawn.float())
+    future = torch.where(count > 0, rewards / count.clamp_min(1.0), torch.zeros_like(rewards))
+    return {**batch, FUTURE_REWARD: torch.where(drawn, future, torch.zeros_like(future))}
+
+
+def prepare_batch(name: str, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """What loss ``name`` computes over whole sequences before its rows are taken one chunk at a time (fused):
+    ``minillm``'s future rewards; ``batch`` itself for every other loss."""
+    if name == "minillm" and "behavior_logprob" in batch and FUTURE_REWARD not in batch:
+        return with_future_rewards(batch)
+    return batch
+
+
+def minillm_loss(
+    student_logits: Tensor, batch: Mapping[str, Tensor], *, alpha: float = 0.0, temperature: float = 1.0, clip: float = 0.2
+) -> LossOutput:
+    """MiniLLM (Gu et al., 2023) offline, in rounds: the reverse KL ``KL(q_theta || p)`` of student and teacher on
+    sequences the student drew, by policy gradient (:func:`minillm_rows`), on a cache built from ``logitcache
+    generate``'s output (format v3: ``behavior_logprob``).
+
+    MiniLLM splits the gradient of the sequence-level reverse KL into a single-step term, the exact gradient
+    of each position's reverse KL (here on the cached support, as ``reverse-kl``: the student's mass outside
+    the stored ids is one bucket against the teacher's tail), and a long-term term, the policy gradient of
+    the rewards still to come, ``R_{t+1} = mean_{u > t} log(p(y_u) / q(y_u))`` (its length normalisation),
+    whose only teacher input is the log-probability of each drawn token: the cache's ``gold_logprob``.
+    Samples go stale as the student trains on them, so each token is importance-weighted by
+    ``q_theta(y_t) / q_old(y_t)`` with ``q_old`` recorded at generation time, clipped to ``1 +- clip`` as in
+    PPO, which MiniLLM builds on. Taken from MiniLLM: the two terms, the length normalisation, per-token
+    importance weights, clipping. Not taken: teacher-mixed sampling (the teacher is offline; off-policy data is
+    mixed in per round instead) and the pre-training loss (use ``alpha``: CE on the drawn tokens). No
+    temperature.
+    """
+    _require_unit_temperature("minillm", temperature)
+    if not 0 < clip < 1:
+        raise LogitcacheError(f"--pg-clip {clip}: must lie in (0, 1)")
+    if "behavior_logprob" not in batch:
+        if batch["position_mask"].any():
+            raise LogitcacheError("minillm needs the sampling log-probabilities of generated responses: a cache built "
+                                  "from `logitcache generate`'s output (format v3, --format chat or prompt-response)")
+        batch = {**batch, "behavior_logprob": torch.full(batch["position_mask"].shape, math.nan)}  # nothing counts
+    return _loss_output(student_logits, prepare_batch("minillm", batch), partial(minillm_rows, clip=clip), alpha)
+
+
 def bild_loss(
     student_logits: Tensor, batch: Mapping[str, Tensor], *, alpha: float = 0.0, temperature: float = 3.0, k: int = 8
 ) -> LossOutput:
@@ -620,6 +719,7 @@ LOSSES: dict[str, LossFn] = {
     "skew-kl": skew_kl_loss,
     "skew-reverse-kl": skew_reverse_kl_loss,
     "gkd-jsd": gkd_jsd_loss,
+    "minillm": minillm_loss,
     "bild": bild_loss,
     "rlkd": rlkd_loss,
 }
@@ -654,6 +754,7 @@ def check_options(name: str, *, alpha: float = 0.0, temperature: float | None = 
         "target_logprobs": torch.zeros(0, 0, 0),
         "target_weights": torch.zeros(0, 0, 0),
         "tail_logprob": torch.zeros(0, 0),
+        "gold_logprob": torch.zeros(0, 0),
         "position_mask": torch.zeros(0, 0, dtype=torch.bool),
     }
     loss(torch.zeros(0, 0, 1), empty, alpha=alpha, temperature=temperature, **options)

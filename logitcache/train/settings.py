@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from logitcache.cache.manifest import read_manifest
+from logitcache.cache.format import has_behavior
+from logitcache.cache.manifest import cache_layout, read_manifest
 from logitcache.chat import CORPUS_FORMATS, LENGTH_POLICIES, RecordFields
 from logitcache.errors import LogitcacheError
 
@@ -22,6 +23,7 @@ from logitcache.errors import LogitcacheError
 LOSS_OPTIONS = {
     "skew": ("skew", "skew", ("skew-kl", "skew-reverse-kl")),
     "jsd_beta": ("jsd-beta", "beta", ("gkd-jsd",)),
+    "pg_clip": ("pg-clip", "clip", ("minillm",)),
     "loss_k": ("loss-k", "k", ("bild", "rlkd")),
     "rank_temperature": ("rank-temperature", "rank_temperature", ("rlkd",)),
     "rlkd_base": ("rlkd-base", "base", ("rlkd",)),
@@ -62,6 +64,7 @@ class TrainSettings:
     temperature: float | None = None
     skew: float | None = None
     jsd_beta: float | None = None
+    pg_clip: float | None = None
     loss_k: int | None = None
     rank_temperature: float | None = None
     rlkd_base: str | None = None
@@ -165,7 +168,12 @@ class TrainSettings:
 def options_from_cache(loss: str, manifest: Mapping | None, where: str) -> dict[str, float]:
     """The options ``loss`` takes from the cache it reads: for ``rs-kd`` the proposal temperature the
     cache was sampled at, none for the others. A cache not built by sampling is refused for ``rs-kd``;
-    ``where`` names it (``--cache DIR``)."""
+    ``where`` names it (``--cache DIR``). ``minillm`` needs a cache that holds sampling log-probabilities."""
+    if loss == "minillm" and not has_behavior(manifest["format_version"], cache_layout(manifest)["format"]):
+        raise LogitcacheError(
+            f"--loss minillm needs the sampling log-probabilities of generated responses; {where} is not a format v3 "
+            "cache of a chat or prompt-response corpus (build one from `logitcache generate`'s output)"
+        )
     if loss != "rs-kd":
         return {}
     if manifest["method"] != "sample":
