@@ -332,6 +332,14 @@ def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat
         assert np.isnan(behavior[: n - 1 - len(drawn)]).all()
         np.testing.assert_allclose(behavior[n - 1 - len(drawn) :], record["response_logprobs"], rtol=2.0**-10, atol=1e-6)
         assert (stored.target_lengths[row, : n - 1] > 0).tolist() == np.isfinite(behavior).tolist()
+    from logitcache.cache.export import export_cache  # kept for trainers outside logitcache, too
+    import datasets
+
+    export_cache(cache, tmp_path / "exported", "hf")
+    exported = datasets.load_from_disk(str(tmp_path / "exported"))
+    for row, record in enumerate(exported):
+        n = int(stored.tokens()[row])
+        np.testing.assert_array_equal(np.asarray(record["behavior_logprob"], dtype=np.float32), stored.behavior_logprob[row, : n - 1])
     from logitcache.teacher.folder import weights_fingerprint  # the round's cache names the student that answered
 
     import jsonschema

@@ -7,7 +7,8 @@ window is, as in the shards, the teacher's distribution over token ``t + 1``.
 ``hf`` (lossless; TRL or a custom loop): the shard columns with the flat per-id lists cut into one
 list per position: ``target_ids [n-1][k_t] int32``, ``target_logprobs [n-1][k_t] float32`` (the
 stored values, exactly), ``gold_logprob [n-1] float32``, and ``tail_logprob [n-1] float32``
-(topk) or ``target_counts [n-1][k_t] uint16`` (sample).
+(topk) or ``target_counts [n-1][k_t] uint16`` (sample); a cache of generated responses (v3 chat) adds
+``behavior_logprob [n-1] float32`` (NaN where a token was not drawn), for on-policy losses elsewhere.
 
 ``axolotl``: the rows axolotl's knowledge-distillation trainer consumes. Read at
 axolotl-ai-cloud/axolotl commit 067b021c (July 2026):
@@ -131,6 +132,8 @@ def _hf_table(targets: WindowTargets) -> pa.Table:
     else:
         columns["target_counts"] = _per_position(targets.target_counts, lengths, positions, pa.uint16())
     columns["gold_logprob"] = _windowlist_column(targets.gold_logprob.astype(np.float32), positions, pa.float32())
+    if targets.behavior_logprob is not None:
+        columns["behavior_logprob"] = _windowlist_column(targets.behavior_logprob.astype(np.float32), positions, pa.float32())
     return pa.table(columns)
 
 
