@@ -148,6 +148,7 @@ def main(
     if not any(isinstance(handler, _Notes) for handler in package_log.handlers):
         package_log.addHandler(_Notes())
     package_log.setLevel(logging.INFO)
+    package_log.propagate = False  # shown once, also after a library (rouge-score's absl) configures the root logger
 
 
 @app.command()
@@ -600,14 +601,8 @@ def rounds(
     settings = RoundsSettings(**{**ctx.params, "loss_option": tuple(loss_option or ())})
     transformers.logging.disable_progress_bar()
 
-    @contextmanager
-    def stage(description: str):
-        console.print(description, highlight=False)
-        with progress_bar(description) as advance:
-            yield advance
-
     with user_errors():
-        records = run_rounds(settings, stage_progress=stage)
+        records = run_rounds(settings, stage_progress=progress_bar)  # a bar per stage, its line kept
     _print_summary(records[-1])
 
 

@@ -133,19 +133,23 @@ def test_a_finished_run_is_not_redone_and_other_settings_are_refused(two_rounds)
         run_rounds(replace(settings, lr=1e-3, seed=4))
 
 
-def test_a_killed_run_continues_to_the_weights_of_an_uninterrupted_one(two_rounds, teacher_dir, inputs, tmp_path):
+@pytest.mark.parametrize(("kill_at", "stage"), [("generated.jsonl", "generate"), ("student/checkpoint/trainer.pt", "train")])
+def test_a_killed_run_continues_to_the_weights_of_an_uninterrupted_one(two_rounds, tmp_path, kill_at, stage):
+    """Killed once round 1's generation has begun, or its training has saved a checkpoint."""
     reference, _ = two_rounds
     settings = replace(reference, out=tmp_path / "out")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "logitcache", "rounds", *_cli_args(settings)]
     with processes.tracked(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env) as proc:
         deadline = time.monotonic() + 300
-        while not (settings.out / "round-1" / "generated.jsonl").exists():
+        while not (settings.out / "round-1" / kill_at).exists():
             assert proc.poll() is None and time.monotonic() < deadline, "rounds ended before round 1 could be killed"
             time.sleep(0.01)
         proc.kill()
         proc.wait()
-    assert (settings.out / "round-0" / "metrics.json").is_file() and not (settings.out / "round-1" / "metrics.json").exists()
+    assert (settings.out / "round-0" / "metrics.json").is_file()
+    finished = settings.out / "round-1" / "stages.json"
+    assert stage not in (json.loads(finished.read_text()) if finished.is_file() else {}), f"round 1's {stage} ended first"
     round_0_done = (settings.out / "round-0" / "metrics.json").stat().st_mtime_ns
     result = run_cli("rounds", *_cli_args(settings))
     assert result.returncode == 0, result.stderr
@@ -184,7 +188,7 @@ def test_bad_input_is_one_clear_line(teacher_dir, inputs, tmp_path):
         "a foreign --out": (dict(out=tmp_path / "out"), "holds files that are not `logitcache rounds` output"),
     }
     for what, (change, message) in cases.items():
-        settings = _settings(teacher_dir, inputs, tmp_path / "fresh", **change)
+        settings = replace(_settings(teacher_dir, inputs, tmp_path / "fresh"), **change)
         result = run_cli("rounds", *_cli_args(settings))
         assert result.returncode == 1, what
         lines = result.stderr.strip().splitlines()

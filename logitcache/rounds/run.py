@@ -50,7 +50,7 @@ from logitcache.generate.run import read_prompts, run_generate
 from logitcache.generate.settings import settings_path
 from logitcache.generate.tasks import run_evaluate
 from logitcache.rounds.settings import RESUMABLE_CHANGES, RoundsSettings
-from logitcache.train.checkpoint import STUDENT_NAME
+from logitcache.train.checkpoint import STUDENT_NAME, find_checkpoint
 from logitcache.train.loop import run_train
 from logitcache.train.metrics import METRICS_NAME, final_metrics, read_metrics
 
@@ -110,7 +110,9 @@ def run_rounds(settings: RoundsSettings, stage_progress: StageProgress | None = 
     records = []
     for round_index in range(settings.rounds):
         folder = round_dir(out, round_index)
-        if not (folder / ROUND_METRICS_NAME).is_file():
+        if (folder / ROUND_METRICS_NAME).is_file():
+            log.info("round %d done already, skipped", round_index)
+        else:
             _run_round(settings, round_index, progress, off_policy)
         records.append(json.loads((folder / ROUND_METRICS_NAME).read_text()))
         write_atomic(out / ROUNDS_LOG_NAME, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
@@ -159,7 +161,7 @@ def _run_round(settings: RoundsSettings, round_index: int, progress: StageProgre
 
     def train() -> None:
         with progress(f"{name}: train") as advance:
-            run_train(settings.train_settings(round_index, cache, student, train_out),
+            run_train(settings.train_settings(round_index, cache, student, train_out, resume=find_checkpoint(train_out) is not None),
                       on_step=lambda r: advance(completed=r["step"], total=settings.steps) if r["kind"] == "train" else None)
 
     def evaluate() -> dict:

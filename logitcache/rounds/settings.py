@@ -110,13 +110,13 @@ class RoundsSettings:
             response_field=self.response_field, chat_template=self.chat_template, device=self.device,
         )
 
-    def train_settings(self, round_index: int, cache: Path, init_from: Path, out: Path) -> TrainSettings:
-        """Train from ``init_from``'s weights on the round's cache; no held-out split (``eval_every`` 0),
-        always ``resume`` (a fresh start when there is no checkpoint)."""
+    def train_settings(self, round_index: int, cache: Path, init_from: Path, out: Path, resume: bool = False) -> TrainSettings:
+        """Train from ``init_from``'s weights on the round's cache, no held-out split (``eval_every`` 0);
+        ``resume`` from ``out``'s checkpoint."""
         return TrainSettings(
             out=out, cache=cache, loss=self.loss, steps=self.steps, batch_size=self.batch_size,
             grad_accum=self.grad_accum, lr=self.lr, warmup_steps=self.warmup_steps, alpha=self.alpha,
-            eval_every=0, save_every=self.save_every, resume=True, seed=self.round_seed(round_index),
+            eval_every=0, save_every=self.save_every, resume=resume, seed=self.round_seed(round_index),
             init_from=init_from, device=self.device, **self.loss_options(),
         )
 
