@@ -123,6 +123,25 @@ def test_two_rounds_write_their_files_and_each_cache_names_its_student(two_round
     assert any(not torch.equal(round_0[name], round_1[name]) for name in round_0)  # round 1 trained on
 
 
+@pytest.mark.parametrize(("loss", "method", "format"), [("rs-kd", "sample", "chat"), ("reverse-kl", "topk", "prompt-response")])
+def test_one_round_without_mixing(teacher_dir, inputs, tmp_path, loss, method, format):
+    """Other losses and methods, prompt-response records: the cache is generate's output itself."""
+    prompts = inputs["prompts"]
+    if format == "prompt-response":
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    settings = _settings(teacher_dir, inputs, tmp_path / "out", prompts=prompts, loss=loss, loss_option=(), method=method,
+                         k=4, format=format, chat_template=inputs["template"] if format == "chat" else None, rounds=1,
+                         prompts_per_round=None, off_policy_fraction=0.0, off_policy_data=None, eval_prompts=None)
+    [record] = run_rounds(settings)
+    manifest = read_manifest(settings.out / "round-0" / "cache")
+    assert manifest["method"] == method and manifest["corpus"]["generated_by"]["model"] == str(teacher_dir.resolve())
+    assert manifest["corpus"]["description"].endswith(str(settings.out / "round-0" / "generated.jsonl"))
+    assert record["prompts"] == 6 and record["off_policy"] == 0 and record["examples"] == record["generated"]
+    assert set(record["seconds"]) == {"generate", "build", "train", "round"} and math.isfinite(record["train_loss"])
+    assert not (settings.out / "round-0" / "mixed.jsonl").exists()
+
+
 def test_a_finished_run_is_not_redone_and_other_settings_are_refused(two_rounds):
     settings, records = two_rounds
     rewritten = ("rounds.json", "rounds.jsonl")  # the settings of this run, every round's metrics

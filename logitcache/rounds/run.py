@@ -9,7 +9,7 @@ trained student, and writes ``OUT/round-r/``:
   ``index``, its position in ``--prompts``;
 - ``generated.jsonl`` (and ``generated.jsonl.settings.json``): ``logitcache generate``'s output;
 - with ``--off-policy-fraction f``: ``mixed.jsonl``, the generated records followed by off-policy records
-  of ``--off-policy-data`` with their reference answers, ``round(n * f / (1 - f))`` of them for ``n``
+  of ``--off-policy-data`` with their reference answers, ``n f / (1 - f)`` of them (rounded half up) for ``n``
   generated records (a permutation seeded by ``(seed, r)``, wrapping), so that they are a fraction ``f``
   of the round's examples. Every record there has ``off_policy`` (false for the generated, which keep
   generate's fields; true for the others, whose ``index`` is their position in ``--off-policy-data``);
@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,23 +60,37 @@ log = logging.getLogger(__name__)
 
 SETTINGS_NAME = "rounds.json"
 ROUNDS_LOG_NAME = "rounds.jsonl"
-STAGES_NAME = "stages.json"
-ROUND_METRICS_NAME = "metrics.json"
 TIMED_STAGES = ("generate", "mix", "build", "train", "evaluate")
 
 # stage_progress(description) -> a context giving advance(n=0, completed=..., total=..., description=...)
 StageProgress = Callable[[str], AbstractContextManager[Callable[..., None]]]
 
 
-def round_dir(out: Path, round_index: int) -> Path:
-    return Path(out) / f"round-{round_index}"
+@dataclass(frozen=True)
+class RoundFolder:
+    """``OUT/round-R/`` and the names of its files (module docstring)."""
+
+    path: Path
+
+    @classmethod
+    def of(cls, out: Path, round_index: int) -> RoundFolder:
+        return cls(Path(out) / f"round-{round_index}")
+
+    prompts = property(lambda self: self.path / "prompts.jsonl")
+    generated = property(lambda self: self.path / "generated.jsonl")
+    mixed = property(lambda self: self.path / "mixed.jsonl")
+    cache = property(lambda self: self.path / "cache")
+    train = property(lambda self: self.path / "student")  # train's --out
+    student = property(lambda self: self.train / STUDENT_NAME)  # the round's trained student
+    stages = property(lambda self: self.path / "stages.json")
+    metrics = property(lambda self: self.path / "metrics.json")
 
 
 def round_student(settings: RoundsSettings, round_index: int) -> Path:
     """The student round ``round_index`` starts from (generates with and trains from)."""
     if round_index == 0:
         return Path(settings.student)
-    return round_dir(settings.out, round_index - 1) / "student" / STUDENT_NAME
+    return RoundFolder.of(settings.out, round_index - 1).student
 
 
 def round_prompt_order(n_prompts: int, per_round: int | None, seed: int, round_index: int) -> list[int]:
@@ -86,8 +102,8 @@ def round_prompt_order(n_prompts: int, per_round: int | None, seed: int, round_i
 
 
 def off_policy_count(generated: int, fraction: float) -> int:
-    """Off-policy records to add to ``generated`` records so that they make ``fraction`` of all (rounded)."""
-    return round(generated * fraction / (1 - fraction))
+    """Off-policy records to add to ``generated`` records so that they make ``fraction`` of all (rounded half up)."""
+    return math.floor(generated * fraction / (1 - fraction) + 0.5)
 
 
 def off_policy_order(n_records: int, count: int, seed: int, round_index: int) -> list[int]:
@@ -109,12 +125,12 @@ def run_rounds(settings: RoundsSettings, stage_progress: StageProgress | None = 
     progress = stage_progress or (lambda description: nullcontext(lambda *args, **fields: None))
     records = []
     for round_index in range(settings.rounds):
-        folder = round_dir(out, round_index)
-        if (folder / ROUND_METRICS_NAME).is_file():
+        folder = RoundFolder.of(out, round_index)
+        if folder.metrics.is_file():
             log.info("round %d done already, skipped", round_index)
         else:
             _run_round(settings, round_index, progress, off_policy)
-        records.append(json.loads((folder / ROUND_METRICS_NAME).read_text()))
+        records.append(json.loads(folder.metrics.read_text()))
         write_atomic(out / ROUNDS_LOG_NAME, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
     return records
 
@@ -138,64 +154,62 @@ def _claim_out(settings: RoundsSettings) -> None:
     write_json_atomic(saved_path, record)
 
 
-def _run_round(settings: RoundsSettings, round_index: int, progress: StageProgress, off_policy: list) -> None:
+def _run_round(settings: RoundsSettings, round_index: int, progress: StageProgress, off_policy: list[dict]) -> None:
     """One round, each finished stage skipped (module docstring); ``metrics.json`` last."""
-    folder = round_dir(settings.out, round_index)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = RoundFolder.of(settings.out, round_index)
+    folder.path.mkdir(parents=True, exist_ok=True)
     student = round_student(settings, round_index)
     name = f"round {round_index}"
-    prompts, generated, mixed = folder / "prompts.jsonl", folder / "generated.jsonl", folder / "mixed.jsonl"
-    cache, train_out = folder / "cache", folder / "student"
-    trained = train_out / STUDENT_NAME
-    corpus = mixed if settings.off_policy_fraction > 0 else generated
+    corpus = folder.mixed if settings.off_policy_fraction > 0 else folder.generated
 
     def generate() -> None:
-        _write_round_prompts(settings, round_index, prompts)
+        _write_round_prompts(settings, round_index, folder.prompts)
         with progress(f"{name}: generate") as advance:
-            run_generate(settings.generate_settings(round_index, student, prompts, generated),
+            run_generate(settings.generate_settings(round_index, student, folder.prompts, folder.generated),
                          on_progress=lambda done, total: advance(completed=done, total=total))
 
     def build() -> None:
         with progress(f"{name}: build ({settings.method})") as advance:
-            run_build(settings.build_settings(round_index, corpus, cache), on_windows=advance)
+            run_build(settings.build_settings(round_index, corpus, folder.cache), on_windows=advance)
 
     def train() -> None:
+        resume = find_checkpoint(folder.train) is not None
         with progress(f"{name}: train") as advance:
-            run_train(settings.train_settings(round_index, cache, student, train_out, resume=find_checkpoint(train_out) is not None),
+            run_train(settings.train_settings(round_index, folder.cache, student, folder.train, resume),
                       on_step=lambda r: advance(completed=r["step"], total=settings.steps) if r["kind"] == "train" else None)
 
     def evaluate() -> dict:
         with progress(f"{name}: evaluate") as advance:
-            scores = run_evaluate(settings.evaluate_settings(trained),
+            scores = run_evaluate(settings.evaluate_settings(folder.student),
                                   on_progress=lambda done, total: advance(completed=done, total=total))
-        return {"exact_match": scores["exact_match"], "rouge_l": scores["rouge_l"]}
+        return {"scores": {"exact_match": scores["exact_match"], "rouge_l": scores["rouge_l"]}}
 
     _run_stage(folder, name, "generate", "generate" in _stages(folder), generate)
-    if corpus == mixed:
-        _run_stage(folder, name, "mix", mixed.is_file(), lambda: _write_mixed(settings, round_index, off_policy, generated, mixed))
-    _run_stage(folder, name, "build", (cache / MANIFEST_NAME).is_file(), build)
-    _run_stage(folder, name, "train", (trained / "config.json").is_file(), train)
+    if corpus == folder.mixed:
+        _run_stage(folder, name, "mix", folder.mixed.is_file(),
+                   lambda: _write_mixed(settings, round_index, off_policy, folder.generated, folder.mixed))
+    _run_stage(folder, name, "build", (folder.cache / MANIFEST_NAME).is_file(), build)
+    _run_stage(folder, name, "train", (folder.student / "config.json").is_file(), train)
     if settings.eval_prompts is not None:
-        _run_stage(folder, name, "evaluate", "evaluate" in _stages(folder), lambda: {"scores": evaluate()})
-    write_json_atomic(folder / ROUND_METRICS_NAME, round_metrics(settings, round_index))
+        _run_stage(folder, name, "evaluate", "evaluate" in _stages(folder), evaluate)
+    write_json_atomic(folder.metrics, round_metrics(settings, round_index))
 
 
-def _stages(folder: Path) -> dict:
+def _stages(folder: RoundFolder) -> dict:
     """``stages.json``: ``{stage: {"seconds": wall time or None, ...}}`` of the round's finished stages."""
-    path = folder / STAGES_NAME
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(folder.stages.read_text()) if folder.stages.is_file() else {}
 
 
-def _run_stage(folder: Path, name: str, stage: str, done: bool, work: Callable[[], dict | None]) -> None:
+def _run_stage(folder: RoundFolder, name: str, stage: str, done: bool, work: Callable[[], dict | None]) -> None:
     """Run ``work`` unless the stage is ``done``, and record its wall time (and what it returns) in ``stages.json``."""
     if done:
         log.info("%s: %s done already, skipped", name, stage)
         if stage not in _stages(folder):  # finished by a run that stopped before recording it: time unknown
-            write_json_atomic(folder / STAGES_NAME, {**_stages(folder), stage: {"seconds": None}})
+            write_json_atomic(folder.stages, {**_stages(folder), stage: {"seconds": None}})
         return
     start = time.perf_counter()
     entry = work() or {}
-    write_json_atomic(folder / STAGES_NAME, {**_stages(folder), stage: {"seconds": time.perf_counter() - start, **entry}})
+    write_json_atomic(folder.stages, {**_stages(folder), stage: {"seconds": time.perf_counter() - start, **entry}})
 
 
 def _write_round_prompts(settings: RoundsSettings, round_index: int, path: Path) -> None:
@@ -245,16 +259,15 @@ def round_metrics(settings: RoundsSettings, round_index: int) -> dict:
     """Round ``round_index``'s record, from its files: the student it started from, each stage's wall
     time and fraction of the round's, the counts of prompts, generated, empty and unfinished responses,
     off-policy records and cache examples, the training's final loss and the evaluation's scores."""
-    folder = round_dir(settings.out, round_index)
+    folder = RoundFolder.of(settings.out, round_index)
     stages = _stages(folder)
     seconds = {stage: stages[stage]["seconds"] for stage in TIMED_STAGES if stage in stages}
     total = None if None in seconds.values() else sum(seconds.values())
-    prompts = len((folder / "prompts.jsonl").read_text().splitlines())
-    generated = [json.loads(line) for line in (folder / "generated.jsonl").read_text(encoding="utf-8").splitlines()]
-    mixed = folder / "mixed.jsonl"
-    off_policy = len(mixed.read_text().splitlines()) - len(generated) if mixed.is_file() else 0
-    manifest = read_manifest(folder / "cache")
-    train = final_metrics(read_metrics(folder / "student" / METRICS_NAME), folder / "student" / STUDENT_NAME)
+    prompts = len(folder.prompts.read_text().splitlines())
+    generated = [json.loads(line) for line in folder.generated.read_text(encoding="utf-8").splitlines()]
+    off_policy = len(folder.mixed.read_text().splitlines()) - len(generated) if folder.mixed.is_file() else 0
+    corpus = read_manifest(folder.cache)["corpus"]
+    train = final_metrics(read_metrics(folder.train / METRICS_NAME), folder.student)
     metrics = {
         "round": round_index,
         "started_from": str(round_student(settings, round_index)),
@@ -266,8 +279,8 @@ def round_metrics(settings: RoundsSettings, round_index: int) -> dict:
         "empty": prompts - len(generated),
         "unfinished": sum(not r["finished"] for r in generated),
         "off_policy": off_policy,
-        "examples": manifest["corpus"]["examples"],
-        "target_positions": manifest["corpus"]["target_positions"],
+        "examples": corpus["examples"],
+        "target_positions": corpus["target_positions"],
         "train_steps": train["step"],
         "train_loss": train["loss"],
     }
