@@ -140,6 +140,10 @@ def test_one_round_without_mixing(teacher_dir, inputs, tmp_path, loss, method, f
     assert record["prompts"] == 6 and record["off_policy"] == 0 and record["examples"] == record["generated"]
     assert set(record["seconds"]) == {"generate", "build", "train", "round"} and math.isfinite(record["train_loss"])
     assert not (settings.out / "round-0" / "mixed.jsonl").exists()
+    # a larger --rounds continues: round 1 answers with round 0's student
+    assert run_rounds(replace(settings, rounds=2))[0] == record
+    manifest = read_manifest(settings.out / "round-1" / "cache")
+    assert manifest["corpus"]["generated_by"]["model"] == str((settings.out / "round-0" / "student" / "student").resolve())
 
 
 def test_a_finished_run_is_not_redone_and_other_settings_are_refused(two_rounds):

@@ -95,6 +95,7 @@ class RoundsSettings:
         return self.seed + round_index
 
     def generate_settings(self, round_index: int, model: Path, prompts: Path, out: Path) -> GenerateSettings:
+        """``model``'s answers to the round's ``prompts``, sampled with the round's seed, into ``out``."""
         return GenerateSettings(
             model=model, prompts=prompts, out=out, format=self.format, messages_field=self.messages_field,
             prompt_field=self.prompt_field, response_field=self.response_field, chat_template=self.chat_template,
@@ -103,6 +104,7 @@ class RoundsSettings:
         )
 
     def build_settings(self, round_index: int, corpus: Path, out: Path) -> BuildSettings:
+        """The teacher's cache of the round's ``corpus`` (generated or mixed records) in ``out``."""
         return BuildSettings(
             teacher=self.teacher, corpus=corpus, out=out, method=self.method, k=self.k, samples=self.samples,
             seed=self.round_seed(round_index), seq_len=self.seq_len, batch_size=self.build_batch_size,
@@ -121,6 +123,7 @@ class RoundsSettings:
         )
 
     def evaluate_settings(self, model: Path) -> EvaluateSettings:
+        """``model``'s greedy answers to ``--eval-prompts``, scored."""
         return EvaluateSettings(
             model=model, prompts=self.eval_prompts, format=self.format, messages_field=self.messages_field,
             prompt_field=self.prompt_field, response_field=self.response_field, chat_template=self.chat_template,
