@@ -33,8 +33,9 @@ from logitcache.build.settings import BuildSettings
 from logitcache.cache.layout import MANIFEST_NAME
 from logitcache.errors import LogitcacheError
 from logitcache.generate.settings import EvaluateSettings, GenerateSettings
+from logitcache.rounds.settings import RoundsSettings
 from logitcache.teacher.options import CPU_CHUNK_MIB, CPU_MIN_CHUNK_ROWS, CUDA_CHUNK_MIB
-from logitcache.train.settings import TrainSettings
+from logitcache.train.settings import LOSS_OPTIONS, TrainSettings
 
 app = typer.Typer(
     help="Run a teacher LLM once, cache sparse targets in Parquet, distil students from the cache.",
@@ -54,6 +55,7 @@ BUILD = _defaults(BuildSettings)
 TRAIN = _defaults(TrainSettings)
 GENERATE = _defaults(GenerateSettings)
 EVALUATE = _defaults(EvaluateSettings)
+ROUNDS = _defaults(RoundsSettings)
 
 # Options and arguments that mean the same in several commands, declared once.
 CacheDir = Annotated[Path, typer.Argument(help="A cache folder written by `logitcache build`.")]
@@ -146,6 +148,7 @@ def main(
     if not any(isinstance(handler, _Notes) for handler in package_log.handlers):
         package_log.addHandler(_Notes())
     package_log.setLevel(logging.INFO)
+    package_log.propagate = False  # shown once, also after a library (rouge-score's absl) configures the root logger
 
 
 @app.command()
@@ -526,6 +529,85 @@ def evaluate(
     with user_errors(), progress_bar("evaluate") as advance:
         scores = run_evaluate(settings, on_progress=lambda done, total: advance(completed=done, total=total))
     _print_summary(scores)
+
+
+@app.command()
+def rounds(
+    ctx: typer.Context,
+    teacher: Annotated[Path, typer.Option(help="Teacher model folder in Hugging Face format; scores each round's answers.")],
+    student: Annotated[Path, typer.Option(
+        help="The round-0 student: a model folder with its tokenizer (e.g. an SFT run's OUT/student).")],
+    prompts: Annotated[Path, typer.Option(
+        help="Prompts, as `generate` reads them (a record's reference answer is left out of the prompt).")],
+    out: Annotated[Path, typer.Option(
+        help="Output folder: rounds.json, rounds.jsonl and round-R/ per round; rerun to continue a stopped run.")],
+    loss: Annotated[str, typer.Option(
+        help="Training loss on each round's cache, as `train --loss` (e.g. reverse-kl, gkd-jsd; rs-kd with --method sample).")],
+    rounds: Annotated[int, typer.Option(
+        help="Rounds to run; a rerun with more continues after the last finished one.")] = ROUNDS["rounds"],
+    steps: Annotated[int, typer.Option(help="Optimizer steps per round.")] = ROUNDS["steps"],
+    prompts_per_round: Annotated[Optional[int], typer.Option(
+        help="Prompts per round: round r takes the next N of a permutation seeded by --seed, wrapping (default: all).")
+    ] = ROUNDS["prompts_per_round"],
+    temperature: Annotated[float, typer.Option(
+        help="The students' sampling temperature (0: greedy).")] = ROUNDS["temperature"],
+    top_p: Annotated[float, typer.Option(
+        help="Sample from the smallest set of likeliest tokens holding this much probability (1: all).")] = ROUNDS["top_p"],
+    max_new_tokens: Annotated[int, typer.Option(
+        help="Most tokens per generated response (and per answer to --eval-prompts).")] = ROUNDS["max_new_tokens"],
+    generate_batch_size: Annotated[int, typer.Option(
+        help="Prompts generated for at once (left-padded), also with --eval-prompts.")] = ROUNDS["generate_batch_size"],
+    off_policy_fraction: Annotated[float, typer.Option(
+        help="Fraction in [0, 1) of each round's examples taken from --off-policy-data (teacher-forced reference answers).")
+    ] = ROUNDS["off_policy_fraction"],
+    off_policy_data: Annotated[Optional[Path], typer.Option(
+        help="Records with reference answers, in the prompts' --format, mixed in per --off-policy-fraction.")
+    ] = ROUNDS["off_policy_data"],
+    method: Annotated[str, typer.Option(
+        help="The teacher's targets: sample (RS-KD, unbiased) or topk.")] = ROUNDS["method"],
+    k: Annotated[int, typer.Option(help="Ids kept per position with --method topk.")] = ROUNDS["k"],
+    samples: Annotated[int, typer.Option(help="Draws per position with --method sample.")] = ROUNDS["samples"],
+    seq_len: Annotated[int, typer.Option(
+        "--seq-len", "--max-len", help="Most tokens per example in the teacher's build (longer ones are truncated).")
+    ] = ROUNDS["seq_len"],
+    build_batch_size: Annotated[int, typer.Option(help="Examples per teacher forward pass.")] = ROUNDS["build_batch_size"],
+    batch_size: Annotated[int, typer.Option(help="Training examples per micro-batch.")] = ROUNDS["batch_size"],
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = ROUNDS["grad_accum"],
+    lr: Annotated[float, typer.Option(help="Peak learning rate of each round (AdamW, warmup then cosine).")] = ROUNDS["lr"],
+    warmup_steps: Annotated[Optional[int], typer.Option(
+        help="Warmup steps of each round (default: as `train`'s).")] = ROUNDS["warmup_steps"],
+    alpha: Annotated[float, typer.Option(
+        help="Weight of CE on the sampled tokens: loss = (1 - alpha) x kd + alpha x ce.")] = ROUNDS["alpha"],
+    loss_option: Annotated[Optional[list[str]], typer.Option(
+        help="A loss-specific option of `train`, as NAME=VALUE with NAME its option there (e.g. jsd-beta=0.5, "
+             f"skew=0.1); repeat for several. Names: {', '.join(option for option, _, _ in LOSS_OPTIONS.values())}.")
+    ] = None,
+    save_every: Annotated[int, typer.Option(
+        help="Checkpoint every N steps of a round's training (0: only at its end).")] = ROUNDS["save_every"],
+    format: RecordFormat = ROUNDS["format"],
+    messages_field: MessagesField = ROUNDS["messages_field"],
+    prompt_field: PromptField = ROUNDS["prompt_field"],
+    response_field: ResponseField = ROUNDS["response_field"],
+    chat_template: ChatTemplate = ROUNDS["chat_template"],
+    eval_prompts: Annotated[Optional[Path], typer.Option(
+        help="Held-out records with reference answers: each round's student is scored on them (exact match, ROUGE-L).")
+    ] = ROUNDS["eval_prompts"],
+    device: ModelDevice = ROUNDS["device"],
+    seed: Annotated[int, typer.Option(
+        help="Seed of the prompts' permutation; round r generates, builds and trains with seed + r.")] = ROUNDS["seed"],
+) -> None:
+    """On-policy distillation in rounds: the student answers, the teacher scores the answers once, the student
+    trains on them from its own weights; repeat (resumable)."""
+    import transformers
+
+    from logitcache.rounds.run import run_rounds
+
+    settings = RoundsSettings(**{**ctx.params, "loss_option": tuple(loss_option or ())})
+    transformers.logging.disable_progress_bar()
+
+    with user_errors():
+        records = run_rounds(settings, stage_progress=progress_bar)  # a bar per stage, its line kept
+    _print_summary(records[-1])
 
 
 if __name__ == "__main__":  # pragma: no cover
