@@ -1,4 +1,5 @@
-"""examples/reproduce_rskd.py and reproduce_bild.py end to end at a tiny size (about 30 s and 10–20 s on 2 CPU cores).
+"""examples/reproduce_rskd.py, reproduce_bild.py and reproduce_minillm.py end to end at a tiny size (about 30 s,
+10–20 s and 30 s on 2 CPU cores).
 
 RS-KD: the table must hold all six methods with finite numbers. Of the gradient angles only what the
 math fixes is checked: full KD against itself is exactly 0, and RS-KD (an unbiased estimate of the
@@ -7,6 +8,10 @@ renormalised top-k 12 (biased: here the top 12 ids hold well under half of the t
 
 BiLD: every method for every seed with scores in range, and the response-only caches smaller than
 the same chats cached at every position.
+
+MiniLLM: every method for both seeds with scores in range, the teacher's reverse KL to itself on its own
+samples 0 up to the stored precision (the measurement's alignment check), and each on-policy round's
+cache naming the student that answered.
 """
 
 from __future__ import annotations
@@ -90,3 +95,39 @@ def test_reproduce_bild_at_tiny_size(tmp_path, monkeypatch):
 
     table = (tmp_path / "run" / "results.md").read_text()
     assert all(f"| {name} |" in table for name in rows) and "| topk-8 |" in table
+
+
+# ---- examples/reproduce_minillm.py ------------------------------------------------------------
+
+MINILLM_TINY = [
+    "--train", "100", "--held-out", "10", "--vocab", "400", "--teacher-preset", "nano", "--teacher-steps", "20",
+    "--sft-steps", "4", "--kd-steps", "4", "--rounds", "2", "--prompts-per-round", "8", "--fresh-samples", "1",
+    "--batch-size", "4", "--max-new-tokens", "6", "--device", "cpu",
+]
+
+
+def test_reproduce_minillm_at_tiny_size(tmp_path, monkeypatch):
+    from logitcache.cache.manifest import read_manifest
+    from logitcache.teacher.folder import weights_fingerprint
+
+    example = load_example(monkeypatch, "reproduce_minillm")
+    out = tmp_path / "run"
+    report = example.main([*MINILLM_TINY, "--out", str(out)])
+
+    rows = {row["name"]: row for row in report["methods"]}
+    assert list(rows) == [example.SFT_START, example.FORWARD_KD, *example.ON_POLICY]
+    for row in rows.values():
+        assert [scores["seed"] for scores in row["seeds"]] == [0, 1], row["name"]
+    for scores in [report["teacher"], *(scores for row in rows.values() for scores in row["seeds"])]:
+        assert 0.0 <= scores["exact_match"] <= 1.0 and 0.0 <= scores["rouge_l"] <= 1.0
+        assert math.isfinite(scores["lm_loss"]) and math.isfinite(scores["reverse_kl"])
+    # the teacher scoring its own samples: behaviour and gold log-probabilities agree to the stored precision
+    assert abs(report["teacher"]["reverse_kl"]) < 1e-2
+    for run in rows["on-policy rounds, minillm"]["seeds"]:
+        assert run["seconds"]["generate"] > 0 and run["seconds"]["build"] > 0 and run["seconds"]["train"] > 0
+    rounds = out / "seed-0" / "rounds-minillm"
+    sft = out / "seed-0" / "sft" / "student"
+    assert read_manifest(rounds / "round-0" / "cache")["corpus"]["generated_by"]["model_fingerprint"] == weights_fingerprint(sft)
+    previous = rounds / "round-0" / "student" / "student"
+    assert read_manifest(rounds / "round-1" / "cache")["corpus"]["generated_by"]["model_fingerprint"] == weights_fingerprint(previous)
+    assert "| forward KD" in (out / "results.md").read_text()

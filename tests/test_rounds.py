@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import processes
 import pytest
 import torch
@@ -217,3 +218,20 @@ def test_bad_input_is_one_clear_line(teacher_dir, inputs, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (what, result.stderr)
     assert not (tmp_path / "fresh").exists() and [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
+
+
+def test_minillm_rounds_importance_weight_the_generated_rows_only(teacher_dir, inputs, tmp_path):
+    """With off-policy records mixed in, the round's cache keeps the sampling log-probabilities of the generated
+    answers and NaN for the teacher-forced ones, and MiniLLM's loss trains on both (policy gradient on the first)."""
+    from conftest import all_targets
+
+    settings = _settings(teacher_dir, inputs, tmp_path / "out", loss="minillm", loss_option=("pg-clip=0.3",),
+                         method="topk", k=4, rounds=1, eval_prompts=None)
+    [record] = run_rounds(settings)
+    assert math.isfinite(record["train_loss"]) and record["off_policy"] > 0
+    mixed = [json.loads(line) for line in (settings.out / "round-0" / "mixed.jsonl").read_text().splitlines()]
+    stored = all_targets(settings.out / "round-0" / "cache")
+    for row, example in enumerate(mixed):
+        targets = stored.target_lengths[row] > 0
+        behavior = stored.behavior_logprob[row][targets]
+        assert np.isnan(behavior).all() if example["off_policy"] else np.isfinite(behavior).all(), row

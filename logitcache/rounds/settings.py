@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from logitcache.build.settings import BuildSettings
+from logitcache.cache.format import FORMAT_VERSION
 from logitcache.chat import RecordFields
 from logitcache.errors import LogitcacheError
 from logitcache.generate.settings import EvaluateSettings, GenerateSettings
@@ -161,7 +162,10 @@ class RoundsSettings:
         replace(train, cache=None, loss=None, corpus=self.prompts, tokenizer=self.teacher,
                 **{field: None for field in LOSS_OPTIONS}).check()
         check_options(self.loss, alpha=self.alpha, **train.loss_options())
-        options_from_cache(self.loss, {"method": self.method, "params": {"proposal_temperature": 1.0}}, f"--method {self.method}")
+        # the round's cache as it will be: this method, built now from the prompts' format
+        will_be = {"method": self.method, "params": {"proposal_temperature": 1.0}, "format_version": FORMAT_VERSION,
+                   "layout": {"format": self.format}}
+        options_from_cache(self.loss, will_be, f"--method {self.method}")
         self.generate_settings(0, self.student, self.prompts, first / "generated.jsonl").check()
         self.build_settings(0, self.prompts, first / "cache").check()  # the build's rules, on the prompts file
         if self.eval_prompts is not None:
