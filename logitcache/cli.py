@@ -389,6 +389,9 @@ def train(
     pg_clip: Annotated[Optional[float], typer.Option(
         help="minillm: importance ratios of stale samples are clipped to 1 +- this, as PPO does, in (0, 1) "
              "(default 0.2).")] = TRAIN["pg_clip"],
+    pg_baseline: Annotated[Optional[str], typer.Option(
+        help="minillm: whiten (default; the long-term rewards standardised over the micro-batch, as MiniLLM's "
+             "implementation does) or none.")] = TRAIN["pg_baseline"],
     loss_k: Annotated[Optional[int], typer.Option(
         help="Top-k of bild (logit differences among the top k; default 8) "
              "and rlkd (rank term over the union of both top k; default 15).")] = TRAIN["loss_k"],

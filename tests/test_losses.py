@@ -7,6 +7,7 @@ teacher distribution the test knows, so every sparse loss can be checked against
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -206,6 +207,7 @@ def test_registry_names_and_unknown_name_lists_choices() -> None:
         ("gkd-jsd", {"beta": 1.0}, "jsd-beta"),
         ("gkd-jsd", {"temperature": 2.0}, "no temperature"),
         ("minillm", {"clip": 1.0}, "pg-clip"),
+        ("minillm", {"baseline": "mean"}, "pg-baseline"),
         ("minillm", {"temperature": 2.0}, "no temperature"),
         ("rlkd", {"base": "bild"}, "choose one of"),
         ("rlkd", {"base": "reverse-kl", "temperature": 2.0}, "no temperature"),
@@ -505,23 +507,35 @@ def test_rlkd_rank_term_vanishes_when_student_logits_are_teacher_logprobs_plus_c
 # ---- MiniLLM's policy gradient on the student's own samples -------------------------------
 
 
-def minillm_reference(logits: Tensor, batch: dict[str, Tensor], teacher: Tensor, clip: float = 0.2) -> tuple[Tensor, Tensor]:
+def minillm_reference(
+    logits: Tensor, batch: dict[str, Tensor], teacher: Tensor, clip: float = 0.2, whiten: bool = True
+) -> tuple[Tensor, Tensor]:
     """MiniLLM's loss by explicit loops in float64, and its gradient: at each counted position a weight times the
     reverse KL on the buckets, plus, at a drawn one, ``-min(rho A, clip(rho) A)`` with ``A`` the mean future reward
-    ``gold - behavior`` over the later drawn positions of the row."""
+    ``gold - behavior`` over the later drawn positions of the row (``whiten``ed over the batch's drawn positions
+    that have later ones)."""
     z64 = logits.detach().double().requires_grad_()
     lp64 = teacher.double()
     counted = batch["position_mask"]
     behavior = batch["behavior_logprob"].double()
     gold = batch["gold_logprob"].double()
+    drawn = [(b, t) for b, t in counted.nonzero().tolist() if math.isfinite(behavior[b, t].item())]
+    advantages = {}
+    for b, t in drawn:
+        later = [u for u in range(t + 1, counted.shape[1]) if (b, u) in drawn]
+        if later:
+            advantages[b, t] = sum((gold[b, u] - behavior[b, u]).item() for u in later) / len(later)
+    if whiten:
+        mean = sum(advantages.values()) / len(advantages)
+        std = math.sqrt(sum((a - mean) ** 2 for a in advantages.values()) / len(advantages))
+        advantages = {key: (a - mean) / (std + 1e-6) for key, a in advantages.items()}
     total = z64.new_zeros(())
     for b, t in counted.nonzero().tolist():
         single = bucket_reference("reverse-kl", z64[b, t], lp64[b, t], cached_ids(batch, b, t), min_tail=1.1920928955078125e-07)
-        if not math.isfinite(behavior[b, t].item()):
+        if (b, t) not in drawn:
             total = total + single
             continue
-        later = [u for u in range(t + 1, counted.shape[1]) if counted[b, u] and math.isfinite(behavior[b, u].item())]
-        advantage = sum((gold[b, u] - behavior[b, u]).item() for u in later) / len(later) if later else 0.0
+        advantage = advantages.get((b, t), 0.0)
         ratio = torch.exp(z64[b, t].log_softmax(-1)[batch["labels"][b, t]] - behavior[b, t])
         clipped = ratio.clamp(1 - clip, 1 + clip)
         total = total + clipped.detach() * single - torch.minimum(ratio * advantage, clipped * advantage)
@@ -529,8 +543,8 @@ def minillm_reference(logits: Tensor, batch: dict[str, Tensor], teacher: Tensor,
     return total.detach(), grad
 
 
-@pytest.mark.parametrize("clip", [0.2, 0.5])
-def test_minillm_matches_its_loop_reference(clip: float) -> None:
+@pytest.mark.parametrize(("clip", "baseline"), [(0.2, "whiten"), (0.5, "whiten"), (0.2, "none")])
+def test_minillm_matches_its_loop_reference(clip: float, baseline: str) -> None:
     teacher = dense_teacher((3, 6))
     position_mask = torch.ones(3, 6, dtype=torch.bool)
     position_mask[1, 4] = False  # a position without targets between two drawn ones
@@ -539,8 +553,8 @@ def test_minillm_matches_its_loop_reference(clip: float) -> None:
     logits = student_logits((3, 6))
     # ratios on both sides of the clipping range, and rewards of both signs
     assert (batch["behavior_logprob"][:2, 1:] > logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[:2, 1:, 0]).any()
-    total, grad = loss_and_grad("minillm", logits, batch, clip=clip)
-    expected, expected_grad = minillm_reference(logits, batch, teacher, clip)
+    total, grad = loss_and_grad("minillm", logits, batch, clip=clip, baseline=baseline)
+    expected, expected_grad = minillm_reference(logits, batch, teacher, clip, whiten=baseline == "whiten")
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
 
@@ -552,7 +566,7 @@ def test_minillm_on_fresh_samples_is_the_reverse_kl_policy_gradient() -> None:
     logits = student_logits((2, 5))
     batch = topk_batch(teacher, 6)
     batch["behavior_logprob"] = logits.detach().log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]
-    total, grad = loss_and_grad("minillm", logits, batch)
+    total, grad = loss_and_grad("minillm", logits, batch, baseline="none")
     reverse, reverse_grad = loss_and_grad("reverse-kl", logits, batch)
     log_q = logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]
     reward = batch["gold_logprob"] - batch["behavior_logprob"]
@@ -573,10 +587,15 @@ def test_minillm_future_rewards_stay_within_each_packed_sequence() -> None:
              # two sequences packed in one row: tokens 0-3 and 4-7; position 3 (token 3 -> 4) crosses them
              "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])}
     batch["behavior_logprob"][0, 5] = math.nan  # not drawn: no reward, and no future of its own
-    future = with_future_rewards(batch)[FUTURE_REWARD][0]
+    future = with_future_rewards(batch, "none")[FUTURE_REWARD][0]
     torch.testing.assert_close(future, torch.tensor([0.5, 2.0, 0.0, 0.0, 4.0, 0.0, 0.0]))
-    unpacked = with_future_rewards({k: v for k, v in batch.items() if k != "position_ids"})[FUTURE_REWARD][0]
+    unpacked = with_future_rewards({k: v for k, v in batch.items() if k != "position_ids"}, "none")[FUTURE_REWARD][0]
     assert unpacked[0].item() == pytest.approx((-1.0 + 2.0 - 3.0 + 4.0) / 4)  # without position ids: one sequence
+    # whitened: the positions that have a future, standardised (0.5, 2.0, 4.0 -> mean 2.1667, sd 1.4337)
+    whitened = with_future_rewards(batch)[FUTURE_REWARD][0]
+    scored = torch.tensor([0.5, 2.0, 4.0])
+    torch.testing.assert_close(whitened[[0, 1, 4]], (scored - scored.mean()) / (scored.std(unbiased=False) + 1e-6))
+    assert whitened[[2, 3, 5, 6]].eq(0).all()
 
 
 def test_minillm_refuses_a_cache_without_sampling_logprobs() -> None:
@@ -684,11 +703,13 @@ def test_gradient_accumulation_equals_one_large_batch(name: str) -> None:
     position_mask = torch.tensor([[True, True, True], [True, False, False], [False, True, True], [True, True, False]])
     batch = topk_batch(teacher, 6, position_mask)
     logits = student_logits((4, 3))
+    # minillm's whitened advantages are a statistic of each micro-batch (as MiniLLM's of each PPO mini-batch)
+    loss = partial(get_loss(name), baseline="none") if name == "minillm" else get_loss(name)
 
-    whole = get_loss(name)(logits, batch)
+    whole = loss(logits, batch)
     (expected,) = torch.autograd.grad(whole.total / whole.tokens, logits)
 
-    micro = [get_loss(name)(logits[i : i + 2], {k: v[i : i + 2] for k, v in batch.items()}) for i in (0, 2)]
+    micro = [loss(logits[i : i + 2], {k: v[i : i + 2] for k, v in batch.items()}) for i in (0, 2)]
     global_tokens = sum(out.tokens for out in micro)
     (accumulated,) = torch.autograd.grad(sum(out.total for out in micro) / global_tokens, logits)
     assert global_tokens.item() == whole.tokens.item() == 8

@@ -407,7 +407,7 @@ def fused_loss(
         chunk_rows = default_chunk_rows(head_weight.shape[0], head_weight.shape[1], hidden.device)
     if chunk_rows < 1:
         raise LogitcacheError(f"chunk_rows={chunk_rows} must be at least 1")
-    batch = prepare_batch(name, batch)  # what a loss takes from whole sequences, before rows go by chunks
+    batch = prepare_batch(name, batch, options)  # what a loss takes from whole sequences, before rows go by chunks
     positions = batch["position_mask"].nonzero()  # the counted positions, in select_rows' order
     hidden_rows, rows = hidden[positions[:, 0], positions[:, 1]], _row_taker(batch, positions)
     if name in _CLOSED_FORMS:

@@ -606,15 +606,23 @@ def gkd_jsd_loss(
 FUTURE_REWARD = "future_reward"
 
 
-def with_future_rewards(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+BASELINES = ("whiten", "none")
+
+
+def with_future_rewards(batch: Mapping[str, Tensor], baseline: str = "whiten") -> dict[str, Tensor]:
     """``batch`` with MiniLLM's length-normalised long-term reward ``future_reward [B, P] float32``: at a
-    drawn position ``t`` (counted, ``behavior_logprob`` finite), the mean of ``r_u = gold_logprob_u -
-    behavior_logprob_u`` over the drawn positions ``u > t`` of the same sequence (0 where there is none).
+    drawn position ``t`` (counted, ``behavior_logprob`` finite) with later drawn positions in its sequence, the
+    mean ``A_t`` of ``r_u = gold_logprob_u - behavior_logprob_u`` over those positions ``u > t``; 0 elsewhere.
 
     ``r_u`` is the per-token log-ratio ``log p(y_u) - log q(y_u)`` of teacher and student at the time of
     sampling (the reward of MiniLLM, computed at rollout as PPO does); sequences are rows, or the segments
-    of a packed row (``position_ids`` restarting at 0).
+    of a packed row (``position_ids`` restarting at 0). ``baseline``: ``whiten`` (what MiniLLM's
+    implementation does) standardises the ``A_t`` of the batch to mean 0 and standard deviation 1, a
+    baseline that removes the common part of the rewards (a student worse than its teacher everywhere has
+    negative rewards everywhere, whose policy gradient only adds noise); ``none`` keeps them as they are.
     """
+    if baseline not in BASELINES:
+        raise LogitcacheError(f"--pg-baseline {baseline}: use one of {', '.join(BASELINES)}")
     behavior = batch["behavior_logprob"].float()
     drawn = batch["position_mask"] & torch.isfinite(behavior)
     reward = torch.where(drawn, batch["gold_logprob"].float() - behavior, torch.zeros_like(behavior))
@@ -631,20 +639,29 @@ def with_future_rewards(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         return values.sum(1, keepdim=True) - values.cumsum(1) - later_segments.gather(1, segment)
 
     rewards, count = after(reward), after(drawn.float())
-    future = torch.where(count > 0, rewards / count.clamp_min(1.0), torch.zeros_like(rewards))
-    return {**batch, FUTURE_REWARD: torch.where(drawn, future, torch.zeros_like(future))}
+    scored = drawn & (count > 0)
+    future = torch.where(scored, rewards / count.clamp_min(1.0), torch.zeros_like(rewards))
+    if baseline == "whiten" and scored.any():
+        values = future[scored]
+        spread = values.std(unbiased=False) if values.numel() > 1 else values.new_ones(())
+        future = torch.where(scored, (future - values.mean()) / (spread + _WHITEN_EPS), future)
+    return {**batch, FUTURE_REWARD: future}
 
 
-def prepare_batch(name: str, batch: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
-    """What loss ``name`` computes over whole sequences before its rows are taken one chunk at a time (fused):
-    ``minillm``'s future rewards; ``batch`` itself for every other loss."""
+_WHITEN_EPS = 1e-6
+
+
+def prepare_batch(name: str, batch: Mapping[str, Tensor], options: Mapping[str, object]) -> Mapping[str, Tensor]:
+    """What loss ``name`` (with ``options``) computes over whole sequences before its rows are taken one chunk at a
+    time (fused): ``minillm``'s future rewards; ``batch`` itself for every other loss."""
     if name == "minillm" and "behavior_logprob" in batch and FUTURE_REWARD not in batch:
-        return with_future_rewards(batch)
+        return with_future_rewards(batch, options.get("baseline", "whiten"))
     return batch
 
 
 def minillm_loss(
-    student_logits: Tensor, batch: Mapping[str, Tensor], *, alpha: float = 0.0, temperature: float = 1.0, clip: float = 0.2
+    student_logits: Tensor, batch: Mapping[str, Tensor], *, alpha: float = 0.0, temperature: float = 1.0, clip: float = 0.2,
+    baseline: str = "whiten",
 ) -> LossOutput:
     """MiniLLM (Gu et al., 2023) offline, in rounds: the reverse KL ``KL(q_theta || p)`` of student and teacher on
     sequences the student drew, by policy gradient (:func:`minillm_rows`), on a cache built from ``logitcache
@@ -657,8 +674,12 @@ def minillm_loss(
     whose only teacher input is the log-probability of each drawn token: the cache's ``gold_logprob``.
     Samples go stale as the student trains on them, so each token is importance-weighted by
     ``q_theta(y_t) / q_old(y_t)`` with ``q_old`` recorded at generation time, clipped to ``1 +- clip`` as in
-    PPO, which MiniLLM builds on. Taken from MiniLLM: the two terms, the length normalisation, per-token
-    importance weights, clipping. Not taken: teacher-mixed sampling (the teacher is offline; off-policy data is
+    PPO, which MiniLLM builds on. ``baseline``: see :func:`with_future_rewards` (``whiten``, the default, is per
+    loss call, i.e. per micro-batch, as MiniLLM's per PPO mini-batch; then gradient accumulation is not exactly
+    one large batch). Taken from MiniLLM: the two terms, the length normalisation, per-token importance
+    weights, clipping, whitened advantages (its implementation). Differences: the long-term reward starts after
+    ``t`` (the paper's ``R_{t+1}``; its implementation adds ``r_t``), and the single-step term is on the cached
+    support, weighted by the clipped ratio. Not taken: teacher-mixed sampling (the teacher is offline; off-policy data is
     mixed in per round instead) and the pre-training loss (use ``alpha``: CE on the drawn tokens). No
     temperature.
     """
@@ -670,7 +691,10 @@ def minillm_loss(
             raise LogitcacheError("minillm needs the sampling log-probabilities of generated responses: a cache built "
                                   "from `logitcache generate`'s output (format v3, --format chat or prompt-response)")
         batch = {**batch, "behavior_logprob": torch.full(batch["position_mask"].shape, math.nan)}  # nothing counts
-    return _loss_output(student_logits, prepare_batch("minillm", batch), partial(minillm_rows, clip=clip), alpha)
+    if baseline not in BASELINES:
+        raise LogitcacheError(f"--pg-baseline {baseline}: use one of {', '.join(BASELINES)}")
+    prepared = prepare_batch("minillm", batch, {"baseline": baseline})
+    return _loss_output(student_logits, prepared, partial(minillm_rows, clip=clip), alpha)
 
 
 def bild_loss(

@@ -24,6 +24,7 @@ LOSS_OPTIONS = {
     "skew": ("skew", "skew", ("skew-kl", "skew-reverse-kl")),
     "jsd_beta": ("jsd-beta", "beta", ("gkd-jsd",)),
     "pg_clip": ("pg-clip", "clip", ("minillm",)),
+    "pg_baseline": ("pg-baseline", "baseline", ("minillm",)),
     "loss_k": ("loss-k", "k", ("bild", "rlkd")),
     "rank_temperature": ("rank-temperature", "rank_temperature", ("rlkd",)),
     "rlkd_base": ("rlkd-base", "base", ("rlkd",)),
@@ -65,6 +66,7 @@ class TrainSettings:
     skew: float | None = None
     jsd_beta: float | None = None
     pg_clip: float | None = None
+    pg_baseline: str | None = None
     loss_k: int | None = None
     rank_temperature: float | None = None
     rlkd_base: str | None = None
