@@ -46,7 +46,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
+from harness import best_time, ensure_teacher, main_v2_layout, small_corpus, teacher_arguments
 from wide_vocab import Fanout, calibrate, wide_targets
 
 from logitcache.build.run import run_build
@@ -602,21 +602,9 @@ def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
 # ---- real vocabulary widths (the fan-out stand-in) -----------------------------------------
 
 
-@contextmanager
-def main_v2_layout():
-    """``to_table``/``parquet_options`` as main's v2 writes: every position's ids by descending log-probability,
-    target_ids dictionary-encoded (this branch writes topk ids ascending and PLAIN; see ids_ascending)."""
-    since = shards_mod.IDS_ASCENDING_SINCE
-    shards_mod.IDS_ASCENDING_SINCE = since + 1
-    try:
-        yield
-    finally:
-        shards_mod.IDS_ASCENDING_SINCE = since
-
-
 def layout_sizes(t: WindowTargets, meta: dict, layout: str, **override) -> dict[str, int]:
-    """Compressed bytes per column (and ``total``) of ``t`` written as ``layout``: ``v1``, ``v2 main`` or
-    ``current`` (this writer); ``override``: ``pq.write_table`` options changed."""
+    """Compressed bytes per column (and ``total``) of ``t`` written as ``layout``: ``v1``, ``v2 main`` (ids by
+    log-probability) or ``current`` (this writer); ``override``: ``pq.write_table`` options changed."""
     version = 1 if layout == "v1" else shards_mod.FORMAT_VERSION
     with main_v2_layout() if layout == "v2 main" else nullcontext():
         table = to_table(t, {**meta, "format_version": version})
@@ -673,6 +661,7 @@ WIDE_LEVERS: dict[str, tuple[str, dict]] = {
     "this branch, zstd-7": ("current", {"compression_level": 7}),
     "this branch, zstd-9": ("current", {"compression_level": 9}),
     "this branch, row groups of 512 windows": ("current", {"row_group_size": 512}),
+    "this branch, target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
 }
 
 
@@ -695,15 +684,13 @@ def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
             if not override:
                 by_column.append(f"| {name} | {label} | " + " | ".join(
                     "—" if n not in sizes else f"{sizes[n] / entries:.3f}" for n in names) + " |")
-        if t.target_counts is not None:  # the sample lever not taken: ids ascending, PLAIN, as topk
-            sizes = layout_sizes(shards_mod.ascending_ids(t), meta, "current",
-                                 use_dictionary=[ELEMENT.format(c) for c in ("target_lengths", "target_counts")])
-            cells.append(f"{sizes['total'] / entries:.3f}")
+        if t.target_counts is not None:  # the sample lever not taken: ids ascending, as topk
+            cells.append(f"{layout_sizes(shards_mod.ascending_ids(t), meta, 'current')['total'] / entries:.3f}")
         else:
             cells.append("—")
         totals.append(f"| {name} | " + " | ".join(cells) + " |")
         print(totals[-1], file=sys.stderr, flush=True)
-    totals[0] += " sample ids ascending, PLAIN (not taken) |"
+    totals[0] += " sample ids ascending (not taken) |"
     totals[1] += "---:|"
     print("\n## Bytes per stored entry, all columns\n\n" + "\n".join(totals), flush=True)
     print("\n## By column\n\n" + "\n".join(by_column))

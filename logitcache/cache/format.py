@@ -47,23 +47,23 @@ ROW_GROUP_ROWS = 128
 ZSTD_LEVEL = 5  # vs 3: ~2 % smaller shards for ~25 % more write CPU (benchmarks/RESULTS.md)
 
 
-# Integer columns whose values recur within a row group (draw counts, per-position lengths) are
-# dictionary-encoded. target_ids is too where ids are ordered by log-probability (sample shards, v1);
-# ascending ids (ids_ascending) are PLAIN, where zstd finds the runs that neighbouring positions share
-# (dictionary indices are bit-packed at a width zstd cannot see through). v2's float32 log-probabilities are BYTE_STREAM_SPLIT (their
-# bytes in separate streams: the rounded-off low bytes are all zero and compress away; pyarrow writes
-# it, DuckDB, Polars, Spark's parquet-java and Trino read it for FLOAT). Everything else is PLAIN.
+# Integer columns whose values recur within a row group (ids, draw counts, per-position lengths) are
+# dictionary-encoded: the dictionary holds only the ids a row group uses, so its bit-packed indices
+# stay narrow whatever the vocabulary (PLAIN ascending ids are smaller still, but slower to read:
+# benchmarks/RESULTS.md). v2's float32 log-probabilities are BYTE_STREAM_SPLIT (their bytes in
+# separate streams: the rounded-off low bytes are all zero and compress away; pyarrow writes it,
+# DuckDB, Polars, Spark's parquet-java and Trino read it for FLOAT). Everything else is PLAIN.
 # Measured in benchmarks/bench_storage.py (benchmarks/RESULTS.md).
 DICTIONARY_COLUMNS = ("target_lengths", "target_ids", "target_counts")
 
 
 # The first format version whose topk shards hold each position's ids ascending (v1 and main's v2: by
-# descending log-probability), with target_ids PLAIN-encoded: 2.4-2.6 instead of 2.7-3.2 bytes per entry
-# from 2k to 262k ids (benchmarks/RESULTS.md, issue 17). It changes what a shard promises, so it belongs to
-# format version 3: pin it to 3 when FORMAT_VERSION becomes 3. Reading does not depend on the order. Sample
-# shards keep the descending order: the bytes it would save are smaller (<= 0.14 B/entry), and their 7-bit
-# log-probabilities tie often, where that order is the only record of the teacher's unrounded ranking, which
-# BiLD's and RLKD's top-k picks use.
+# descending log-probability): neighbouring positions share most of their top-k ids, and in ascending
+# order zstd finds those runs (benchmarks/RESULTS.md, issue 17). It changes what a shard promises, so
+# it belongs to format version 3: pin it to 3 when FORMAT_VERSION becomes 3. Reading does not depend
+# on the order. Sample shards keep the descending order: it would save less, and their 7-bit
+# log-probabilities tie often, where that order is the only record of the teacher's unrounded
+# ranking, which BiLD's and RLKD's top-k picks use.
 IDS_ASCENDING_SINCE = FORMAT_VERSION
 
 
@@ -315,17 +315,13 @@ def ascending_ids(targets: WindowTargets) -> WindowTargets:
 def parquet_options(table: pa.Table, zstd_level: int = ZSTD_LEVEL) -> dict:
     """The ``pq.write_table`` keyword arguments a shard of ``table``'s version is written with."""
     names = table.column_names
-    version = json.loads(table.schema.metadata[METADATA_KEY])["format_version"]
-    method = "topk" if "tail_logprob" in names else "sample"
-    dictionary = [name for name in DICTIONARY_COLUMNS
-                  if name in names and not (name == "target_ids" and ids_ascending(version, method))]
     split = [name for name in LOGPROB_COLUMNS if name in names and pa.types.is_float32(table.schema.field(name).type.value_type)]
     return {
         "compression": "zstd",
         "compression_level": zstd_level,
         "row_group_size": ROW_GROUP_ROWS,
         # Leaf paths: a bare column name is silently ignored for list columns.
-        "use_dictionary": [f"{name}.list.element" for name in dictionary],
+        "use_dictionary": [f"{name}.list.element" for name in DICTIONARY_COLUMNS if name in names],
         "column_encoding": {f"{name}.list.element": "BYTE_STREAM_SPLIT" for name in split} or None,
         "write_statistics": ["sequence_id"],
     }
