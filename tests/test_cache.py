@@ -232,3 +232,16 @@ def test_topk_shards_hold_ids_ascending_and_the_losses_are_those_of_the_logprob_
         ascending, descending = (LOSSES[name](logits, batch).total for batch in batches)
         tolerance = 1e-3 if name in ("bild", "rlkd") else 1e-6
         assert torch.allclose(ascending, descending, rtol=tolerance, atol=1e-6), name
+
+
+@pytest.mark.parametrize("block", [3, 1 << 16])
+def test_ascending_order_sorts_each_position_and_keeps_positions_in_place(block):
+    """Against a lexsort by (position, id): ragged positions, empty ones, full ones (topk), across blocks."""
+    from logitcache.cache.format import ascending_order
+
+    rng = np.random.default_rng(0)
+    for lengths in (rng.integers(0, 7, size=200), np.full(200, 5), np.zeros(10, dtype=np.int64)):
+        lengths = lengths.astype(np.uint16)
+        ids = rng.permutation(10**6)[: int(lengths.sum())].astype(np.int32)
+        position = np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
+        assert np.array_equal(ascending_order(ids, lengths, block=block), np.lexsort((ids, position)))

@@ -292,16 +292,29 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
 
 
-def ascending_order(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ascending_order(values: np.ndarray, lengths: np.ndarray, block: int = 1 << 16) -> np.ndarray:
     """``[S] int64``: the permutation of flat per-id entries that sorts each position's ``values [S]`` (ids, or
-    any float64-exact key) ascending, stably; positions are consecutive runs of ``lengths [...]`` entries and
-    stay where they are."""
+    any sortable key; ties in any order) ascending; positions are consecutive runs of ``lengths [...]`` entries
+    and stay where they are. ``block`` positions at a time, so that a whole shard is not padded at once."""
     lengths = lengths.reshape(-1).astype(np.int64)
-    filled = leading_mask(lengths, int(lengths.max(initial=0)))
-    padded = np.full(filled.shape, np.inf)  # [P, widest]: padding sorts last
-    padded[filled] = values
-    starts = np.cumsum(lengths) - lengths
-    return (starts[:, None] + np.argsort(padded, axis=1, kind="stable"))[filled]
+    ends = np.cumsum(lengths)
+    pad = np.inf if np.issubdtype(values.dtype, np.floating) else np.iinfo(values.dtype).max  # sorts last
+    order = np.empty(len(values), dtype=np.int64)
+    for first in range(0, len(lengths), block):
+        sizes = lengths[first : first + block]
+        starts = ends[first : first + block] - sizes
+        entries = slice(starts[0], starts[-1] + sizes[-1])
+        width = int(sizes.max())
+        if width == 0:
+            continue
+        if np.all(sizes == width):  # every position full (topk): no padding
+            order[entries] = (starts[:, None] + np.argsort(values[entries].reshape(-1, width), axis=1)).reshape(-1)
+            continue
+        filled = leading_mask(sizes, width)  # [positions, widest]
+        padded = np.full(filled.shape, pad, dtype=values.dtype)
+        padded[filled] = values[entries]
+        order[entries] = (starts[:, None] + np.argsort(padded, axis=1))[filled]
+    return order
 
 
 def ascending_ids(targets: WindowTargets) -> WindowTargets:
