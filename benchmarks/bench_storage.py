@@ -661,6 +661,8 @@ WIDE_LEVERS: dict[str, tuple[str, dict]] = {
     "this branch, zstd-7": ("current", {"compression_level": 7}),
     "this branch, zstd-9": ("current", {"compression_level": 9}),
     "this branch, row groups of 512 windows": ("current", {"row_group_size": 512}),
+    # as many positions as a row group of 128 windows of 2,048 tokens (16 x 128 tokens)
+    "this branch, row groups of 2,048 windows": ("current", {"row_group_size": 2048}),
     "this branch, target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
 }
 
@@ -684,14 +686,17 @@ def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
             if not override:
                 by_column.append(f"| {name} | {label} | " + " | ".join(
                     "—" if n not in sizes else f"{sizes[n] / entries:.3f}" for n in names) + " |")
-        if t.target_counts is not None:  # the sample lever not taken: ids ascending, as topk
+        if t.target_counts is not None:  # sample levers not taken: ids ascending, as topk; fewer mantissa bits
             cells.append(f"{layout_sizes(shards_mod.ascending_ids(t), meta, 'current')['total'] / entries:.3f}")
+            fewer = {**meta, "params": {**meta["params"], "logprob_bits": SAMPLE_LOGPROB_BITS - 1}}
+            rounded = replace(t, target_logprobs=round_mantissa(t.target_logprobs, SAMPLE_LOGPROB_BITS - 1))
+            cells.append(f"{layout_sizes(rounded, fewer, 'current')['total'] / entries:.3f}")
         else:
-            cells.append("—")
+            cells += ["—", "—"]
         totals.append(f"| {name} | " + " | ".join(cells) + " |")
         print(totals[-1], file=sys.stderr, flush=True)
-    totals[0] += " sample ids ascending (not taken) |"
-    totals[1] += "---:|"
+    totals[0] += f" sample ids ascending (not taken) | sample --logprob-bits {SAMPLE_LOGPROB_BITS - 1} |"
+    totals[1] += "---:|---:|"
     print("\n## Bytes per stored entry, all columns\n\n" + "\n".join(totals), flush=True)
     print("\n## By column\n\n" + "\n".join(by_column))
 
