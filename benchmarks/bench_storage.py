@@ -410,18 +410,9 @@ def sharpened_teacher(teacher_dir: Path, out: Path, factor: float) -> Path:
 
 
 def version_sizes(t: WindowTargets, meta: dict, version: int) -> tuple[int, dict[str, int]]:
-    """(file bytes, compressed bytes per column) of ``t`` written as a shard of format ``version``."""
-    table = to_table(t, {**meta, "format_version": version})
-    data = write_bytes(table, parquet_options(table))
-    parquet = pq.ParquetFile(io.BytesIO(data)).metadata
-    columns: dict[str, int] = {}
-    for g in range(parquet.num_row_groups):
-        for c in range(parquet.num_columns):
-            chunk = parquet.row_group(g).column(c)
-            name = chunk.path_in_schema.split(".")[0]
-            columns[name] = columns.get(name, 0) + chunk.total_compressed_size
-    columns["(footer and metadata)"] = len(data) - sum(columns.values())
-    return len(data), columns
+    """(file bytes, compressed bytes per column) of ``t`` written as a shard of format ``version`` (this writer)."""
+    sizes = layout_sizes(t, meta, "v1" if version == 1 else "current")
+    return sizes.pop("total"), sizes
 
 
 def format_table(caches: dict[str, Cache], widths: list[int], vocab: int) -> list[str]:

@@ -14,6 +14,9 @@ Format v2 differs from v1 in two ways:
   and BYTE_STREAM_SPLIT-encoded, so that the zeroed low bytes cost nearly nothing; v1 stored float16.
   In memory (:class:`WindowTargets`) log-probabilities are float32 whatever the version: only
   :func:`to_table` and :func:`decode_logprobs` know the difference.
+
+A ``topk`` shard written by this version holds each position's ids ascending (:func:`ids_ascending`; a
+change for format version 3), where v1 and v2 before it held them by descending log-probability.
 """
 
 from __future__ import annotations
@@ -61,9 +64,9 @@ DICTIONARY_COLUMNS = ("target_lengths", "target_ids", "target_counts")
 # descending log-probability): neighbouring positions share most of their top-k ids, and in ascending
 # order zstd finds those runs (benchmarks/RESULTS.md, issue 17). It changes what a shard promises, so
 # it belongs to format version 3: pin it to 3 when FORMAT_VERSION becomes 3. Reading does not depend
-# on the order. Sample shards keep the descending order: it would save less, and their 7-bit
-# log-probabilities tie often, where that order is the only record of the teacher's unrounded
-# ranking, which BiLD's and RLKD's top-k picks use.
+# on the order. Sample shards keep the descending order: ascending ids made them larger (+0.01 to
+# +0.08 B/entry), and their 7-bit log-probabilities tie often, where that order is the only record of
+# the teacher's unrounded ranking, which BiLD's and RLKD's top-k picks use.
 IDS_ASCENDING_SINCE = FORMAT_VERSION
 
 
