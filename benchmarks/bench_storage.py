@@ -28,6 +28,12 @@ is not); per column; and the error of each version's stored log-probabilities ag
 teacher's float32 values, in nats and in probability. It does so for the teacher and for a copy of it
 whose output head is scaled by ``--sharpen`` (logits times that factor: a more peaked teacher).
 
+``--wide`` measures v1, main's v2 and this writer (topk ids ascending: the format v3 candidate) at real
+vocabulary widths instead (``--wide-widths``), on ``wide_vocab.py``'s fan-out stand-in: each of the
+teacher's ids fans out to ``width / vocab`` wide ids with a context-dependent split, sharpened to
+``--distinct`` ids per position at N=50; bytes per stored entry in total, per column, and under the
+levers measured (zstd level, row-group size, PLAIN ids, sample ids ascending, one mantissa bit fewer).
+
 Finally the same targets in the layouts people use today: axolotl's KD dataset columns
 (``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
 ``target_mask: list<list<int64>>``; ``target_counts`` too for sample) as Arrow IPC (what
