@@ -3,9 +3,11 @@
     python3 benchmarks/bench_loader.py [--shards 10] [--rows 1024]
 
 Writes a synthetic sample-method cache (seq_len 256, ~32 ids per position, vocab 8192) into a
-temporary directory, and the same targets in shard format v1 (float16 log-probabilities), read in
-the same interleaved rounds. Throughput runs in this process (shards on disk, batches collated, no
-DataLoader workers); each peak-RSS case runs in a fresh subprocess.
+temporary directory, the same targets in shard format v1 (float16 log-probabilities), and a synthetic
+topk k=32 cache three ways: v1, main's v2 (ids by descending log-probability) and this writer (ids
+ascending); all read in the same interleaved rounds, timed by the wall clock and
+by this process's CPU time (steadier on a shared machine). Throughput runs in this process (shards on
+disk, batches collated, no DataLoader workers); each peak-RSS case runs in a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from harness import fastest, peak_rss, run_fresh
+from harness import CLOCKS, fastest, main_v2_layout, peak_rss, run_fresh
 
 from logitcache.cache.format import FORMAT_VERSION, WindowTargets, write_shard
 from logitcache.cache.layout import shard_name
@@ -30,6 +34,7 @@ from logitcache.native import library as native
 SEQ_LEN = 256
 VOCAB = 8192
 SAMPLES = 64
+TOP_K = 32
 GLOBAL_BATCH = 32
 
 
@@ -49,14 +54,30 @@ def synthetic_shard(rng: np.random.Generator, first_id: int, rows: int) -> Windo
     )
 
 
-PARAMS = {"samples": SAMPLES, "proposal_temperature": 1.0}
+def synthetic_topk_shard(rng: np.random.Generator, first_id: int, rows: int) -> WindowTargets:
+    """``rows`` windows of :data:`TOP_K` distinct ids per position, descending log-probabilities."""
+    per_position = (rows, SEQ_LEN - 1)
+    positions = rows * (SEQ_LEN - 1)
+    ids = np.argsort(rng.random((positions, VOCAB // 64)), axis=1)[:, :TOP_K] * 64 + rng.integers(0, 64, (positions, 1))
+    logprobs = -np.sort(rng.exponential(3.0, size=(positions, TOP_K)), axis=1)
+    return WindowTargets(
+        sequence_ids=np.arange(first_id, first_id + rows, dtype=np.int64),
+        input_ids=rng.integers(0, VOCAB, size=(rows, SEQ_LEN), dtype=np.int32),
+        target_lengths=np.full(per_position, TOP_K, dtype=np.uint16),
+        target_ids=ids.reshape(-1).astype(np.int32),
+        target_logprobs=logprobs.reshape(-1).astype(np.float16).astype(np.float32),
+        gold_logprob=(-rng.exponential(2.0, size=per_position)).astype(np.float16).astype(np.float32),
+        tail_logprob=(-rng.exponential(2.0, size=per_position)).astype(np.float16).astype(np.float32),
+    )
 
 
-def write_manifest_for(root: Path, shard_rows: list[int], version: int = FORMAT_VERSION) -> None:
-    params = PARAMS
+PARAMS = {"sample": {"samples": SAMPLES, "proposal_temperature": 1.0}, "topk": {"k": TOP_K}}
+
+
+def write_manifest_for(root: Path, shard_rows: list[int], version: int = FORMAT_VERSION, method: str = "sample") -> None:
     write_manifest(root, {
         "format": "logitcache", "format_version": version, "logitcache_version": "bench",
-        "fingerprint": fingerprint({"bench": shard_rows}), "method": "sample", "params": params,
+        "fingerprint": fingerprint({"bench": shard_rows}), "method": method, "params": PARAMS[method],
         "seq_len": SEQ_LEN, "seed": 0, "shard_size": shard_rows[0], "vocab_size": VOCAB,
         "tokenizer": {"fingerprint": "bench", "vocab_size": VOCAB, "eos_token_id": 0},
         "shards": [{"file": shard_name(i), "rows": rows} for i, rows in enumerate(shard_rows)],
@@ -71,13 +92,33 @@ def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(0)
     for i in range(shards):
         targets = synthetic_shard(rng, i * rows, rows)
-        write_shard(full / shard_name(i), targets, {"bench": True, "params": PARAMS})
-        write_shard(v1 / shard_name(i), targets, {"bench": True, "params": PARAMS, "format_version": 1})
+        write_shard(full / shard_name(i), targets, {"bench": True, "params": PARAMS["sample"]})
+        write_shard(v1 / shard_name(i), targets, {"bench": True, "params": PARAMS["sample"], "format_version": 1})
     write_manifest_for(full, [rows] * shards)
     write_manifest_for(v1, [rows] * shards, version=1)
     (single / shard_name(0)).symlink_to(full / shard_name(0))
     write_manifest_for(single, [rows])
     return full, single, v1
+
+
+TOPK_LAYOUTS = ("v1", "v2 main", "current")
+
+
+def make_topk_caches(root: Path, shards: int, rows: int) -> dict[str, Path]:
+    """The same synthetic topk targets as a cache in each of :data:`TOPK_LAYOUTS`."""
+    folders = {layout: root / f"topk-{layout.replace(' ', '-')}" for layout in TOPK_LAYOUTS}
+    rng = np.random.default_rng(1)
+    for folder in folders.values():
+        folder.mkdir()
+    for i in range(shards):
+        targets = synthetic_topk_shard(rng, i * rows, rows)
+        for layout, folder in folders.items():
+            version = 1 if layout == "v1" else FORMAT_VERSION
+            with main_v2_layout() if layout == "v2 main" else nullcontext():
+                write_shard(folder / shard_name(i), targets, {"bench": True, "params": PARAMS["topk"], "format_version": version})
+    for layout, folder in folders.items():
+        write_manifest_for(folder, [rows] * shards, version=1 if layout == "v1" else FORMAT_VERSION, method="topk")
+    return folders
 
 
 def stream_tokens(cache: Path) -> int:
@@ -108,10 +149,12 @@ def whole_cache_tokens(cache: Path) -> int:
     return sum(table.num_rows for table in tables) * SEQ_LEN
 
 
-def tokens_per_second(reads: dict[str, Callable[[Path], int]], cache: Path, rounds: int = 3) -> dict[str, float]:
-    """Each read's tokens over its fastest of ``rounds`` interleaved rounds (after one untimed read, which counts the tokens)."""
+def tokens_per_second(reads: dict[str, Callable[[Path], int]], cache: Path, rounds: int = 3,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Each read's tokens over its fastest of ``rounds`` interleaved rounds by ``clock`` (after one untimed
+    read, which counts the tokens)."""
     tokens = {name: read(cache) for name, read in reads.items()}
-    seconds = fastest({name: partial(read, cache) for name, read in reads.items()}, rounds)
+    seconds = fastest({name: partial(read, cache) for name, read in reads.items()}, rounds, clock=clock)
     return {name: tokens[name] / seconds[name] for name in reads}
 
 
@@ -141,16 +184,28 @@ def report(shards: int, rows: int) -> None:
         v1_megabytes = sum(p.stat().st_size for p in v1.glob("*.parquet")) / 2**20
         print(f"cache: {shards} shards x {rows} windows x {SEQ_LEN} tokens, {megabytes:.0f} MiB on disk "
               f"(format v1: {v1_megabytes:.0f} MiB)\n")
+        topk = make_topk_caches(Path(tmp), shards, rows)
+        sizes = ", ".join(f"{layout} {sum(p.stat().st_size for p in topk[layout].glob('*.parquet')) / 2**20:.0f} MiB"
+                          for layout in TOPK_LAYOUTS)
+        print(f"topk k={TOP_K} caches of the same windows: {sizes}\n")
         reads = {"plain": read_table_tokens, "loader": stream_tokens, "numpy": stream_tokens_numpy,
-                 "loader v1": lambda _: stream_tokens(v1)}
-        rates = tokens_per_second(reads, full)
-        plain = rates["plain"]
-        print("| read | tokens/s | ratio |\n|---|---:|---:|")
-        print(f"| `pq.read_table` of the same files | {plain:,.0f} | 1.00 |")
-        print(f"| `CacheDataset` + `collate` (dense `[B, T-1, K]` tensors) | {rates['loader']:,.0f} | {rates['loader'] / plain:.2f} |")
-        print(f"| the same, numpy collate (`LOGITCACHE_NATIVE=0`) | {rates['numpy']:,.0f} | {rates['numpy'] / plain:.2f} |")
-        print(f"| `CacheDataset` + `collate` of the same targets in format v1 | {rates['loader v1']:,.0f} | "
-              f"{rates['loader v1'] / plain:.2f} |\n")
+                 "loader v1": lambda _: stream_tokens(v1),
+                 **{f"topk {layout}": lambda _, c=topk[layout]: stream_tokens(c) for layout in TOPK_LAYOUTS}}
+        labels = {
+            "plain": "`pq.read_table` of the sample cache's files",
+            "loader": "sample: `CacheDataset` + `collate` (dense `[B, T-1, K]` tensors)",
+            "numpy": "sample: the same, numpy collate (`LOGITCACHE_NATIVE=0`)",
+            "loader v1": "sample: `CacheDataset` + `collate`, the same targets in format v1",
+            "topk v1": f"topk k={TOP_K}: `CacheDataset` + `collate`, format v1",
+            "topk v2 main": f"topk k={TOP_K}: the same, main's v2 (ids by log-probability)",
+            "topk current": f"topk k={TOP_K}: the same, this writer (ids ascending)",
+        }
+        rates = {clock: tokens_per_second(reads, full, clock=CLOCKS[clock]) for clock in ("wall", "cpu")}
+        print("| read | tokens/s (wall) | tokens/CPU-s | ratio (CPU) |\n|---|---:|---:|---:|")
+        for name, label in labels.items():
+            print(f"| {label} | {rates['wall'][name]:,.0f} | {rates['cpu'][name]:,.0f} | "
+                  f"{rates['cpu'][name] / rates['cpu']['plain']:.2f} |")
+        print()
         print("| peak RSS (fresh process) | MiB |\n|---|---|")
         for label, case, cache in [
             ("import only", "import", single),

@@ -28,6 +28,12 @@ is not); per column; and the error of each version's stored log-probabilities ag
 teacher's float32 values, in nats and in probability. It does so for the teacher and for a copy of it
 whose output head is scaled by ``--sharpen`` (logits times that factor: a more peaked teacher).
 
+``--wide`` measures v1, main's v2 and this writer (topk ids ascending: the format v3 candidate) at real
+vocabulary widths instead (``--wide-widths``), on ``wide_vocab.py``'s fan-out stand-in: each of the
+teacher's ids fans out to ``width / vocab`` wide ids with a context-dependent split, sharpened to
+``--distinct`` ids per position at N=50; bytes per stored entry in total, per column, and under the
+levers measured (zstd level, row-group size, PLAIN ids, sample ids ascending, one mantissa bit fewer).
+
 Finally the same targets in the layouts people use today: axolotl's KD dataset columns
 (``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
 ``target_mask: list<list<int64>>``; ``target_counts`` too for sample) as Arrow IPC (what
@@ -46,13 +52,16 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
+from harness import best_time, ensure_teacher, main_v2_layout, small_corpus, teacher_arguments
+from wide_vocab import Fanout, calibrate, wide_targets
 
 from logitcache.build.run import run_build
 from logitcache.build.settings import BuildSettings
@@ -67,6 +76,7 @@ from logitcache.cache.format import (
     to_table,
 )
 from logitcache.cache.summary import summarize
+from logitcache.targets.spec import SAMPLE_LOGPROB_BITS
 from logitcache.teacher.load import load_teacher
 
 # ---- writer variants -----------------------------------------------------------------------
@@ -406,18 +416,9 @@ def sharpened_teacher(teacher_dir: Path, out: Path, factor: float) -> Path:
 
 
 def version_sizes(t: WindowTargets, meta: dict, version: int) -> tuple[int, dict[str, int]]:
-    """(file bytes, compressed bytes per column) of ``t`` written as a shard of format ``version``."""
-    table = to_table(t, {**meta, "format_version": version})
-    data = write_bytes(table, parquet_options(table))
-    parquet = pq.ParquetFile(io.BytesIO(data)).metadata
-    columns: dict[str, int] = {}
-    for g in range(parquet.num_row_groups):
-        for c in range(parquet.num_columns):
-            chunk = parquet.row_group(g).column(c)
-            name = chunk.path_in_schema.split(".")[0]
-            columns[name] = columns.get(name, 0) + chunk.total_compressed_size
-    columns["(footer and metadata)"] = len(data) - sum(columns.values())
-    return len(data), columns
+    """(file bytes, compressed bytes per column) of ``t`` written as a shard of format ``version`` (this writer)."""
+    sizes = layout_sizes(t, meta, "v1" if version == 1 else "current")
+    return sizes.pop("total"), sizes
 
 
 def format_table(caches: dict[str, Cache], widths: list[int], vocab: int) -> list[str]:
@@ -595,6 +596,108 @@ def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
     print("\n## Stored log-probabilities against the teacher's float32 values\n\n" + "\n".join(error_table(caches, teachers)))
 
 
+# ---- real vocabulary widths (the fan-out stand-in) -----------------------------------------
+
+
+def layout_sizes(t: WindowTargets, meta: dict, layout: str, **override) -> dict[str, int]:
+    """Compressed bytes per column (and ``total``) of ``t`` written as ``layout``: ``v1``, ``v2 main`` (ids by
+    log-probability) or ``current`` (this writer); ``override``: ``pq.write_table`` options changed."""
+    version = 1 if layout == "v1" else shards_mod.FORMAT_VERSION
+    with main_v2_layout() if layout == "v2 main" else nullcontext():
+        table = to_table(t, {**meta, "format_version": version})
+        data = write_bytes(table, {**parquet_options(table), **override})
+    parquet = pq.ParquetFile(io.BytesIO(data)).metadata
+    columns: dict[str, int] = {}
+    for g in range(parquet.num_row_groups):
+        for c in range(parquet.num_columns):
+            chunk = parquet.row_group(g).column(c)
+            name = chunk.path_in_schema.split(".")[0]
+            columns[name] = columns.get(name, 0) + chunk.total_compressed_size
+    columns["(footer and metadata)"] = len(data) - sum(columns.values())
+    columns["total"] = len(data)
+    return columns
+
+
+def wide_caches(args, teacher_dir: Path, corpus: Path, work: Path) -> tuple[dict[str, tuple[WindowTargets, dict]], list[str]]:
+    """The stand-in's topk k=32 and sample N=50 targets at each width and id order, with their shard metadata;
+    and a table of what each is (sharpening, distinct ids per position and per row group)."""
+    settings = BuildSettings(out=work / "windows", teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len,
+                             batch_size=args.batch_size, shard_size=512, overwrite=True, packing="stream", method="topk", k=32)
+    teacher = load_teacher(settings.teacher, settings.teacher_options())
+    run_build(settings, teacher=teacher)
+    windows = WindowTargets.concat([read_shard(settings.out / s["file"]) for s in Cache(settings.out).manifest["shards"]])
+    meta = shard_metadata(settings.out / "shard-00000.parquet")
+    vocab = teacher.vocab_size
+    params = {"topk k=32": ("topk", {"k": 32}),
+              "sample N=50": ("sample", {"samples": 50, "proposal_temperature": 1.0, "logprob_bits": SAMPLE_LOGPROB_BITS})}
+    caches, rows = {}, ["| width | ids numbered | sharpen | cache | distinct ids per position | distinct ids per row group |",
+                        "|---:|---|---:|---|---:|---:|"]
+    for width in [vocab, *args.wide_widths]:
+        for order in ["as the teacher's"] if width == vocab else ["at random", "by frequency"]:
+            fanout = Fanout(vocab, width, frequency_order=order == "by frequency")
+            sharpen = calibrate(teacher, windows.input_ids, fanout, args.distinct)
+            for label, (method, p) in params.items():
+                t = wide_targets(teacher, windows, fanout, sharpen, method)
+                if method == "sample":  # what a sample build stores (rounded once from float32)
+                    t = replace(t, target_logprobs=round_mantissa(t.target_logprobs, p["logprob_bits"]))
+                group = shards_mod.ROW_GROUP_ROWS
+                distinct = np.mean([len(np.unique(t.select(np.arange(i, min(i + group, len(t)))).target_ids))
+                                    for i in range(0, len(t), group)])
+                name = f"{label}, {width:,} ids" + ("" if width == vocab else f", numbered {order}")
+                caches[name] = (t, {**meta, "method": method, "params": p})
+                rows.append(f"| {width:,} | {order} | {sharpen:.3f} | {label} | {len(t.target_ids) / t.target_lengths.size:.2f} | "
+                            f"{distinct:,.0f} |")
+                print(rows[-1], file=sys.stderr, flush=True)
+    return caches, rows
+
+
+WIDE_LEVERS: dict[str, tuple[str, dict]] = {
+    "v1": ("v1", {}),
+    "v2 (main)": ("v2 main", {}),
+    "this branch": ("current", {}),
+    "this branch, zstd-7": ("current", {"compression_level": 7}),
+    "this branch, zstd-9": ("current", {"compression_level": 9}),
+    "this branch, row groups of 512 windows": ("current", {"row_group_size": 512}),
+    # as many positions as a row group of 128 windows of 2,048 tokens (16 x 128 tokens)
+    "this branch, row groups of 2,048 windows": ("current", {"row_group_size": 2048}),
+    "this branch, target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
+}
+
+
+def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
+    """B/entry of v1, main's v2 and this writer on the fan-out stand-in at real widths (``--wide``)."""
+    caches, what = wide_caches(args, teacher_dir, corpus, work)
+    print(f"teacher {teacher_dir}; seq_len {args.seq_len}; pyarrow {pa.__version__}; fan-out stand-in "
+          f"(benchmarks/wide_vocab.py), calibrated to {args.distinct} distinct ids per position at N=50")
+    print("\n## The stand-in caches\n\n" + "\n".join(what), flush=True)
+    names = ["input_ids", "target_lengths", "target_ids", "target_logprobs", "tail_logprob", "target_counts", "gold_logprob",
+             "(footer and metadata)", "total"]
+    totals = ["| cache | " + " | ".join(WIDE_LEVERS) + " |", "|---|" + "---:|" * len(WIDE_LEVERS)]
+    by_column = ["| cache | layout | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for name, (t, meta) in caches.items():
+        entries = len(t.target_ids)
+        cells = []
+        for label, (layout, override) in WIDE_LEVERS.items():
+            sizes = layout_sizes(t, meta, layout, **override)
+            cells.append(f"{sizes['total'] / entries:.3f}")
+            if not override:
+                by_column.append(f"| {name} | {label} | " + " | ".join(
+                    "—" if n not in sizes else f"{sizes[n] / entries:.3f}" for n in names) + " |")
+        if t.target_counts is not None:  # sample levers not taken: ids ascending, as topk; fewer mantissa bits
+            cells.append(f"{layout_sizes(shards_mod.ascending_ids(t), meta, 'current')['total'] / entries:.3f}")
+            fewer = {**meta, "params": {**meta["params"], "logprob_bits": SAMPLE_LOGPROB_BITS - 1}}
+            rounded = replace(t, target_logprobs=round_mantissa(t.target_logprobs, SAMPLE_LOGPROB_BITS - 1))
+            cells.append(f"{layout_sizes(rounded, fewer, 'current')['total'] / entries:.3f}")
+        else:
+            cells += ["—", "—"]
+        totals.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(totals[-1], file=sys.stderr, flush=True)
+    totals[0] += f" sample ids ascending (not taken) | sample --logprob-bits {SAMPLE_LOGPROB_BITS - 1} |"
+    totals[1] += "---:|---:|"
+    print("\n## Bytes per stored entry, all columns\n\n" + "\n".join(totals), flush=True)
+    print("\n## By column\n\n" + "\n".join(by_column))
+
+
 # ---- main ----------------------------------------------------------------------------------
 
 
@@ -619,6 +722,13 @@ def main() -> None:
                         help="--formats: id widths the ids are mapped into")
     parser.add_argument("--sharpen", type=float, default=1.25,
                         help="--formats: factor on the sharpened teacher copy's logits")
+    parser.add_argument("--wide", action="store_true",
+                        help="measure v1, main's v2 and this writer on the fan-out stand-in at real widths instead")
+    parser.add_argument("--wide-widths", type=int, nargs="*", default=[32_768, 131_072, 262_144],
+                        help="--wide: vocabulary widths (multiples of the teacher's)")
+    parser.add_argument("--distinct", type=float, default=18.2,
+                        help="--wide: distinct ids per position at N=50 the stand-in is sharpened to (the issue's real "
+                             "teacher: 17.6-18.9)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -629,6 +739,9 @@ def main() -> None:
         corpus = small_corpus(corpus, work / "bench.jsonl", args.corpus_bytes)
         if args.formats:
             formats_report(args, teacher_dir, corpus, work)
+            return
+        if args.wide:
+            wide_report(args, teacher_dir, corpus, work)
             return
         base = dict(teacher=teacher_dir, corpus=corpus, seq_len=args.seq_len, batch_size=args.batch_size, shard_size=512, overwrite=True,
                     packing="stream")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from datasets import load_dataset
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def read_manifest(cache_dir: str | Path) -> dict:

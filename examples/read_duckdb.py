@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Per-method SQL: extra per-position column, extra per-entry column, target probability of an entry.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),

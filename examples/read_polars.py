@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def read_manifest(cache_dir: str | Path) -> dict:

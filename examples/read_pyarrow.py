@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 def read_manifest(cache_dir: str | Path) -> dict:

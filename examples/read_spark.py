@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from pyspark.sql import SparkSession
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Per-method SQL: the extra column of a position (and its name), and the target probability of its entries.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),

@@ -39,14 +39,16 @@ def test_topk_targets_match_the_teacher(teacher_dir, topk_cache):
     assert validate_cache(topk_cache) == []
     ref = teacher_logprobs(teacher_dir, t.input_ids[:3])[:, :-1]  # [3, n-1, V]
     top_lp, top_ids = torch.topk(ref, 8, dim=-1)
+    tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-7))
+    by_id = top_ids.argsort(-1)  # a topk shard holds each position's ids ascending
+    top_lp, top_ids = top_lp.gather(-1, by_id), top_ids.gather(-1, by_id)
     ids = torch.from_numpy(t.target_ids.astype(np.int64)).view(-1, SEQ_LEN - 1, 8)[:3]
     lps = torch.from_numpy(t.target_logprobs.astype(np.float32)).view(-1, SEQ_LEN - 1, 8)[:3]
     torch.testing.assert_close(lps, top_lp, atol=2e-2, rtol=2e-3)
     agree = (ids == top_ids).float().mean()
-    assert agree > 0.98  # ties within float16 may reorder a few ids
+    assert agree > 0.98  # ties within the stored precision may swap an id at the k-th place
     gold = ref.gather(-1, torch.from_numpy(t.input_ids[:3, 1:].astype(np.int64))[..., None])[..., 0]
     torch.testing.assert_close(torch.from_numpy(t.gold_logprob[:3].astype(np.float32)), gold, atol=2e-2, rtol=2e-3)
-    tail = torch.log1p(-top_lp.exp().sum(-1).clamp(max=1 - 1e-7))
     torch.testing.assert_close(torch.from_numpy(t.tail_logprob[:3].astype(np.float32)), tail, atol=2e-2, rtol=2e-3)
     assert np.all(t.target_lengths == 8)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import as_version, build_cache, run_cli
 
-from logitcache.cache.format import FORMAT_VERSION, read_shard
+from logitcache.cache.format import FORMAT_VERSION, WindowTargets, read_shard
 from logitcache.cache.manifest import read_manifest
 from logitcache.cache.summary import summarize
 from logitcache.cache.validate import validate_cache
@@ -201,3 +201,49 @@ def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
     assert pq.read_schema(sample_cache / "shard-00000.parquet").field("target_counts").type.value_type == pa.uint8()
     assert shard_metadata(sample_cache / "shard-00000.parquet")["logprob_mantissa_bits"] == {
         "target_logprobs": 7, "gold_logprob": 10}
+
+
+def test_topk_shards_hold_ids_ascending_and_the_losses_are_those_of_the_logprob_order(topk_cache, sample_cache):
+    """A topk shard holds each position's ids ascending (log-probabilities moved with them);
+    the same targets ordered by descending log-probability (v1's order) give every loss the same value, up to
+    float summation order, but BiLD and RLKD: they pick the teacher's top cached ids by value, and where
+    rounded values tie at the k-th place the stored order decides which id is picked (the descending order
+    is the unrounded one), so they agree only to within that tie. Sample shards keep the descending order."""
+    import torch
+
+    from logitcache.cache.format import ascending_order
+    from logitcache.loader.collate import collate
+    from logitcache.losses.sparse import LOSSES
+
+    def positions(t: WindowTargets, values: np.ndarray) -> list[np.ndarray]:
+        return np.split(values, np.cumsum(t.target_lengths.reshape(-1).astype(np.int64))[:-1])
+
+    shard = topk_cache / "shard-00000.parquet"
+    stored = read_shard(shard)
+    assert all(np.all(np.diff(ids) > 0) for ids in positions(stored, stored.target_ids))
+    sample = read_shard(sample_cache / "shard-00000.parquet")
+    assert all(np.all(np.diff(lp) <= 0) for lp in positions(sample, sample.target_logprobs))
+    by_logprob = ascending_order(-stored.target_logprobs, stored.target_lengths)
+    assert not np.array_equal(by_logprob, np.arange(len(by_logprob)))  # the orders differ: the check below says something
+    original = WindowTargets(**{**stored.__dict__, "target_ids": stored.target_ids[by_logprob],
+                                "target_logprobs": stored.target_logprobs[by_logprob]})
+    manifest = read_manifest(topk_cache)
+    batches = [collate([t.select(np.arange(4))], manifest) for t in (stored, original)]
+    logits = torch.randn(*batches[0]["labels"].shape, manifest["vocab_size"], generator=torch.Generator().manual_seed(0))
+    for name in (name for name in LOSSES if name not in ("rs-kd", "minillm")):  # a sample cache; generated answers
+        ascending, descending = (LOSSES[name](logits, batch).total for batch in batches)
+        tolerance = 1e-3 if name in ("bild", "rlkd") else 1e-6
+        assert torch.allclose(ascending, descending, rtol=tolerance, atol=1e-6), name
+
+
+@pytest.mark.parametrize("block", [3, 1 << 16])
+def test_ascending_order_sorts_each_position_and_keeps_positions_in_place(block):
+    """Against a lexsort by (position, id): ragged positions, empty ones, full ones (topk), across blocks."""
+    from logitcache.cache.format import ascending_order
+
+    rng = np.random.default_rng(0)
+    for lengths in (rng.integers(0, 7, size=200), np.full(200, 5), np.zeros(10, dtype=np.int64)):
+        lengths = lengths.astype(np.uint16)
+        ids = rng.permutation(10**6)[: int(lengths.sum())].astype(np.int32)
+        position = np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
+        assert np.array_equal(ascending_order(ids, lengths, block=block), np.lexsort((ids, position)))

@@ -19,7 +19,8 @@ Format v3 adds one per-position column to the caches of chat and prompt-response
 (:func:`has_behavior`): ``behavior_logprob[t]``, the log-probability with which the model that generated
 the response drew token ``t + 1`` (``logitcache generate``'s ``response_logprobs``), NaN where the token
 was not drawn by a recorded sampler (the prompt, the template's text, a reference answer). On-policy
-losses importance-weight stale samples with it. Everything else is v2's.
+losses importance-weight stale samples with it. And a ``topk`` shard holds each position's ids ascending
+(:func:`ids_ascending`), where v1 and v2 held them by descending log-probability. Everything else is v2's.
 """
 
 from __future__ import annotations
@@ -55,11 +56,26 @@ ZSTD_LEVEL = 5  # vs 3: ~2 % smaller shards for ~25 % more write CPU (benchmarks
 
 # Integer columns whose values recur within a row group (ids, draw counts, per-position lengths) are
 # dictionary-encoded: the dictionary holds only the ids a row group uses, so its bit-packed indices
-# stay narrow whatever the vocabulary. v2's float32 log-probabilities are BYTE_STREAM_SPLIT (their
-# bytes in separate streams: the rounded-off low bytes are all zero and compress away; pyarrow writes
-# it, DuckDB, Polars, Spark's parquet-java and Trino read it for FLOAT). Everything else is PLAIN.
+# stay narrow whatever the vocabulary (PLAIN ascending ids are smaller still, but slower to read:
+# benchmarks/RESULTS.md). v2's float32 log-probabilities are BYTE_STREAM_SPLIT (their bytes in
+# separate streams: the rounded-off low bytes are all zero and compress away; pyarrow writes it,
+# DuckDB, Polars, Spark's parquet-java and Trino read it for FLOAT). Everything else is PLAIN.
 # Measured in benchmarks/bench_storage.py (benchmarks/RESULTS.md).
 DICTIONARY_COLUMNS = ("target_lengths", "target_ids", "target_counts")
+
+
+# The first format version whose topk shards hold each position's ids ascending (v1 and v2: by descending
+# log-probability): neighbouring positions share most of their top-k ids, and in ascending order zstd
+# finds those runs (benchmarks/RESULTS.md, issue 17). Reading does not depend on the order. Sample shards
+# keep the descending order: ascending ids made them larger (+0.01 to +0.08 B/entry), and their 7-bit log-probabilities tie often, where that order is the only record of
+# the teacher's unrounded ranking, which BiLD's and RLKD's top-k picks use.
+IDS_ASCENDING_SINCE = 3
+
+
+def ids_ascending(version: int, method: str) -> bool:
+    """Whether ``method`` shards of format ``version`` hold each position's ids ascending (else by descending
+    log-probability)."""
+    return method == "topk" and version >= IDS_ASCENDING_SINCE
 
 
 # Largest values the fixed dtypes hold; builds beyond them are refused up front.
@@ -271,6 +287,8 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
             values = values.astype(np.float16) if version == 1 else round_mantissa(values, metadata["logprob_mantissa_bits"][name])
         return list_column(values, row_lengths, schema.field(name).type.value_type)
 
+    if ids_ascending(version, targets.method):
+        targets = ascending_ids(targets)
     b, n = targets.input_ids.shape
     tokens = targets.tokens()
     positions = tokens - 1
@@ -298,6 +316,39 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     if behavior:
         columns[BEHAVIOR_COLUMN] = per_position(BEHAVIOR_COLUMN, targets.behavior_logprob)
     return pa.table(columns, schema=schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True)}))
+
+
+def ascending_order(values: np.ndarray, lengths: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """``[S] int64``: the permutation of flat per-id entries that sorts each position's ``values [S]`` (ids, or
+    any sortable key; ties in any order) ascending; positions are consecutive runs of ``lengths [...]`` entries
+    and stay where they are. ``block`` positions at a time, so that a whole shard is not padded at once."""
+    lengths = lengths.reshape(-1).astype(np.int64)
+    ends = np.cumsum(lengths)
+    pad = np.inf if np.issubdtype(values.dtype, np.floating) else np.iinfo(values.dtype).max  # sorts last
+    order = np.empty(len(values), dtype=np.int64)
+    for first in range(0, len(lengths), block):
+        sizes = lengths[first : first + block]
+        starts = ends[first : first + block] - sizes
+        entries = slice(starts[0], starts[-1] + sizes[-1])
+        width = int(sizes.max())
+        if width == 0:
+            continue
+        if np.all(sizes == width):  # every position full (topk): no padding
+            order[entries] = (starts[:, None] + np.argsort(values[entries].reshape(-1, width), axis=1)).reshape(-1)
+            continue
+        filled = leading_mask(sizes, width)  # [positions, widest]
+        padded = np.full(filled.shape, pad, dtype=values.dtype)
+        padded[filled] = values[entries]
+        order[entries] = (starts[:, None] + np.argsort(padded, axis=1))[filled]
+    return order
+
+
+def ascending_ids(targets: WindowTargets) -> WindowTargets:
+    """The same targets with each position's ids ascending (their log-probabilities and counts with them)."""
+    order = ascending_order(targets.target_ids, targets.target_lengths)
+    counts = None if targets.target_counts is None else targets.target_counts[order]
+    return replace(targets, target_ids=targets.target_ids[order], target_logprobs=targets.target_logprobs[order],
+                   target_counts=counts)
 
 
 def parquet_options(table: pa.Table, zstd_level: int = ZSTD_LEVEL) -> dict:
