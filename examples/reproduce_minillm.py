@@ -15,6 +15,8 @@ from them). Everything shares the task set, tokenizer and teacher of ``examples/
      plus the length-normalised long-term term, importance-weighted against the sampling log-probabilities);
    - on-policy rounds with ``reverse-kl`` (token-level reverse KL on the cached ids: the single-step term
      alone), to see what the long-term policy gradient adds;
+   - on-policy rounds with ``minillm`` where half of each round's examples are training chats with their
+     reference answers (``--off-policy-fraction 0.5``: the single-step term alone on those);
    each round (``--rounds``, ``--kd-steps / --rounds`` steps each) answers ``--prompts-per-round`` training
    prompts at temperature 1 and caches the answers with the teacher (top-k 32);
 3. scores on the held-out prompts: exact match and ROUGE-L of greedy answers, the LM loss of the reference
@@ -36,6 +38,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +64,23 @@ from reproduce_bild import build, common_settings, context, machine, score, sft_
 from tasks import write_records  # noqa: E402
 
 K = 32  # top-k of every cache the students learn from
-ON_POLICY = {"on-policy rounds, minillm": "minillm", "on-policy rounds, token-level reverse KL": "reverse-kl"}
+@dataclass(frozen=True)
+class OnPolicy:
+    """An on-policy method: its loss, and the fraction of each round's examples that are teacher-forced."""
+
+    loss: str
+    off_policy_fraction: float = 0.0
+
+    @property
+    def folder(self) -> str:
+        return f"rounds-{self.loss}" + (f"-mixed-{self.off_policy_fraction:g}" if self.off_policy_fraction else "")
+
+
+ON_POLICY = {
+    "on-policy rounds, minillm": OnPolicy("minillm"),
+    "on-policy rounds, token-level reverse KL": OnPolicy("reverse-kl"),
+    "on-policy rounds, minillm, half teacher-forced": OnPolicy("minillm", 0.5),
+}
 FORWARD_KD = "forward KD (top-k 32 of the reference answers)"
 SFT_START = "SFT start"
 
@@ -134,11 +153,14 @@ def forward_kd(args: argparse.Namespace, cache: Path, sft: Path, seed: int) -> t
     return Path(metrics["student"]), {"train": time.perf_counter() - started}
 
 
-def on_policy(args: argparse.Namespace, teacher: Path, sft: Path, loss: str, seed: int) -> tuple[Path, dict]:
-    """``logitcache rounds`` from the SFT student; returns the last round's student and the rounds' stage times."""
-    out = args.out / f"seed-{seed}" / f"rounds-{loss}"
+def on_policy(args: argparse.Namespace, teacher: Path, sft: Path, method: OnPolicy, seed: int) -> tuple[Path, dict]:
+    """``logitcache rounds`` from the SFT student; returns the last round's student and the rounds' stage times.
+    Teacher-forced records, where mixed in, are training chats with their reference answers."""
+    out = args.out / f"seed-{seed}" / method.folder
+    train = args.out / "tasks" / "train.jsonl"
     per_round = run_rounds(RoundsSettings(
-        teacher=teacher, student=sft, prompts=args.out / "tasks" / "train.jsonl", out=out, loss=loss,
+        teacher=teacher, student=sft, prompts=train, out=out, loss=method.loss,
+        off_policy_fraction=method.off_policy_fraction, off_policy_data=train if method.off_policy_fraction else None,
         rounds=args.rounds, steps=args.kd_steps // args.rounds, prompts_per_round=args.prompts_per_round,
         temperature=1.0, max_new_tokens=args.max_new_tokens, generate_batch_size=100, method="topk", k=K,
         seq_len=context(args), build_batch_size=32, batch_size=args.batch_size, lr=args.lr,
@@ -249,8 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
         sft = Path(run_train(sft_settings(args, folder / "sft", init, args.sft_steps, seed))["student"])
         students = {SFT_START: (sft, {"train": time.perf_counter() - sft_start}),
                     FORWARD_KD: forward_kd(args, train_cache, sft, seed)}
-        for name, loss in ON_POLICY.items():
-            students[name] = on_policy(args, teacher, sft, loss, seed)
+        for name, method in ON_POLICY.items():
+            students[name] = on_policy(args, teacher, sft, method, seed)
         for row in rows:
             model, seconds = students[row["name"]]
             run = {"seed": seed, "seconds": seconds, **scores(args, model, teacher, held_out_cache,

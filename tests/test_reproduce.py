@@ -17,6 +17,7 @@ cache naming the student that answered.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -126,6 +127,8 @@ def test_reproduce_minillm_at_tiny_size(tmp_path, monkeypatch):
     for run in rows["on-policy rounds, minillm"]["seeds"]:
         assert run["seconds"]["generate"] > 0 and run["seconds"]["build"] > 0 and run["seconds"]["train"] > 0
     rounds = out / "seed-0" / "rounds-minillm"
+    mixed = [json.loads(line) for line in (out / "seed-0" / "rounds-minillm-mixed-0.5" / "round-0" / "mixed.jsonl").read_text().splitlines()]
+    assert sum(r["off_policy"] for r in mixed) == sum(not r["off_policy"] for r in mixed) > 0
     sft = out / "seed-0" / "sft" / "student"
     assert read_manifest(rounds / "round-0" / "cache")["corpus"]["generated_by"]["model_fingerprint"] == weights_fingerprint(sft)
     previous = rounds / "round-0" / "student" / "student"
