@@ -4,7 +4,7 @@
 
 Writes a synthetic sample-method cache (seq_len 256, ~32 ids per position, vocab 8192) into a
 temporary directory, the same targets in shard format v1 (float16 log-probabilities), and a synthetic
-topk k=32 cache three ways: v1, main's v2 (ids by descending log-probability) and this writer (ids
+topk k=32 cache three ways: v1, v2 (ids by descending log-probability) and this writer (ids
 ascending); all read in the same interleaved rounds, timed by the wall clock and
 by this process's CPU time (steadier on a shared machine). Throughput runs in this process (shards on
 disk, batches collated, no DataLoader workers); each peak-RSS case runs in a fresh subprocess.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from harness import CLOCKS, fastest, main_v2_layout, peak_rss, run_fresh
+from harness import CLOCKS, fastest, v2_layout, peak_rss, run_fresh
 
 from logitcache.cache.format import FORMAT_VERSION, WindowTargets, write_shard
 from logitcache.cache.layout import shard_name
@@ -101,7 +101,7 @@ def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path, Path]:
     return full, single, v1
 
 
-TOPK_LAYOUTS = ("v1", "v2 main", "current")
+TOPK_LAYOUTS = ("v1", "v2", "current")
 
 
 def make_topk_caches(root: Path, shards: int, rows: int) -> dict[str, Path]:
@@ -114,7 +114,7 @@ def make_topk_caches(root: Path, shards: int, rows: int) -> dict[str, Path]:
         targets = synthetic_topk_shard(rng, i * rows, rows)
         for layout, folder in folders.items():
             version = 1 if layout == "v1" else FORMAT_VERSION
-            with main_v2_layout() if layout == "v2 main" else nullcontext():
+            with v2_layout() if layout == "v2" else nullcontext():
                 write_shard(folder / shard_name(i), targets, {"bench": True, "params": PARAMS["topk"], "format_version": version})
     for layout, folder in folders.items():
         write_manifest_for(folder, [rows] * shards, version=1 if layout == "v1" else FORMAT_VERSION, method="topk")
@@ -197,7 +197,7 @@ def report(shards: int, rows: int) -> None:
             "numpy": "sample: the same, numpy collate (`LOGITCACHE_NATIVE=0`)",
             "loader v1": "sample: `CacheDataset` + `collate`, the same targets in format v1",
             "topk v1": f"topk k={TOP_K}: `CacheDataset` + `collate`, format v1",
-            "topk v2 main": f"topk k={TOP_K}: the same, main's v2 (ids by log-probability)",
+            "topk v2": f"topk k={TOP_K}: the same, v2 (ids by log-probability)",
             "topk current": f"topk k={TOP_K}: the same, this writer (ids ascending)",
         }
         rates = {clock: tokens_per_second(reads, full, clock=CLOCKS[clock]) for clock in ("wall", "cpu")}

@@ -28,7 +28,7 @@ is not); per column; and the error of each version's stored log-probabilities ag
 teacher's float32 values, in nats and in probability. It does so for the teacher and for a copy of it
 whose output head is scaled by ``--sharpen`` (logits times that factor: a more peaked teacher).
 
-``--wide`` measures v1, main's v2 and this writer (topk ids ascending: the format v3 candidate) at real
+``--wide`` measures v1, v2 and this writer (topk ids ascending: the format v3 candidate) at real
 vocabulary widths instead (``--wide-widths``), on ``wide_vocab.py``'s fan-out stand-in: each of the
 teacher's ids fans out to ``width / vocab`` wide ids with a context-dependent split, sharpened to
 ``--distinct`` ids per position at N=50; bytes per stored entry in total, per column, and under the
@@ -60,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from harness import best_time, ensure_teacher, main_v2_layout, small_corpus, teacher_arguments
+from harness import best_time, ensure_teacher, v2_layout, small_corpus, teacher_arguments
 from wide_vocab import Fanout, calibrate, wide_targets
 
 from logitcache.build.run import run_build
@@ -600,10 +600,10 @@ def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
 
 
 def layout_sizes(t: WindowTargets, meta: dict, layout: str, **override) -> dict[str, int]:
-    """Compressed bytes per column (and ``total``) of ``t`` written as ``layout``: ``v1``, ``v2 main`` (ids by
+    """Compressed bytes per column (and ``total``) of ``t`` written as ``layout``: ``v1``, ``v2`` (ids by
     log-probability) or ``current`` (this writer); ``override``: ``pq.write_table`` options changed."""
     version = 1 if layout == "v1" else shards_mod.FORMAT_VERSION
-    with main_v2_layout() if layout == "v2 main" else nullcontext():
+    with v2_layout() if layout == "v2" else nullcontext():
         table = to_table(t, {**meta, "format_version": version})
         data = write_bytes(table, {**parquet_options(table), **override})
     parquet = pq.ParquetFile(io.BytesIO(data)).metadata
@@ -653,19 +653,19 @@ def wide_caches(args, teacher_dir: Path, corpus: Path, work: Path) -> tuple[dict
 
 WIDE_LEVERS: dict[str, tuple[str, dict]] = {
     "v1": ("v1", {}),
-    "v2 (main)": ("v2 main", {}),
-    "this branch": ("current", {}),
-    "this branch, zstd-7": ("current", {"compression_level": 7}),
-    "this branch, zstd-9": ("current", {"compression_level": 9}),
-    "this branch, row groups of 512 windows": ("current", {"row_group_size": 512}),
+    "v2": ("v2", {}),
+    "v3": ("current", {}),
+    "v3, zstd-7": ("current", {"compression_level": 7}),
+    "v3, zstd-9": ("current", {"compression_level": 9}),
+    "v3, row groups of 512 windows": ("current", {"row_group_size": 512}),
     # as many positions as a row group of 128 windows of 2,048 tokens (16 x 128 tokens)
-    "this branch, row groups of 2,048 windows": ("current", {"row_group_size": 2048}),
-    "this branch, target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
+    "v3, row groups of 2,048 windows": ("current", {"row_group_size": 2048}),
+    "v3, target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
 }
 
 
 def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
-    """B/entry of v1, main's v2 and this writer on the fan-out stand-in at real widths (``--wide``)."""
+    """B/entry of v1, v2 and this writer on the fan-out stand-in at real widths (``--wide``)."""
     caches, what = wide_caches(args, teacher_dir, corpus, work)
     print(f"teacher {teacher_dir}; seq_len {args.seq_len}; pyarrow {pa.__version__}; fan-out stand-in "
           f"(benchmarks/wide_vocab.py), calibrated to {args.distinct} distinct ids per position at N=50")
@@ -723,7 +723,7 @@ def main() -> None:
     parser.add_argument("--sharpen", type=float, default=1.25,
                         help="--formats: factor on the sharpened teacher copy's logits")
     parser.add_argument("--wide", action="store_true",
-                        help="measure v1, main's v2 and this writer on the fan-out stand-in at real widths instead")
+                        help="measure v1, v2 and this writer on the fan-out stand-in at real widths instead")
     parser.add_argument("--wide-widths", type=int, nargs="*", default=[32_768, 131_072, 262_144],
                         help="--wide: vocabulary widths (multiples of the teacher's)")
     parser.add_argument("--distinct", type=float, default=18.2,

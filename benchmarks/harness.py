@@ -153,7 +153,7 @@ def teacher_arguments(parser, corpus_bytes: int = 400_000) -> None:
 
 
 @contextmanager
-def main_v2_layout() -> Iterator[None]:
+def v2_layout() -> Iterator[None]:
     """``to_table`` as format v2 wrote shards: every position's ids by descending log-probability (v3 writes topk
     ids ascending, see ``logitcache.cache.format.ids_ascending``); to measure both in one run."""
     from logitcache.cache import format as shards
