@@ -31,6 +31,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,10 +91,9 @@ CACHES = {  # cache name → the BuildSettings fields that make it
 HELD_OUT_BUILD = "topk-8"  # how the held-out chats are cached: only their tokens and response positions are used
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = parser.add_argument
-    add("--out", type=Path, default=Path("bild-out"), help="folder for everything the run makes")
+def add_task_arguments(add: Callable[..., object]) -> None:
+    """The options of the task set, the tokenizer, the teacher, the students' size and training, scoring and the
+    machine (``add``: a parser's ``add_argument``), which reproduce_minillm.py shares."""
     add("--train", type=int, default=20000, help="training prompts (the kinds in turn)")
     add("--held-out", type=int, default=200, help="held-out prompts, none of them a training prompt")
     add("--task-seed", type=int, default=0, help="seed of the task set")
@@ -101,18 +101,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--teacher-preset", default="micro", help="teacher size (logitcache.train.student.MODEL_PRESETS)")
     add("--teacher-steps", type=int, default=3000, help="teacher fine-tuning steps")
     add("--student-preset", default="nano", help="student size")
-    add("--student-steps", type=int, default=500, help="steps for every student")
-    add("--seq-len", type=int, default=96, help="longest rendered chat in tokens (longer ones are cut; the report counts them)")
+    add("--seq-len", type=int, default=96, help="longest rendered training chat in tokens (longer ones are cut; the report counts them)")
     add("--batch-size", type=int, default=32, help="chats per step (teacher and students)")
     add("--lr", type=float, default=3e-3, help="peak learning rate of teacher and students")
-    add("--max-new-tokens", type=int, default=32, help="longest greedy answer when scoring")
-    add("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds (initial weights and data order)")
+    add("--max-new-tokens", type=int, default=32, help="longest generated answer (greedy when scoring)")
+    add("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds (initial weights, data order, samples)")
     add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--out", type=Path, default=Path("bild-out"), help="folder for everything the run makes")
+    add_task_arguments(add)
+    add("--student-steps", type=int, default=500, help="steps for every student")
     args = parser.parse_args(argv)
+    check_task_arguments(parser, args)
+    return args
+
+
+def check_task_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``parser.error``) a held-out set without a prompt of each kind."""
     if args.held_out < len(TASKS):
         parser.error(f"--held-out {args.held_out}: need at least {len(TASKS)}, one prompt of each kind")
-    return args
 
 
 # ---- tasks, teacher, caches ---------------------------------------------------------------
@@ -308,23 +320,29 @@ def main(argv: list[str] | None = None) -> dict:
                   f"LM loss {scores['lm_loss']:.3f}", flush=True)
 
     wall = time.monotonic() - started
-    command = "python examples/reproduce_bild.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     truncated = sum(read_manifest(cache)["corpus"]["truncated"] for cache in (caches["topk-8"], held_out_cache))
     sizes = (f"{args.train} training and {args.held_out} held-out prompts ({truncated} cut at --seq-len "
              f"{args.seq_len}), vocabulary {args.vocab}; teacher "
              f"{args.teacher_preset} x {args.teacher_steps} steps, students {args.student_preset} x {args.student_steps} "
              f"steps, {args.batch_size} chats per step")
+    tables = [results_table(teacher_scores, rows, args.seeds), kinds_table(teacher_scores, rows), storage_table(storage)]
+    return write_report(args.out, "reproduce_bild.py", argv, tables, sizes, wall,
+                        {"teacher": teacher_scores, "methods": rows, "storage": storage})
+
+
+def write_report(out: Path, script: str, argv: list[str] | None, tables: list[str], sizes: str, wall: float,
+                 results: dict) -> dict:
+    """``OUT/results.md`` (the ``tables``, the command, machine, sizes and wall time) and ``OUT/results.json``
+    (the same with ``results``), printed too; returns the JSON report."""
+    command = f"python examples/{script} " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     markdown = "\n\n".join([
-        results_table(teacher_scores, rows, args.seeds), kinds_table(teacher_scores, rows), storage_table(storage),
-        f"Command: `{command.strip()}`", f"Machine: {machine()}", f"Sizes: {sizes}", f"Wall time: {wall / 60:.1f} min",
+        *tables, f"Command: `{command.strip()}`", f"Machine: {machine()}", f"Sizes: {sizes}", f"Wall time: {wall / 60:.1f} min",
     ])
-    report = {"command": command.strip(), "machine": machine(), "sizes": sizes, "wall_seconds": wall,
-              "teacher": teacher_scores, "methods": rows, "storage": storage}
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown + "\n")
+    report = {"command": command.strip(), "machine": machine(), "sizes": sizes, "wall_seconds": wall, **results}
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "results.md").write_text(markdown + "\n")
     print("\n" + markdown, flush=True)
     return report
-
 
 if __name__ == "__main__":
     try:

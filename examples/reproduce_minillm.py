@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import statistics
 import sys
@@ -60,7 +59,18 @@ from logitcache.train.loop import run_train
 from logitcache.train.settings import TrainSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reproduce_bild.py and tasks.py, beside this script
-from reproduce_bild import build, common_settings, context, machine, score, sft_settings, train_teacher, write_task_set  # noqa: E402
+from reproduce_bild import (  # noqa: E402
+    add_task_arguments,
+    build,
+    check_task_arguments,
+    common_settings,
+    context,
+    score,
+    sft_settings,
+    train_teacher,
+    write_report,
+    write_task_set,
+)
 from tasks import write_records  # noqa: E402
 
 K = 32  # top-k of every cache the students learn from
@@ -92,26 +102,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--teacher-from", type=Path, default=None,
         help="take tasks/, tokenizer/, chat.jinja and the teacher from this earlier run's folder (reproduce_bild.py or "
              "this script, same task settings) instead of making them")
-    add("--train", type=int, default=20000, help="training prompts (the kinds in turn)")
-    add("--held-out", type=int, default=200, help="held-out prompts, none of them a training prompt")
-    add("--task-seed", type=int, default=0, help="seed of the task set")
-    add("--vocab", type=int, default=512, help="tokenizer vocabulary")
-    add("--teacher-preset", default="micro", help="teacher size (logitcache.train.student.MODEL_PRESETS)")
-    add("--teacher-steps", type=int, default=3000, help="teacher fine-tuning steps")
-    add("--student-preset", default="nano", help="student size")
+    add_task_arguments(add)
     add("--sft-steps", type=int, default=500, help="SFT steps of the student every method starts from")
     add("--kd-steps", type=int, default=300, help="distillation steps of every method after SFT")
     add("--rounds", type=int, default=3, help="on-policy rounds (each --kd-steps / --rounds steps)")
     add("--prompts-per-round", type=int, default=1600, help="training prompts the student answers each round")
     add("--fresh-samples", type=int, default=2, help="sampled answers per held-out prompt for the reverse KL")
-    add("--seq-len", type=int, default=96, help="longest rendered training chat in tokens")
-    add("--batch-size", type=int, default=32, help="chats per step")
-    add("--lr", type=float, default=3e-3, help="peak learning rate")
-    add("--max-new-tokens", type=int, default=32, help="longest answer, greedy or sampled")
-    add("--seeds", type=int, nargs="+", default=[0, 1], help="student seeds (initial weights, data order, samples)")
-    add("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    add("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    check_task_arguments(parser, args)
     if args.kd_steps % args.rounds:
         parser.error(f"--kd-steps {args.kd_steps} must be a multiple of --rounds {args.rounds}")
     return args
@@ -282,23 +280,13 @@ def main(argv: list[str] | None = None) -> dict:
                   f"LM loss {run['lm_loss']:.3f}, reverse KL {run['reverse_kl']:.3f}", flush=True)
 
     wall = time.monotonic() - started
-    command = "python examples/reproduce_minillm.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))
     sizes = (f"{args.train} training and {args.held_out} held-out prompts, vocabulary {args.vocab}; teacher "
              f"{args.teacher_preset} x {args.teacher_steps} steps{' (from ' + str(args.teacher_from) + ')' if args.teacher_from else ''}; "
              f"students {args.student_preset}: SFT {args.sft_steps} steps, then {args.kd_steps} steps of each method "
              f"({args.rounds} rounds of {args.kd_steps // args.rounds}, {args.prompts_per_round} prompts each); "
              f"{args.batch_size} chats per step; reverse KL on {args.fresh_samples} samples per held-out prompt")
-    markdown = "\n\n".join([
-        results_table(teacher_scores, rows, args.seeds), cost_table(rows),
-        f"Command: `{command.strip()}`", f"Machine: {machine()}", f"Sizes: {sizes}", f"Wall time: {wall / 60:.1f} min",
-    ])
-    report = {"command": command.strip(), "machine": machine(), "sizes": sizes, "wall_seconds": wall,
-              "teacher": teacher_scores, "methods": rows}
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown + "\n")
-    print("\n" + markdown, flush=True)
-    return report
-
+    return write_report(args.out, "reproduce_minillm.py", argv, [results_table(teacher_scores, rows, args.seeds), cost_table(rows)],
+                        sizes, wall, {"teacher": teacher_scores, "methods": rows})
 
 if __name__ == "__main__":
     try:
