@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from datasets import load_dataset
 
-FORMAT_VERSION = 3
+FORMAT_VERSIONS = (2, 3)  # v3 is v2 with topk ids ascending and, in chat caches, behavior_logprob
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -26,8 +26,8 @@ def read_manifest(cache_dir: str | Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"{cache_dir}: no manifest.json; give the folder `logitcache build --out` wrote")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != "logitcache" or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cache_dir}: not a logitcache format v{FORMAT_VERSION} cache")
+    if manifest.get("format") != "logitcache" or manifest.get("format_version") not in FORMAT_VERSIONS:
+        raise ValueError(f"{cache_dir}: not a logitcache cache of format version {FORMAT_VERSIONS}")
     return manifest
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = 3
+FORMAT_VERSIONS = (2, 3)  # v3 is v2 with topk ids ascending and, in chat caches, behavior_logprob
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -24,8 +24,8 @@ def read_manifest(cache_dir: str | Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"{cache_dir}: no manifest.json; give the folder `logitcache build --out` wrote")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != "logitcache" or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cache_dir}: not a logitcache format v{FORMAT_VERSION} cache")
+    if manifest.get("format") != "logitcache" or manifest.get("format_version") not in FORMAT_VERSIONS:
+        raise ValueError(f"{cache_dir}: not a logitcache cache of format version {FORMAT_VERSIONS}")
     return manifest
 
 

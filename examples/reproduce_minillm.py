@@ -226,7 +226,7 @@ def results_table(teacher: dict, rows: list[dict], seeds: list[int]) -> str:
 
 def cost_table(rows: list[dict]) -> str:
     """Wall time of each method's distillation by stage, summed over seeds, and each stage's fraction."""
-    lines = ["| method | generate s | build s | train s | total s | generate | build | train |", "|---" * 9 + "|"]
+    lines = ["| method | generate s | build s | train s | total s | generate | build | train |", "|---" * 8 + "|"]
     for row in rows:
         if row["name"] == SFT_START:
             continue

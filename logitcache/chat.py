@@ -113,7 +113,7 @@ class ChatStats:
     tokens: int = 0
     dropped_tokens: int = 0  # cut off by truncation, or in skipped examples
     target_positions: int = 0
-    sampled: int = 0  # generated records, scored on their drawn tokens
+    sampled: int = 0  # examples kept of generated records, scored on their drawn tokens
 
 
 # ---- records → messages -----------------------------------------------------------------------
@@ -295,6 +295,9 @@ class ChatRenderer:
         drawn tokens ``sampled.ids``, targets and behaviour log-probabilities on those tokens only."""
         if messages[-1]["role"] != "assistant":
             raise LogitcacheError(f"{where}: a generated record must end with the assistant's response")
+        if sampled.ids.max() >= len(self.tokenizer):
+            raise LogitcacheError(f"{where}: response_ids hold id {int(sampled.ids.max())}, beyond the tokenizer's "
+                                  f"{len(self.tokenizer)} tokens: generated with another tokenizer?")
         prompt = self.prompt_ids(split_reference(messages, where)[0], where)
         n = len(prompt) + len(sampled.ids)
         mask = np.zeros(n - 1, dtype=bool)
@@ -332,7 +335,6 @@ class ChatRenderer:
         for where, messages, *sampled in conversations:
             stats.records += 1
             example = self.example(messages, where, *sampled)
-            stats.sampled += example.behavior_logprobs is not None
             if max_len is not None and len(example.input_ids) > max_len:
                 if policy == "skip" or not example.target_mask[: max_len - 1].any():
                     stats.skipped += 1
@@ -342,6 +344,7 @@ class ChatRenderer:
                 stats.dropped_tokens += len(example.input_ids) - max_len
                 example = example.cut(max_len)
             stats.examples += 1
+            stats.sampled += example.behavior_logprobs is not None
             stats.tokens += len(example.input_ids)
             stats.target_positions += int(example.target_mask.sum())
             yield example

@@ -258,6 +258,23 @@ def test_a_chat_build_stores_targets_only_at_assistant_tokens(teacher_dir, chat_
     assert manifest["layout"]["format"] == "chat" and manifest["corpus"]["examples"] == len(conversations)
     assert manifest["corpus"]["target_positions"] == int((targets.target_lengths > 0).sum())
     assert validate_cache(out) == []
+    # no record was generated: the v3 column is there, NaN throughout, and minillm refuses the cache
+    assert manifest["corpus"]["sampled"] == 0 and np.isnan(targets.behavior_logprob).all()
+    from logitcache.train.settings import minillm_ready
+
+    with pytest.raises(LogitcacheError, match="holds no generated response"):
+        minillm_ready(manifest, "--cache C")
+    # the same cache written as v2 (no behavior_logprob) converts back to it: the same targets, the column NaN
+    from conftest import as_version
+
+    from logitcache.cache.convert import convert_cache
+
+    converted = convert_cache(as_version(out, tmp_path / "v2", 2), tmp_path / "v3")
+    assert converted["format_version"] == 3 and validate_cache(tmp_path / "v3") == []
+    again = all_targets(tmp_path / "v3")
+    for name in ("input_ids", "target_lengths", "target_ids", "target_logprobs", "gold_logprob"):
+        assert np.array_equal(getattr(again, name), getattr(targets, name)), name
+    assert np.isnan(again.behavior_logprob).all()
     summary = summarize(out)
     assert summary["positions"] == manifest["totals"]["positions"] and math.isfinite(summary["teacher_perplexity"])
     if method == "topk":  # stored ids and covered mass are per position with targets, not per position
@@ -359,6 +376,12 @@ def test_a_round_by_hand_student_samples_scored_by_the_teacher(teacher_dir, chat
                                  init_from=teacher_dir, student=None, steps=2, batch_size=2, eval_every=2, eval_windows=2,
                                  save_every=0, device="cpu"))
     assert math.isfinite(pg["loss"])
+    from logitcache.train.settings import minillm_ready
+
+    for drawn_at in ({"temperature": 0.7}, {"top_p": 0.9}, {"temperature": 0.0}):  # log-probs not the student's own
+        other = {**manifest, "corpus": {**manifest["corpus"], "generated_by": {**manifest["corpus"]["generated_by"], **drawn_at}}}
+        with pytest.raises(LogitcacheError, match="not the student's own"):
+            minillm_ready(other, "--cache C")
     with pytest.raises(LogitcacheError, match="minillm needs"):
         run_train(TrainSettings(out=tmp_path / "text-minillm", cache=topk_cache, loss="minillm", init_from=teacher_dir,
                                 student=None, steps=1, device="cpu"))

@@ -547,12 +547,16 @@ def minillm_reference(
 def test_minillm_matches_its_loop_reference(clip: float, baseline: str) -> None:
     teacher = dense_teacher((3, 6))
     position_mask = torch.ones(3, 6, dtype=torch.bool)
-    position_mask[1, 4] = False  # a position without targets between two drawn ones
+    position_mask[2, 4] = False  # a position without targets between two drawn ones
     batch = topk_batch(teacher, 6, position_mask)
-    batch["behavior_logprob"][2] = math.nan  # an off-policy row: reverse KL alone
     logits = student_logits((3, 6))
-    # ratios on both sides of the clipping range, and rewards of both signs
-    assert (batch["behavior_logprob"][:2, 1:] > logits.log_softmax(-1).gather(-1, batch["labels"][..., None])[:2, 1:, 0]).any()
+    # drawn a little off the student's log-probabilities now: ratios below, inside and above 1 +- clip
+    now = logits.detach().log_softmax(-1).gather(-1, batch["labels"][..., None])[..., 0]
+    batch["behavior_logprob"] = now - torch.linspace(-1.2, 1.2, 18).reshape(6, 3).T  # each row spans the range
+    batch["behavior_logprob"][:, 0] = math.nan  # prompt positions: not drawn
+    batch["behavior_logprob"][1] = math.nan  # an off-policy row: reverse KL alone
+    ratio = (now - batch["behavior_logprob"]).exp()[[0, 2], 1:]
+    assert (ratio < 1 - clip).any() and ((ratio > 1 - clip) & (ratio < 1 + clip)).any() and (ratio > 1 + clip).any()
     total, grad = loss_and_grad("minillm", logits, batch, clip=clip, baseline=baseline)
     expected, expected_grad = minillm_reference(logits, batch, teacher, clip, whiten=baseline == "whiten")
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-5)
@@ -592,10 +596,13 @@ def test_minillm_future_rewards_stay_within_each_packed_sequence() -> None:
     unpacked = with_future_rewards({k: v for k, v in batch.items() if k != "position_ids"}, "none")[FUTURE_REWARD][0]
     assert unpacked[0].item() == pytest.approx((-1.0 + 2.0 - 3.0 + 4.0) / 4)  # without position ids: one sequence
     # whitened: the positions that have a future, standardised (0.5, 2.0, 4.0 -> mean 2.1667, sd 1.4337)
-    whitened = with_future_rewards(batch)[FUTURE_REWARD][0]
+    whitened = with_future_rewards(batch, "whiten")[FUTURE_REWARD][0]
     scored = torch.tensor([0.5, 2.0, 4.0])
     torch.testing.assert_close(whitened[[0, 1, 4]], (scored - scored.mean()) / (scored.std(unbiased=False) + 1e-6))
     assert whitened[[2, 3, 5, 6]].eq(0).all()
+    # a gold token of teacher probability 0 is floored like reverse KL's tail: nothing turns NaN
+    batch["gold_logprob"][0, 2] = -math.inf
+    assert torch.isfinite(with_future_rewards(batch, "whiten")[FUTURE_REWARD]).all()
 
 
 def test_minillm_refuses_a_cache_without_sampling_logprobs() -> None:

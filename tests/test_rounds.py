@@ -191,6 +191,8 @@ def test_a_killed_run_continues_to_the_weights_of_an_uninterrupted_one(two_round
     (dict(loss_option=("beta:0.5",)), "write NAME=VALUE with NAME one of"),
     (dict(loss_option=("jsd-beta=half",)), "'half' is not a float"),
     (dict(loss="rs-kd", loss_option=(), method="topk"), "--loss rs-kd needs a cache built with --method sample"),
+    (dict(loss="minillm", loss_option=(), temperature=0.7), "drawn at temperature 0.7 and top-p 1.0: their recorded"),
+    (dict(loss="minillm", loss_option=(), top_p=0.9), "drawn at temperature 1.0 and top-p 0.9"),
     (dict(rounds=0), "--rounds 0: must be at least 1"),
     (dict(prompts_per_round=0), "--prompts-per-round 0: must be at least 1"),
     (dict(lr=-1.0), "--lr -1.0: must be positive"),

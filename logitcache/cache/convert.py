@@ -27,7 +27,7 @@ from logitcache.files import clear_temporaries, sha256_file, write_json_atomic
 
 
 def conversion_fingerprint(source: dict) -> str:
-    """The converted cache's fingerprint: of the source build and the version it is converted to (a fresh v2
+    """The converted cache's fingerprint: of the source build and the version it is converted to (a fresh
     build's may differ: its float32 log-probabilities are rounded once, v1's through float16)."""
     return fingerprint({"converted_from": source["fingerprint"], "format_version": FORMAT_VERSION})
 

@@ -168,7 +168,7 @@ class WindowTargets:
 
     Per-id arrays are flat, row-major then position-major, ``S = target_lengths.sum()``. A row of
     ``token_counts[b] < n`` tokens is padded on the right: its padding has input id 0, no ids
-    (``target_lengths`` 0) and gold/tail 0.
+    (``target_lengths`` 0), gold/tail 0 and behaviour NaN (not drawn).
     """
 
     sequence_ids: np.ndarray  # [B] int64
@@ -201,12 +201,12 @@ class WindowTargets:
         if extra == 0:
             return self
 
-        def pad(rows: np.ndarray | None) -> np.ndarray | None:
-            return None if rows is None else np.pad(rows, ((0, 0), (0, extra)))
+        def pad(rows: np.ndarray | None, value: float = 0) -> np.ndarray | None:
+            return None if rows is None else np.pad(rows, ((0, 0), (0, extra)), constant_values=value)
 
         return replace(self, input_ids=pad(self.input_ids), target_lengths=pad(self.target_lengths),
                        gold_logprob=pad(self.gold_logprob), tail_logprob=pad(self.tail_logprob), token_counts=self.tokens(),
-                       behavior_logprob=pad(self.behavior_logprob))
+                       behavior_logprob=pad(self.behavior_logprob, np.nan))
 
     def select(self, rows: np.ndarray) -> WindowTargets:
         """Rows ``rows [R] int64`` (in that order), per-id arrays gathered to match."""
@@ -411,10 +411,10 @@ def from_table(table: pa.Table) -> WindowTargets:
     full = bool((tokens == n).all())
     real = None if full else leading_mask(tokens, n)
 
-    def rows(values: np.ndarray, width: int) -> np.ndarray:
+    def rows(values: np.ndarray, width: int, padding: float = 0) -> np.ndarray:
         if full:
             return values.reshape(b, width)
-        out = np.zeros((b, width), dtype=values.dtype)
+        out = np.full((b, width), padding, dtype=values.dtype)
         out[real[:, :width] if width == n else real[:, 1:]] = values
         return out
 
@@ -422,7 +422,7 @@ def from_table(table: pa.Table) -> WindowTargets:
         if name not in table.column_names:
             return None
         values = decode_logprobs(table, name) if name in LOGPROB_COLUMNS else _flat(table.column(name))[0]
-        return rows(values, n - 1)
+        return rows(values, n - 1, np.nan if name == BEHAVIOR_COLUMN else 0)
 
     names = table.column_names
     return WindowTargets(

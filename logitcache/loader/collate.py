@@ -5,6 +5,7 @@ or by numpy (bit-identical).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -143,7 +144,7 @@ def pack_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     padding falls from ``B × T`` to about the tokens the rows hold.
 
     Per-position tensors follow their rows; a row's last position (whose next token is the next row's)
-    and the padding are out of ``position_mask``. ``sequence_id [B', S]`` lists each packed row's
+    and the padding are out of ``position_mask`` and hold 0 (``behavior_logprob``: NaN, not drawn). ``sequence_id [B', S]`` lists each packed row's
     sequence ids (-1 after them).
     """
     tokens = batch["token_counts"].numpy()
@@ -169,7 +170,8 @@ def pack_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     def gather(name: str) -> torch.Tensor:
         values = batch[name][pos_rows, pos_cols]
         keep = same.reshape(*same.shape, *([1] * (values.dim() - 2)))
-        return torch.where(keep, values, torch.zeros((), dtype=values.dtype))
+        padding = math.nan if name == "behavior_logprob" else 0  # not drawn, as in the rows' own padding
+        return torch.where(keep, values, torch.full((), padding, dtype=values.dtype))
 
     input_ids = torch.where(real, batch["input_ids"][rows, cols], 0)
     out = {name: gather(name) for name in batch if batch[name].dim() >= 2 and batch[name].shape[1] == width - 1}

@@ -609,7 +609,7 @@ FUTURE_REWARD = "future_reward"
 BASELINES = ("whiten", "none")
 
 
-def with_future_rewards(batch: Mapping[str, Tensor], baseline: str = "whiten") -> dict[str, Tensor]:
+def with_future_rewards(batch: Mapping[str, Tensor], baseline: str) -> dict[str, Tensor]:
     """``batch`` with MiniLLM's length-normalised long-term reward ``future_reward [B, P] float32``: at a
     drawn position ``t`` (counted, ``behavior_logprob`` finite) with later drawn positions in its sequence, the
     mean ``A_t`` of ``r_u = gold_logprob_u - behavior_logprob_u`` over those positions ``u > t``; 0 elsewhere.
@@ -621,11 +621,12 @@ def with_future_rewards(batch: Mapping[str, Tensor], baseline: str = "whiten") -
     baseline that removes the common part of the rewards (a student worse than its teacher everywhere has
     negative rewards everywhere, whose policy gradient only adds noise); ``none`` keeps them as they are.
     """
-    if baseline not in BASELINES:
-        raise LogitcacheError(f"--pg-baseline {baseline}: use one of {', '.join(BASELINES)}")
-    behavior = batch["behavior_logprob"].float()
+    _check_baseline(baseline)
+    behavior = batch["behavior_logprob"].double()
     drawn = batch["position_mask"] & torch.isfinite(behavior)
-    reward = torch.where(drawn, batch["gold_logprob"].float() - behavior, torch.zeros_like(behavior))
+    # a gold token of teacher probability 0 (a masked logit) is given the floor reverse KL gives the tail
+    gold = batch["gold_logprob"].double().clamp_min(_MIN_TAIL_LOGPROB)
+    reward = torch.where(drawn, gold - behavior, torch.zeros_like(behavior))
     if "position_ids" in batch:  # position p belongs to the segment of token p
         segment = (batch["position_ids"][:, :-1] == 0).long().cumsum(1)
     else:
@@ -638,24 +639,30 @@ def with_future_rewards(batch: Mapping[str, Tensor], baseline: str = "whiten") -
         later_segments = totals.flip(1).cumsum(1).flip(1) - totals  # the segments after each one
         return values.sum(1, keepdim=True) - values.cumsum(1) - later_segments.gather(1, segment)
 
-    rewards, count = after(reward), after(drawn.float())
-    scored = drawn & (count > 0)
+    rewards, count = after(reward), after(drawn.double())  # float64: differences of sums over long packed rows
+    scored = drawn & (count > 0.5)
     future = torch.where(scored, rewards / count.clamp_min(1.0), torch.zeros_like(rewards))
     if baseline == "whiten" and scored.any():
         values = future[scored]
         spread = values.std(unbiased=False) if values.numel() > 1 else values.new_ones(())
         future = torch.where(scored, (future - values.mean()) / (spread + _WHITEN_EPS), future)
-    return {**batch, FUTURE_REWARD: future}
+    return {**batch, FUTURE_REWARD: future.float()}
 
 
 _WHITEN_EPS = 1e-6
+
+
+def _check_baseline(baseline: str) -> None:
+    if baseline not in BASELINES:
+        raise LogitcacheError(f"--pg-baseline {baseline}: use one of {', '.join(BASELINES)}")
 
 
 def prepare_batch(name: str, batch: Mapping[str, Tensor], options: Mapping[str, object]) -> Mapping[str, Tensor]:
     """What loss ``name`` (with ``options``) computes over whole sequences before its rows are taken one chunk at a
     time (fused): ``minillm``'s future rewards; ``batch`` itself for every other loss."""
     if name == "minillm" and "behavior_logprob" in batch and FUTURE_REWARD not in batch:
-        return with_future_rewards(batch, options.get("baseline", "whiten"))
+        baseline = options.get("baseline", inspect.signature(minillm_loss).parameters["baseline"].default)
+        return with_future_rewards(batch, baseline)
     return batch
 
 
@@ -665,7 +672,8 @@ def minillm_loss(
 ) -> LossOutput:
     """MiniLLM (Gu et al., 2023) offline, in rounds: the reverse KL ``KL(q_theta || p)`` of student and teacher on
     sequences the student drew, by policy gradient (:func:`minillm_rows`), on a cache built from ``logitcache
-    generate``'s output (format v3: ``behavior_logprob``).
+    generate``'s output (format v3: ``behavior_logprob``), sampled at temperature 1 and top-p 1 so that the
+    recorded log-probabilities are the student's own (``train.settings.minillm_ready`` refuses other caches).
 
     MiniLLM splits the gradient of the sequence-level reverse KL into a single-step term, the exact gradient
     of each position's reverse KL (here on the cached support, as ``reverse-kl``: the student's mass outside
@@ -690,9 +698,9 @@ def minillm_loss(
         if batch["position_mask"].any():
             raise LogitcacheError("minillm needs the sampling log-probabilities of generated responses: a cache built "
                                   "from `logitcache generate`'s output (format v3, --format chat or prompt-response)")
-        batch = {**batch, "behavior_logprob": torch.full(batch["position_mask"].shape, math.nan)}  # nothing counts
-    if baseline not in BASELINES:
-        raise LogitcacheError(f"--pg-baseline {baseline}: use one of {', '.join(BASELINES)}")
+        nothing = torch.full(batch["position_mask"].shape, math.nan, device=batch["position_mask"].device)
+        batch = {**batch, "behavior_logprob": nothing}  # nothing counts
+    _check_baseline(baseline)
     prepared = prepare_batch("minillm", batch, {"baseline": baseline})
     return _loss_output(student_logits, prepared, partial(minillm_rows, clip=clip), alpha)
 

@@ -164,8 +164,10 @@ class RoundsSettings:
         check_options(self.loss, alpha=self.alpha, **train.loss_options())
         # the round's cache as it will be: this method, built now from the prompts' format
         will_be = {"method": self.method, "params": {"proposal_temperature": 1.0}, "format_version": FORMAT_VERSION,
-                   "layout": {"format": self.format}}
-        options_from_cache(self.loss, will_be, f"--method {self.method}")
+                   "layout": {"format": self.format},
+                   "corpus": {"sampled": 1, "generated_by": {"temperature": self.temperature, "top_p": self.top_p}}}
+        options_from_cache(self.loss, will_be, f"each round's cache (--method {self.method}, --temperature {self.temperature}, "
+                           f"--top-p {self.top_p})")
         self.generate_settings(0, self.student, self.prompts, first / "generated.jsonl").check()
         self.build_settings(0, self.prompts, first / "cache").check()  # the build's rules, on the prompts file
         if self.eval_prompts is not None:

@@ -170,12 +170,9 @@ class TrainSettings:
 def options_from_cache(loss: str, manifest: Mapping | None, where: str) -> dict[str, float]:
     """The options ``loss`` takes from the cache it reads: for ``rs-kd`` the proposal temperature the
     cache was sampled at, none for the others. A cache not built by sampling is refused for ``rs-kd``;
-    ``where`` names it (``--cache DIR``). ``minillm`` needs a cache that holds sampling log-probabilities."""
-    if loss == "minillm" and not has_behavior(manifest["format_version"], cache_layout(manifest)["format"]):
-        raise LogitcacheError(
-            f"--loss minillm needs the sampling log-probabilities of generated responses; {where} is not a format v3 "
-            "cache of a chat or prompt-response corpus (build one from `logitcache generate`'s output)"
-        )
+    ``where`` names it (``--cache DIR``). ``minillm`` needs a cache of responses :func:`minillm_ready` accepts."""
+    if loss == "minillm":
+        minillm_ready(manifest, where)
     if loss != "rs-kd":
         return {}
     if manifest["method"] != "sample":
@@ -184,6 +181,26 @@ def options_from_cache(loss: str, manifest: Mapping | None, where: str) -> dict[
             "(use topk-ghost, topk-renorm or kl)"
         )
     return {"proposal_temperature": manifest["params"]["proposal_temperature"]}
+
+
+def minillm_ready(manifest: Mapping, where: str) -> None:
+    """Refuse a cache ``minillm`` cannot learn from: it needs a format v3 cache of a chat or prompt-response corpus
+    holding generated responses (``corpus.sampled`` > 0) drawn at temperature 1 with top-p 1 (``corpus.generated_by``),
+    so that each token's recorded sampling log-probability is the generating student's own log-probability, as
+    its importance ratios and rewards take it."""
+    corpus = manifest.get("corpus", {})
+    drawn_by = corpus.get("generated_by") or {}
+    problem = None
+    if not has_behavior(manifest["format_version"], cache_layout(manifest)["format"]):
+        problem = "is not a format v3 cache of a chat or prompt-response corpus"
+    elif not corpus.get("sampled"):
+        problem = "holds no generated response (none of its records has response_ids and response_logprobs)"
+    elif (drawn_by.get("temperature"), drawn_by.get("top_p")) != (1.0, 1.0):
+        problem = (f"holds responses drawn at temperature {drawn_by.get('temperature')} and top-p {drawn_by.get('top_p')}: "
+                   "their recorded log-probabilities are not the student's own")
+    if problem:
+        raise LogitcacheError(f"--loss minillm needs the student's own samples, drawn at temperature 1 and top-p 1 by "
+                              f"`logitcache generate`; {where} {problem}")
 
 
 def default_warmup(steps: int) -> int:
