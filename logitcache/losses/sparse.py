@@ -202,16 +202,18 @@ class _Buckets(NamedTuple):
     mask: Tensor
 
 
-def _buckets(logits: Tensor, rows: Rows, min_tail_logprob: float = -math.inf) -> _Buckets:
+def _buckets(logits: Tensor, rows: Rows, min_tail_logprob: float = -math.inf, lse: Tensor | None = None) -> _Buckets:
     """Both distributions on ``cached ids + [outside]``.
 
     Student: full-vocabulary log-probs at the ids; the outside bucket is ``logsumexp`` of the
     uncached logits (exact, no ``1 - sum p`` cancellation). Teacher: ``logprobs`` and
     ``tail_logprob`` (raised to at least ``min_tail_logprob``) renormalised over the buckets that
     exist, so fp16 rounding cannot leave them summing off 1. When the ids cover the whole
-    vocabulary the outside bucket is empty: it is masked out and any stored tail is dropped.
+    vocabulary the outside bucket is empty: it is masked out and any stored tail is dropped. ``lse``: the
+    logits' ``logsumexp [R, 1]`` where the caller has it already.
     """
-    lse = logits.logsumexp(-1, keepdim=True)
+    if lse is None:
+        lse = logits.logsumexp(-1, keepdim=True)
     hits = torch.zeros_like(logits).scatter_add_(-1, rows.ids, rows.mask.to(logits.dtype))
     cached = hits > 0
     log_outside = logits.masked_fill(cached, LOG_ZERO).logsumexp(-1, keepdim=True) - lse
@@ -335,7 +337,7 @@ def gkd_jsd_rows(logits: Tensor, rows: Rows, beta: float = 0.5) -> Tensor:
     return beta * masked_kl(b.teacher, mixture, b.mask) + (1 - beta) * masked_kl(b.student, mixture, b.mask)
 
 
-def minillm_rows(logits: Tensor, rows: Rows, clip: float = 0.2) -> Tensor:
+def minillm_rows(logits: Tensor, rows: Rows, clip: float) -> Tensor:
     """MiniLLM's reverse-KL policy gradient on the student's own samples, per drawn token ``[R] float32``:
     ``w * RKL + PG``, where ``RKL`` is :func:`reverse_kl_rows` (the single-step term) and
     ``PG = -min(rho * A, clip(rho, 1 - clip, 1 + clip) * A)``, ``rho = q_theta(y) / q_old(y)`` (the label's
@@ -343,9 +345,11 @@ def minillm_rows(logits: Tensor, rows: Rows, clip: float = 0.2) -> Tensor:
     rows.future_reward`` and ``w = clip(rho)`` without gradient. A row not drawn by a recorded sampler
     (``behavior`` NaN: a prompt, an off-policy answer) has ``w = 1`` and no PG term.
     """
-    single = reverse_kl_rows(logits, rows)
+    lse = logits.logsumexp(-1, keepdim=True)  # one pass over the vocabulary for both terms
+    b = _buckets(logits, rows, _MIN_TAIL_LOGPROB, lse)
+    single = masked_kl(b.student, b.teacher, b.mask)  # reverse_kl_rows
     drawn = torch.isfinite(rows.behavior)
-    log_now = _student_logprobs_at(logits, rows.labels[:, None])[:, 0]
+    log_now = (logits.gather(-1, rows.labels[:, None]) - lse)[:, 0]
     ratio = torch.exp(torch.where(drawn, log_now - rows.behavior, torch.zeros_like(log_now)))
     clipped = ratio.clamp(1.0 - clip, 1.0 + clip)
     reward = torch.where(drawn, rows.future_reward, torch.zeros_like(ratio))
@@ -609,6 +613,9 @@ FUTURE_REWARD = "future_reward"
 BASELINES = ("whiten", "none")
 
 
+DEFAULT_BASELINE = "whiten"
+
+
 def with_future_rewards(batch: Mapping[str, Tensor], baseline: str) -> dict[str, Tensor]:
     """``batch`` with MiniLLM's length-normalised long-term reward ``future_reward [B, P] float32``: at a
     drawn position ``t`` (counted, ``behavior_logprob`` finite) with later drawn positions in its sequence, the
@@ -661,14 +668,13 @@ def prepare_batch(name: str, batch: Mapping[str, Tensor], options: Mapping[str, 
     """What loss ``name`` (with ``options``) computes over whole sequences before its rows are taken one chunk at a
     time (fused): ``minillm``'s future rewards; ``batch`` itself for every other loss."""
     if name == "minillm" and "behavior_logprob" in batch and FUTURE_REWARD not in batch:
-        baseline = options.get("baseline", inspect.signature(minillm_loss).parameters["baseline"].default)
-        return with_future_rewards(batch, baseline)
+        return with_future_rewards(batch, options.get("baseline", DEFAULT_BASELINE))
     return batch
 
 
 def minillm_loss(
     student_logits: Tensor, batch: Mapping[str, Tensor], *, alpha: float = 0.0, temperature: float = 1.0, clip: float = 0.2,
-    baseline: str = "whiten",
+    baseline: str = DEFAULT_BASELINE,
 ) -> LossOutput:
     """MiniLLM (Gu et al., 2023) offline, in rounds: the reverse KL ``KL(q_theta || p)`` of student and teacher on
     sequences the student drew, by policy gradient (:func:`minillm_rows`), on a cache built from ``logitcache
