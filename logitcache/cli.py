@@ -167,8 +167,10 @@ def build(
     proposal_temperature: Annotated[float, typer.Option(
         help="Sample from softmax(logits / T) instead of the teacher; losses reweight by t/q.")] = BUILD["proposal_temperature"],
     logprob_bits: Annotated[int, typer.Option(
-        min=1, max=10, help="sample: mantissa bits kept in stored log-probabilities (10 = float16's, as "
-                            "top-k and gold keep; 7 keeps relative error below 2^-8 and saves ~0.4 B per entry).")] = BUILD["logprob_bits"],
+        min=0, max=10, help="sample: mantissa bits kept in stored log-probabilities (10 = float16's, as "
+                            "top-k and gold keep; 7 keeps relative error below 2^-8 and saves ~0.4 B per entry). "
+                            "0: none stored, ids and counts only (the RS-KD paper's cache, ~30 % smaller; serves "
+                            "--loss rs-kd at proposal temperature 1 only).")] = BUILD["logprob_bits"],
     seq_len: SeqLen = BUILD["seq_len"],
     bos: Bos = BUILD["bos"],
     packing: Packing = BUILD["packing"],

@@ -128,6 +128,14 @@ def sample_cache(tmp_path_factory, teacher_dir, corpus_file) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def ids_only_cache(tmp_path_factory, teacher_dir, corpus_file) -> Path:
+    """``sample_cache``'s build with ``--logprob-bits 0``: the same draws, no target_logprobs (format v4)."""
+    out = tmp_path_factory.mktemp("cache") / "sample-ids-only"
+    build_cache(teacher_dir, corpus_file, out, method="sample", samples=20, logprob_bits=0)
+    return out
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Last resort: stop whatever a test started and left running (each test stops its own already)."""
     left = processes.stop_session()

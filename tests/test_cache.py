@@ -151,10 +151,10 @@ def test_round_mantissa_rounds_once_to_nearest():
     assert special[0] == -np.inf and special[1] == 0.0 and np.isnan(special[2]) and special[3] == -np.finfo(np.float32).max
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 @pytest.mark.parametrize("cache_name", ["topk_cache", "sample_cache"])
 def test_older_caches_are_read_validated_and_inspected(cache_name, version, request, tmp_path):
-    """A v1 (v2) copy of a current cache: the same targets (float16 holds every value of its range), sound, the same summary."""
+    """A v1 (v2, v3) copy of a current cache: the same targets (float16 holds every value of its range), sound, the same summary."""
     cache = request.getfixturevalue(cache_name)
     old = as_version(cache, tmp_path / "old", version)
     assert read_manifest(old)["format_version"] == version and validate_cache(old) == []
@@ -164,7 +164,7 @@ def test_older_caches_are_read_validated_and_inspected(cache_name, version, requ
         assert np.array_equal(v1.target_logprobs, new.target_logprobs)  # v2 keeps at most float16's 10 bits
         assert np.array_equal(v1.gold_logprob, new.gold_logprob)
     assert summarize(old)["teacher_perplexity"] == summarize(cache)["teacher_perplexity"]
-    if version == 1:  # float16 columns; v2 text shards differ from v3's in their metadata alone
+    if version == 1:  # float16 columns; v2 and v3 text shards differ from v4's in their metadata alone
         assert summarize(old)["bytes"] != summarize(cache)["bytes"]
     # An older shard slipped into a current cache is named, not decoded as if it were current.
     import shutil
@@ -189,7 +189,7 @@ def test_v2_shards_use_portable_narrow_types(topk_cache, sample_cache):
 
     from logitcache.cache.format import FORMAT_VERSION, shard_metadata
 
-    assert FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
     for cache in (topk_cache, sample_cache):
         shard = cache / "shard-00000.parquet"
         types = {field.name: field.type for field in pq.read_schema(shard)}

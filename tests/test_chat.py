@@ -270,7 +270,7 @@ def test_a_chat_build_stores_targets_only_at_assistant_tokens(teacher_dir, chat_
     from logitcache.cache.convert import convert_cache
 
     converted = convert_cache(as_version(out, tmp_path / "v2", 2), tmp_path / "v3")
-    assert converted["format_version"] == 3 and validate_cache(tmp_path / "v3") == []
+    assert converted["format_version"] == 4 and validate_cache(tmp_path / "v3") == []
     again = all_targets(tmp_path / "v3")
     for name in ("input_ids", "target_lengths", "target_ids", "target_logprobs", "gold_logprob"):
         assert np.array_equal(getattr(again, name), getattr(targets, name)), name

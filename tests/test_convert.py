@@ -26,7 +26,7 @@ def v1_caches(tmp_path_factory, topk_cache, sample_cache) -> dict:
 def test_converted_cache_holds_the_v1_targets_exactly(method, v1_caches, tmp_path):
     src, dst = v1_caches[method], tmp_path / "v2"
     manifest = convert_cache(src, dst)
-    assert manifest == read_manifest(dst) and manifest["format_version"] == FORMAT_VERSION == 3
+    assert manifest == read_manifest(dst) and manifest["format_version"] == FORMAT_VERSION == 4
     assert manifest["converted_from"] == read_manifest(src)["fingerprint"] != manifest["fingerprint"]
     assert validate_cache(dst) == []
     old, new = all_targets(src), all_targets(dst)
@@ -68,7 +68,7 @@ def test_an_interrupted_conversion_resumes_to_the_same_bytes(v1_caches, tmp_path
 
 def test_convert_refuses_bad_input(v1_caches, topk_cache, tmp_path):
     src = v1_caches["topk"]
-    with pytest.raises(LogitcacheError, match="already format v3"):
+    with pytest.raises(LogitcacheError, match="already format v4"):
         convert_cache(topk_cache, tmp_path / "x")
     with pytest.raises(LogitcacheError, match="DST is SRC"):
         convert_cache(src, src)
@@ -98,9 +98,9 @@ def test_convert_refuses_a_corrupt_source_shard(v1_caches, tmp_path):
 def test_convert_command(v1_caches, tmp_path):
     ok = run_cli("convert", str(v1_caches["topk"]), str(tmp_path / "out"))
     assert ok.returncode == 0, ok.stderr
-    assert "format v3" in ok.stdout and json.loads((tmp_path / "out" / "manifest.json").read_text())["format_version"] == 3
+    assert "format v4" in ok.stdout and json.loads((tmp_path / "out" / "manifest.json").read_text())["format_version"] == 4
     again = run_cli("convert", str(tmp_path / "out"), str(tmp_path / "again"))
-    assert again.returncode == 1 and "already format v3" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 1 and "already format v4" in again.stderr and "Traceback" not in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     shown = run_cli("convert", "--help")
     assert shown.returncode == 0 and "interrupted" in shown.stdout and "shard format v1" in shown.stdout

@@ -1,7 +1,7 @@
 """Other engines read the shards: pyarrow, Hugging Face ``datasets``, Polars, DuckDB and Apache Spark.
 
-Each engine reads every column of every shard of a real ``topk`` and a real ``sample`` cache (the
-conftest builds), decodes the log-prob columns itself, and must recover exactly the per-position
+Each engine reads every column of every shard of a real ``topk`` and a real ``sample`` cache, and of a
+``sample`` cache built without log-probabilities (format v4; the conftest builds them), decodes the log-prob columns itself, and must recover exactly the per-position
 targets of logitcache's own reader (``cache/format.read_shard``). Each engine's reading and
 decoding is one function (``ENGINES``); the log-prob decoding is one formula, ``stored * scale``,
 with ``scale`` read from the shard by :func:`logprob_scale`, so a change of encoding is one line there.
@@ -35,7 +35,7 @@ def logprob_scale(schema: pa.Schema) -> float:
     place that knows the encoding: a fixed-point format (say ``uint16 = round(-logprob * 2**s)`` with
     ``s`` in the shard metadata) changes only the value returned here, to ``-2.0 ** -s``.
     """
-    value_type = schema.field("target_logprobs").type.value_type
+    value_type = schema.field("gold_logprob").type.value_type  # (every shard has it; target_logprobs may be left out)
     assert pa.types.is_floating(value_type), f"no decoding known for {value_type} log-probs"
     return 1.0
 
@@ -108,18 +108,21 @@ ENGINES = {"pyarrow": pyarrow_windows, "datasets": datasets_windows, "polars": p
 
 
 def positions(window: dict) -> list[tuple]:
-    """One tuple per position: (gold id, gold log-prob, ids, log-probs, tail log-prob or counts)."""
+    """One tuple per position: (gold id, gold log-prob, ids, log-probs (None: a sample cache without them), tail
+    log-prob or counts)."""
     lengths = np.asarray(window["target_lengths"], dtype=np.int64)
     cuts = np.cumsum(lengths)[:-1]
     ids = np.split(np.asarray(window["target_ids"], dtype=np.int64), cuts)
-    logprobs = np.split(np.asarray(window["target_logprobs"], dtype=np.float64), cuts)
+    logprobs = [None] * len(lengths)
+    if "target_logprobs" in window:
+        logprobs = [tuple(values.tolist()) for values in np.split(np.asarray(window["target_logprobs"], dtype=np.float64), cuts)]
     if "target_counts" in window:
         extra = [tuple(c.tolist()) for c in np.split(np.asarray(window["target_counts"], dtype=np.int64), cuts)]
     else:
         extra = np.asarray(window["tail_logprob"], dtype=np.float64).tolist()
     gold_ids = np.asarray(window["input_ids"], dtype=np.int64)[1:].tolist()
     gold = np.asarray(window["gold_logprob"], dtype=np.float64).tolist()
-    return [(gold_ids[t], gold[t], tuple(ids[t].tolist()), tuple(logprobs[t].tolist()), extra[t]) for t in range(len(lengths))]
+    return [(gold_ids[t], gold[t], tuple(ids[t].tolist()), logprobs[t], extra[t]) for t in range(len(lengths))]
 
 
 def by_sequence(windows: list[dict]) -> dict[int, tuple[list, list[tuple]]]:
@@ -134,7 +137,9 @@ def reference_windows(files: list[Path]) -> list[dict]:
         targets = read_shard(file)
         entries = targets.target_lengths.sum(axis=1, dtype=np.int64)
         ends = np.cumsum(entries)
-        per_id = {"target_ids": targets.target_ids, "target_logprobs": targets.target_logprobs.astype(np.float64)}
+        per_id = {"target_ids": targets.target_ids}
+        if targets.target_logprobs is not None:
+            per_id["target_logprobs"] = targets.target_logprobs.astype(np.float64)
         if targets.target_counts is not None:
             per_id["target_counts"] = targets.target_counts
         per_position = {"target_lengths": targets.target_lengths, "gold_logprob": targets.gold_logprob.astype(np.float64)}
@@ -163,8 +168,15 @@ def cache(request) -> Path:
     return request.getfixturevalue(request.param)
 
 
+@pytest.fixture(scope="module", params=["topk_cache", "sample_cache", "ids_only_cache"])
+def any_cache(request) -> Path:
+    """Every kind of current cache: topk, sample, and sample without log-probabilities (format v4)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_engine_recovers_every_positions_targets(engine, cache, request):
+def test_engine_recovers_every_positions_targets(engine, any_cache, request):
+    cache = any_cache
     files = shard_files(cache)
     scale = logprob_scale(pq.read_schema(files[0]))
     extra = [request.getfixturevalue("spark")] if engine == "spark" else []

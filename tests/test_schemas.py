@@ -17,6 +17,7 @@ from logitcache.cache.format import (
     FORMAT_VERSION,
     METADATA_KEY,
     METHODS,
+    READABLE_VERSIONS,
     ROW_GROUP_ROWS,
     ZSTD_LEVEL,
     WindowTargets,
@@ -24,9 +25,10 @@ from logitcache.cache.format import (
     write_shard,
 )
 from logitcache.cache.layout import shard_name
+from logitcache.errors import LogitcacheError
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
-SHARD_SPECS = {version: json.loads((SCHEMAS / f"shard-v{version}.arrow.json").read_text()) for version in (1, 2, 3)}
+SHARD_SPECS = {version: json.loads((SCHEMAS / f"shard-v{version}.arrow.json").read_text()) for version in READABLE_VERSIONS}
 SHARD_SPEC = SHARD_SPECS[FORMAT_VERSION]
 MANIFEST_SCHEMA = json.loads((SCHEMAS / "manifest.schema.json").read_text())
 PRIMITIVES = {"int32": pa.int32(), "int64": pa.int64(), "uint8": pa.uint8(), "uint16": pa.uint16(), "float16": pa.float16(),
@@ -40,12 +42,16 @@ def arrow_type(name: str, element_nullable: bool) -> pa.DataType:
     return PRIMITIVES[name]
 
 
-def published_schema(method: str, version: int = FORMAT_VERSION, type_key: str = "type", optional: bool = False) -> pa.Schema:
+def published_schema(method: str, version: int = FORMAT_VERSION, type_key: str = "type", optional: bool = False,
+                     omitted: bool = False) -> pa.Schema:
     """The schema a published spec gives; ``type_key`` picks a field's alternative type where it has one;
-    ``optional``: with the spec's optional columns (v3: a chat cache's behavior_logprob), last."""
+    ``optional``: with the spec's optional columns (v3 on: a chat cache's behavior_logprob), last; ``omitted``:
+    without the columns the spec lets a cache leave out (v4 on: a sample cache's target_logprobs)."""
     spec = SHARD_SPECS[version]
     fields = spec["fields"]
     names = [*spec["methods"][method], *(spec.get("optional_columns", {}) if optional else ())]
+    if omitted:
+        names = [name for name in names if name not in spec["omitted_columns"]]
     return pa.schema(
         pa.field(name, arrow_type(fields[name].get(type_key, fields[name]["type"]), fields[name].get("element_nullable", True)),
                  nullable=fields[name]["nullable"])
@@ -54,7 +60,7 @@ def published_schema(method: str, version: int = FORMAT_VERSION, type_key: str =
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", READABLE_VERSIONS)
 def test_published_shard_schema_equals_the_writers(method, version):
     # Names, order, types, column and element nullability; v2 counts are uint8 up to N = 255.
     assert published_schema(method, version).equals(shard_schema(method, version, samples=50), check_metadata=True)
@@ -65,6 +71,14 @@ def test_published_shard_schema_equals_the_writers(method, version):
             shard_schema(method, version, samples=50, behavior=True), check_metadata=True)
     else:
         assert "optional_columns" not in SHARD_SPECS[version]
+    if version >= 4 and method == "sample":  # built with --logprob-bits 0: no target_logprobs
+        for behavior in (False, True):
+            assert published_schema(method, version, optional=behavior, omitted=True).equals(
+                shard_schema(method, version, samples=50, behavior=behavior, logprobs=False), check_metadata=True)
+    else:
+        with pytest.raises(LogitcacheError, match="store target_logprobs"):
+            shard_schema(method, version, samples=50, logprobs=False)
+        assert "omitted_columns" not in SHARD_SPECS[version] or method == "topk"
 
 
 def test_published_shard_spec_matches_the_writers_constants():
@@ -72,6 +86,7 @@ def test_published_shard_spec_matches_the_writers_constants():
     assert set(SHARD_SPEC["methods"]) == set(METHODS)
     assert set(SHARD_SPEC["fields"]) == {name for names in SHARD_SPEC["methods"].values() for name in names} | set(
         SHARD_SPEC["optional_columns"])
+    assert set(SHARD_SPEC["omitted_columns"]) == {"target_logprobs"}
     assert list(SHARD_SPEC["metadata"]) == [METADATA_KEY.decode()]
     parquet = SHARD_SPEC["parquet"]
     assert (parquet["row_group_rows"], parquet["compression_level"]) == (ROW_GROUP_ROWS, ZSTD_LEVEL)

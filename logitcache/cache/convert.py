@@ -1,4 +1,4 @@
-"""``logitcache convert``: rewrite an older cache (v1: float16 log-probabilities; v2) in the current shard format, shard by shard.
+"""``logitcache convert``: rewrite an older cache (v1: float16 log-probabilities; v2; v3) in the current shard format, shard by shard.
 
 Crash safety is a build's: every shard is written under a temporary name and renamed into place,
 ``build.json`` marks the destination as holding this conversion (its fingerprint) while it runs, and
@@ -6,7 +6,8 @@ Crash safety is a build's: every shard is written under a temporary name and ren
 writes the rest. The targets are exactly the source's: every float16 is a float32, and a v1 value has
 no more mantissa bits than v2 keeps (10; a sample cache's ``params.logprob_bits``, which v1 applied too).
 A v2 cache of a chat corpus gains v3's ``behavior_logprob`` column, all NaN: no token of it was recorded as
-drawn by a sampler (v2 did not keep the records' ``response_logprobs``; rebuild to have them).
+drawn by a sampler (v2 did not keep the records' ``response_logprobs``; rebuild to have them). A v3 shard is
+rewritten as it is, with v4's version number (v4 only adds sample caches without log-probabilities).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ window is, as in the shards, the teacher's distribution over token ``t + 1``.
 
 ``hf`` (lossless; TRL or a custom loop): the shard columns with the flat per-id lists cut into one
 list per position: ``target_ids [n-1][k_t] int32``, ``target_logprobs [n-1][k_t] float32`` (the
-stored values, exactly), ``gold_logprob [n-1] float32``, and ``tail_logprob [n-1] float32``
+stored values, exactly; absent where the cache has none: a sample cache built with ``--logprob-bits 0``),
+``gold_logprob [n-1] float32``, and ``tail_logprob [n-1] float32``
 (topk) or ``target_counts [n-1][k_t] uint16`` (sample); a cache of generated responses (v3 chat) adds
 ``behavior_logprob [n-1] float32`` (NaN where a token was not drawn), for on-policy losses elsewhere.
 
@@ -106,13 +107,12 @@ def axolotl_logprobs(targets: WindowTargets, proposal_temperature: float) -> np.
     topk: ``log(p_i / sum p)``; sample: ``log(w_i / sum w)``, ``w_i = count_i * exp((1 - 1/tau) * logprob_i)``
     (the weights of ``losses.sparse.rs_kd_log_weights``).
     """
-    logprobs = targets.target_logprobs.astype(np.float64)
     if targets.method == "sample":
         logits = np.log(targets.target_counts.astype(np.float64))
-        if proposal_temperature != 1.0:
-            logits += (1.0 - 1.0 / proposal_temperature) * logprobs
+        if proposal_temperature != 1.0:  # (a cache without log-probabilities has tau = 1)
+            logits += (1.0 - 1.0 / proposal_temperature) * targets.target_logprobs.astype(np.float64)
     else:
-        logits = logprobs
+        logits = targets.target_logprobs.astype(np.float64)
     lengths = targets.target_lengths.reshape(-1).astype(np.int64)
     return log_normalise(logits, lengths[lengths > 0])  # padding (and positions without targets) holds no entries
 
@@ -125,8 +125,9 @@ def _hf_table(targets: WindowTargets) -> pa.Table:
         "sequence_id": pa.array(targets.sequence_ids, type=pa.int64()),
         "input_ids": _windowlist_column(targets.input_ids, tokens, pa.int32()),
         "target_ids": _per_position(targets.target_ids, lengths, positions, pa.int32()),
-        "target_logprobs": _per_position(targets.target_logprobs.astype(np.float32), lengths, positions, pa.float32()),
     }
+    if targets.target_logprobs is not None:  # (a sample cache built with --logprob-bits 0 has none)
+        columns["target_logprobs"] = _per_position(targets.target_logprobs.astype(np.float32), lengths, positions, pa.float32())
     if targets.method == "topk":
         columns["tail_logprob"] = _windowlist_column(targets.tail_logprob.astype(np.float32), positions, pa.float32())
     else:

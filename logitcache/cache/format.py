@@ -21,6 +21,11 @@ the response drew token ``t + 1`` (``logitcache generate``'s ``response_logprobs
 was not drawn by a recorded sampler (the prompt, the template's text, a reference answer). On-policy
 losses importance-weight stale samples with it. And a ``topk`` shard holds each position's ids ascending
 (:func:`ids_ascending`), where v1 and v2 held them by descending log-probability. Everything else is v2's.
+
+Format v4 lets a ``sample`` cache leave out ``target_logprobs`` (:func:`stores_logprobs`: built with
+``--logprob-bits 0``): its ids and counts only, the RS-KD paper's cache, which is all that RS-KD needs for
+draws from the teacher itself (proposal temperature 1). In memory its ``target_logprobs`` is None. Every
+other shard is v3's.
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ import pyarrow.parquet as pq
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_atomic
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
-READABLE_VERSIONS = (1, 2, 3)  # older caches are read as they are, or rewritten by `logitcache convert`
+READABLE_VERSIONS = (1, 2, 3, 4)  # older caches are read as they are, or rewritten by `logitcache convert`
 
 
 METADATA_KEY = b"logitcache"
@@ -103,9 +108,21 @@ def logprob_bits(method: str, params: dict) -> dict[str, int]:
     """Mantissa bits each v2 log-probability column of a ``method`` cache with ``params`` keeps."""
     bits = {"target_logprobs": params.get("logprob_bits", LOGPROB_BITS) if method == "sample" else LOGPROB_BITS,
             "gold_logprob": LOGPROB_BITS}
+    if not stores_logprobs(method, params):
+        del bits["target_logprobs"]
     if method == "topk":
         bits["tail_logprob"] = LOGPROB_BITS
     return bits
+
+
+# The first format version whose sample shards may go without target_logprobs (params.logprob_bits 0).
+LOGPROBS_OPTIONAL_SINCE = 4
+
+
+def stores_logprobs(method: str, params: dict) -> bool:
+    """Whether a ``method`` cache built with ``params`` stores ``target_logprobs``: always, but a sample cache
+    built with ``logprob_bits`` 0 (format v4 on), which stores the drawn ids and their counts only."""
+    return method == "topk" or params.get("logprob_bits", LOGPROB_BITS) > 0
 
 
 def has_behavior(version: int, corpus_format: str) -> bool:
@@ -119,11 +136,13 @@ def count_type(samples: int) -> pa.DataType:
     return pa.uint8() if samples <= np.iinfo(np.uint8).max else pa.uint16()
 
 
-def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None = None, behavior: bool = False) -> pa.Schema:
+def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None = None, behavior: bool = False,
+                 logprobs: bool = True) -> pa.Schema:
     """The Arrow schema every shard of ``method`` is written with in format ``version`` (metadata aside).
 
     ``samples`` (sample caches, v2 on): N, which picks the count type. ``behavior`` (v3 on): the shards
-    carry :data:`BEHAVIOR_COLUMN` (see :func:`has_behavior`).
+    carry :data:`BEHAVIOR_COLUMN` (see :func:`has_behavior`). ``logprobs`` False (sample caches, v4 on):
+    no ``target_logprobs`` (see :func:`stores_logprobs`).
     """
     if method not in METHODS:
         raise LogitcacheError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -134,13 +153,16 @@ def shard_schema(method: str, version: int = FORMAT_VERSION, samples: int | None
     field = lambda name, kind: pa.field(name, pa.list_(kind), nullable=False)  # noqa: E731
     if behavior and version < 3:
         raise LogitcacheError(f"format version {version} has no {BEHAVIOR_COLUMN} column (v3 on)")
+    if not logprobs and (method != "sample" or version < LOGPROBS_OPTIONAL_SINCE):
+        raise LogitcacheError(f"{method} shards of format version {version} store target_logprobs "
+                              f"(sample shards may go without from v{LOGPROBS_OPTIONAL_SINCE} on)")
     own = field("tail_logprob", logprob) if method == "topk" else field("target_counts", counts)
     return pa.schema([
         pa.field("sequence_id", pa.int64(), nullable=False),
         field("input_ids", pa.int32()),
         field("target_lengths", pa.uint16()),
         field("target_ids", pa.int32()),
-        field("target_logprobs", logprob),
+        *([field("target_logprobs", logprob)] if logprobs else []),
         own,
         field("gold_logprob", logprob),
         *([field(BEHAVIOR_COLUMN, logprob)] if behavior else []),
@@ -175,7 +197,7 @@ class WindowTargets:
     input_ids: np.ndarray  # [B, n] int32
     target_lengths: np.ndarray  # [B, n-1] uint16
     target_ids: np.ndarray  # [S] int32
-    target_logprobs: np.ndarray  # [S] float32
+    target_logprobs: np.ndarray | None  # [S] float32; None: a v4 sample cache without them (stores_logprobs)
     gold_logprob: np.ndarray  # [B, n-1] float32
     tail_logprob: np.ndarray | None = None  # [B, n-1] float32 (topk)
     target_counts: np.ndarray | None = None  # [S] uint8 or uint16 (sample)
@@ -275,11 +297,15 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
     metadata = {"format_version": FORMAT_VERSION, **metadata}
     version = metadata["format_version"]
     behavior = targets.behavior_logprob is not None
+    params = metadata.get("params", {})
+    logprobs = stores_logprobs(targets.method, params)
+    if logprobs and targets.target_logprobs is None:
+        raise LogitcacheError(f"targets without log-probabilities, but the cache's params {params} store them")
     if version >= 2:
-        metadata["logprob_mantissa_bits"] = logprob_bits(targets.method, metadata.get("params", {}))
+        metadata["logprob_mantissa_bits"] = logprob_bits(targets.method, params)
         if behavior:
             metadata["logprob_mantissa_bits"][BEHAVIOR_COLUMN] = LOGPROB_BITS
-    schema = shard_schema(targets.method, version, metadata.get("params", {}).get("samples"), behavior)
+    schema = shard_schema(targets.method, version, params.get("samples"), behavior, logprobs)
 
     def stored(name: str, values: np.ndarray, row_lengths: np.ndarray) -> pa.ListArray:
         """Column ``name`` as this version stores it: its type, log-probabilities rounded (v2) or float16 (v1)."""
@@ -306,8 +332,9 @@ def to_table(targets: WindowTargets, metadata: dict) -> pa.Table:
         "input_ids": list_column(targets.input_ids[real_tokens].reshape(-1), tokens, pa.int32()),
         "target_lengths": per_position("target_lengths", targets.target_lengths),
         "target_ids": list_column(targets.target_ids, ids_per_window, pa.int32()),
-        "target_logprobs": stored("target_logprobs", targets.target_logprobs, ids_per_window),
     }
+    if logprobs:
+        columns["target_logprobs"] = stored("target_logprobs", targets.target_logprobs, ids_per_window)
     if targets.method == "topk":
         columns["tail_logprob"] = per_position("tail_logprob", targets.tail_logprob)
     else:
@@ -346,9 +373,11 @@ def ascending_order(values: np.ndarray, lengths: np.ndarray, block: int = 1 << 1
 def ascending_ids(targets: WindowTargets) -> WindowTargets:
     """The same targets with each position's ids ascending (their log-probabilities and counts with them)."""
     order = ascending_order(targets.target_ids, targets.target_lengths)
-    counts = None if targets.target_counts is None else targets.target_counts[order]
-    return replace(targets, target_ids=targets.target_ids[order], target_logprobs=targets.target_logprobs[order],
-                   target_counts=counts)
+    def take(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else values[order]
+
+    return replace(targets, target_ids=targets.target_ids[order], target_logprobs=take(targets.target_logprobs),
+                   target_counts=take(targets.target_counts))
 
 
 def parquet_options(table: pa.Table, zstd_level: int = ZSTD_LEVEL) -> dict:
@@ -430,7 +459,7 @@ def from_table(table: pa.Table) -> WindowTargets:
         input_ids=rows(input_ids, n),
         target_lengths=per_position("target_lengths"),
         target_ids=_flat(table.column("target_ids"))[0],
-        target_logprobs=decode_logprobs(table, "target_logprobs"),
+        target_logprobs=decode_logprobs(table, "target_logprobs") if "target_logprobs" in names else None,
         gold_logprob=per_position("gold_logprob"),
         tail_logprob=per_position("tail_logprob"),
         target_counts=_flat(table.column("target_counts"))[0] if "target_counts" in names else None,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from logitcache.cache.format import from_table, has_behavior, shard_metadata, shard_schema
+from logitcache.cache.format import from_table, has_behavior, shard_metadata, shard_schema, stores_logprobs
 from logitcache.cache.layout import SHARD_PATTERN
 from logitcache.cache.manifest import cache_layout, check_complete, read_manifest
 from logitcache.errors import LogitcacheError
@@ -71,7 +71,9 @@ def _check_shard(cache_dir: Path, entry: dict, manifest: dict, deep: bool) -> li
         problems.append(f"{name}: shard format v{meta.get('format_version')} in a v{version} cache")
         return problems
     behavior = has_behavior(version, cache_layout(manifest)["format"])
-    if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"], version, manifest["params"].get("samples"), behavior)):
+    logprobs = stores_logprobs(manifest["method"], manifest["params"])
+    if not parquet.schema_arrow.remove_metadata().equals(shard_schema(manifest["method"], version, manifest["params"].get("samples"),
+                                                                      behavior, logprobs)):
         problems.append(f"{name}: schema differs from shard format v{version} for method {manifest['method']}")
         return problems
     rows = parquet.metadata.num_rows

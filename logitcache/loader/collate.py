@@ -84,24 +84,29 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
     (a position counts when it has stored ids), ``token_counts [B]`` int64 (each row's tokens; the
     rest is right padding). ``K`` is the widest position in the batch. A cache with behaviour
     log-probabilities (format v3, chat corpora) adds ``behavior_logprob [B, P]`` float32 (NaN where the
-    token was not drawn by a recorded sampler).
+    token was not drawn by a recorded sampler). A sample cache without log-probabilities (format v4,
+    ``--logprob-bits 0``) gives NaN ``target_logprobs`` at its stored ids and NaN ``tail_logprob``: only
+    RS-KD's weights are known (the training settings refuse every other loss on it).
     """
     batch = WindowTargets.concat(list(samples))
     lengths = batch.target_lengths
     width = int(lengths.max(initial=0))
-    logprobs = batch.target_logprobs.astype(np.float32)
+    known = batch.target_logprobs is not None
+    logprobs = batch.target_logprobs.astype(np.float32) if known else np.full(len(batch.target_ids), np.nan, np.float32)
     covered = None
     if batch.method == "sample":
         weights = batch.target_counts.astype(np.float32) / np.float32(manifest["params"]["samples"])
-        covered = np.exp(batch.target_logprobs.astype(np.float64))
+        covered = np.exp(batch.target_logprobs.astype(np.float64)) if known else None
     else:
         weights = np.exp(logprobs)
     ids, logprobs, weights, mask, mass = _dense(lengths, width, batch.target_ids, logprobs, weights, covered)
     if mass is not None:
         with np.errstate(divide="ignore"):
             tail = np.log(np.maximum(1.0 - mass, 0.0)).astype(np.float32)
-    else:
+    elif batch.tail_logprob is not None:
         tail = batch.tail_logprob.astype(np.float32)
+    else:  # sample without log-probabilities: the mass the draws missed is unknown
+        tail = np.full(lengths.shape, np.nan, np.float32)
     dense = {
         "input_ids": batch.input_ids.astype(np.int64),
         "labels": batch.input_ids[:, 1:].astype(np.int64),

@@ -96,7 +96,7 @@ class _Unit:
             input_ids=t.input_ids[per_window],
             target_lengths=t.target_lengths[per_window],
             target_ids=t.target_ids[lo:hi],
-            target_logprobs=t.target_logprobs[lo:hi],
+            target_logprobs=None if t.target_logprobs is None else t.target_logprobs[lo:hi],
             gold_logprob=t.gold_logprob[per_window],
             tail_logprob=None if t.tail_logprob is None else t.tail_logprob[per_window],
             target_counts=None if t.target_counts is None else t.target_counts[lo:hi],

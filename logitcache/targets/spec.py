@@ -14,6 +14,7 @@ class TargetSpec:
     ``logprob_bits``: mantissa bits (of float16's 10) kept in a sample build's ``target_logprobs``.
     RS-KD learns from the counts, whose noise (~1/sqrt(count)) dwarfs a 2**-8 relative error in a
     log-probability; 7 bits saves ~0.4 bytes per entry. top-k keeps all 10, and gold always does.
+    0: a sample cache stores no ``target_logprobs`` at all (format v4), only ids and counts.
     """
 
     method: str

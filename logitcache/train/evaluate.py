@@ -48,8 +48,10 @@ def expected_calibration_error(stats: Tensor) -> float:
 
 
 def teacher_top_ids(batch: Batch) -> Tensor:
-    """``[B, P] int64``: the stored id with the highest teacher log-probability at each position."""
-    logprobs = batch["target_logprobs"].masked_fill(~batch["target_mask"], -math.inf)
+    """``[B, P] int64``: the stored id with the highest teacher log-probability at each position (a sample
+    cache without log-probabilities: the most drawn id)."""
+    logprobs = batch["target_logprobs"]
+    logprobs = torch.where(logprobs.isnan(), batch["target_weights"].log(), logprobs).masked_fill(~batch["target_mask"], -math.inf)
     return batch["target_ids"].gather(-1, logprobs.argmax(-1, keepdim=True)).squeeze(-1)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from logitcache.cache.format import has_behavior
+from logitcache.cache.format import has_behavior, stores_logprobs
 from logitcache.cache.manifest import cache_layout, read_manifest
 from logitcache.chat import CORPUS_FORMATS, LENGTH_POLICIES, RecordFields
 from logitcache.errors import LogitcacheError
@@ -169,8 +169,14 @@ class TrainSettings:
 
 def options_from_cache(loss: str, manifest: Mapping | None, where: str) -> dict[str, float]:
     """The options ``loss`` takes from the cache it reads: for ``rs-kd`` the proposal temperature the
-    cache was sampled at, none for the others. A cache not built by sampling is refused for ``rs-kd``;
+    cache was sampled at, none for the others. A cache not built by sampling is refused for ``rs-kd``, one
+    without log-probabilities (``--logprob-bits 0``) for every loss but ``rs-kd``;
     ``where`` names it (``--cache DIR``). ``minillm`` needs a cache of responses :func:`minillm_ready` accepts."""
+    if manifest is not None and loss != "rs-kd" and not stores_logprobs(manifest["method"], manifest["params"]):
+        raise LogitcacheError(
+            f"--loss {loss} needs the teacher's log-probabilities, and {where} was built with --logprob-bits 0 "
+            "(ids and counts only): use --loss rs-kd, or rebuild it with --logprob-bits 7"
+        )
     if loss == "minillm":
         minillm_ready(manifest, where)
     if loss != "rs-kd":
