@@ -32,7 +32,8 @@ whose output head is scaled by ``--sharpen`` (logits times that factor: a more p
 vocabulary widths instead (``--wide-widths``), on ``wide_vocab.py``'s fan-out stand-in: each of the
 teacher's ids fans out to ``width / vocab`` wide ids with a context-dependent split, sharpened to
 ``--distinct`` ids per position at N=50; bytes per stored entry in total, per column, and under the
-levers measured (zstd level, row-group size, PLAIN ids, sample ids ascending, one mantissa bit fewer).
+levers measured (zstd level, row-group size, PLAIN or BYTE_STREAM_SPLIT ids, sample ids ascending, one
+mantissa bit fewer), and format v4's sample cache without log-probabilities (``--logprob-bits 0``).
 
 Finally the same targets in the layouts people use today: axolotl's KD dataset columns
 (``input_ids``, ``target_token_ids: list<list<int64>>``, ``target_logprobs: list<list<float32>>``,
@@ -605,7 +606,10 @@ def layout_sizes(t: WindowTargets, meta: dict, layout: str, **override) -> dict[
     version = 1 if layout == "v1" else shards_mod.FORMAT_VERSION
     with v2_layout() if layout == "v2" else nullcontext():
         table = to_table(t, {**meta, "format_version": version})
-        data = write_bytes(table, {**parquet_options(table), **override})
+        kwargs = parquet_options(table)
+        for key, value in override.items():  # column encodings are added to the writer's, the rest replaced
+            kwargs[key] = {**(kwargs[key] or {}), **value} if key == "column_encoding" else value
+        data = write_bytes(table, kwargs)
     parquet = pq.ParquetFile(io.BytesIO(data)).metadata
     columns: dict[str, int] = {}
     for g in range(parquet.num_row_groups):
@@ -654,14 +658,19 @@ def wide_caches(args, teacher_dir: Path, corpus: Path, work: Path) -> tuple[dict
 WIDE_LEVERS: dict[str, tuple[str, dict]] = {
     "v1": ("v1", {}),
     "v2": ("v2", {}),
-    "v3": ("current", {}),
-    "v3, zstd-7": ("current", {"compression_level": 7}),
-    "v3, zstd-9": ("current", {"compression_level": 9}),
-    "v3, row groups of 512 windows": ("current", {"row_group_size": 512}),
+    "v3 = v4": ("current", {}),
+    "zstd-7": ("current", {"compression_level": 7}),
+    "zstd-9": ("current", {"compression_level": 9}),
+    "row groups of 512 windows": ("current", {"row_group_size": 512}),
     # as many positions as a row group of 128 windows of 2,048 tokens (16 x 128 tokens)
-    "v3, row groups of 2,048 windows": ("current", {"row_group_size": 2048}),
-    "v3, target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
+    "row groups of 2,048 windows": ("current", {"row_group_size": 2048}),
+    "target_ids PLAIN": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")]}),
+    "target_ids BYTE_STREAM_SPLIT": ("current", {"use_dictionary": [ELEMENT.format(c) for c in ("target_lengths", "target_counts")],
+                                                 "column_encoding": {ELEMENT.format("target_ids"): "BYTE_STREAM_SPLIT"}}),
 }
+# sample only: format v4's cache without log-probabilities (--logprob-bits 0), and levers not taken
+SAMPLE_LEVERS = ["v4 ids and counts only (--logprob-bits 0)", "the same, row groups of 2,048 windows",
+                 "sample ids ascending (not taken)", f"sample --logprob-bits {SAMPLE_LOGPROB_BITS - 1}"]
 
 
 def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
@@ -683,17 +692,24 @@ def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
             if not override:
                 by_column.append(f"| {name} | {label} | " + " | ".join(
                     "—" if n not in sizes else f"{sizes[n] / entries:.3f}" for n in names) + " |")
-        if t.target_counts is not None:  # sample levers not taken: ids ascending, as topk; fewer mantissa bits
+        if t.target_counts is not None:
+            ids_only = {**meta, "params": {**meta["params"], "logprob_bits": 0}}
+            sizes = layout_sizes(t, ids_only, "current")
+            by_column.append(f"| {name} | v4, --logprob-bits 0 | " + " | ".join(
+                "—" if n not in sizes else f"{sizes[n] / entries:.3f}" for n in names) + " |")
+            cells.append(f"{sizes['total'] / entries:.3f}")
+            cells.append(f"{layout_sizes(t, ids_only, 'current', row_group_size=2048)['total'] / entries:.3f}")
+            # levers not taken: ids ascending, as topk; fewer mantissa bits
             cells.append(f"{layout_sizes(shards_mod.ascending_ids(t), meta, 'current')['total'] / entries:.3f}")
             fewer = {**meta, "params": {**meta["params"], "logprob_bits": SAMPLE_LOGPROB_BITS - 1}}
             rounded = replace(t, target_logprobs=round_mantissa(t.target_logprobs, SAMPLE_LOGPROB_BITS - 1))
             cells.append(f"{layout_sizes(rounded, fewer, 'current')['total'] / entries:.3f}")
         else:
-            cells += ["—", "—"]
+            cells += ["—"] * len(SAMPLE_LEVERS)
         totals.append(f"| {name} | " + " | ".join(cells) + " |")
         print(totals[-1], file=sys.stderr, flush=True)
-    totals[0] += f" sample ids ascending (not taken) | sample --logprob-bits {SAMPLE_LOGPROB_BITS - 1} |"
-    totals[1] += "---:|---:|"
+    totals[0] += " " + " | ".join(SAMPLE_LEVERS) + " |"
+    totals[1] += "---:|" * len(SAMPLE_LEVERS)
     print("\n## Bytes per stored entry, all columns\n\n" + "\n".join(totals), flush=True)
     print("\n## By column\n\n" + "\n".join(by_column))
 
