@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 from datasets import load_dataset
 
-FORMAT_VERSIONS = (2, 3)  # v3 is v2 with topk ids ascending and, in chat caches, behavior_logprob
+# v3: v2 with topk ids ascending and, in chat caches, behavior_logprob; v4: v3, but a sample cache
+# built with --logprob-bits 0 has no target_logprobs (its ids and counts only)
+FORMAT_VERSIONS = (2, 3, 4)
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -31,13 +33,16 @@ def read_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
-def target_probs(logprobs: np.ndarray, counts: np.ndarray | None, proposal_temperature: float) -> np.ndarray:
+def target_probs(logprobs: np.ndarray | None, counts: np.ndarray | None, proposal_temperature: float) -> np.ndarray:
     """The target distribution a position's stored ids imply (float64).
 
     topk: exp(logprob), the tail mass stays outside. sample: draws came from q ∝ t^(1/tau), so each
     id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)), self-normalised; at tau = 1 this is
-    exactly count / N, the unbiased RS-KD estimate.
+    exactly count / N, the unbiased RS-KD estimate. A sample cache without log-probabilities (v4,
+    ``--logprob-bits 0``) always has tau = 1: count / N.
     """
+    if logprobs is None:
+        return counts / counts.sum()
     logprobs = logprobs.astype(np.float64)
     if counts is None:
         return np.exp(logprobs)
@@ -59,7 +64,9 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     lengths = window["target_lengths"]
     cuts = np.cumsum(lengths)[:-1]
     ids = np.split(window["target_ids"].astype(np.int64), cuts)
-    logprobs = np.split(window["target_logprobs"].astype(np.float32), cuts)
+    # v4 sample caches built with --logprob-bits 0 have no target_logprobs: None per position
+    has_logprobs = "target_logprobs" in window
+    logprobs = np.split(window["target_logprobs"].astype(np.float32), cuts) if has_logprobs else [None] * len(lengths)
     has_counts = manifest["method"] == "sample"
     counts = np.split(window["target_counts"].astype(np.int64), cuts) if has_counts else [None] * len(lengths)
     tau = manifest["params"].get("proposal_temperature", 1.0)

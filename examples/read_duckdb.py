@@ -17,7 +17,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
-FORMAT_VERSIONS = (2, 3)  # v3 is v2 with topk ids ascending and, in chat caches, behavior_logprob
+# v3: v2 with topk ids ascending and, in chat caches, behavior_logprob; v4: v3, but a sample cache
+# built with --logprob-bits 0 has no target_logprobs (its ids and counts only)
+FORMAT_VERSIONS = (2, 3, 4)
 
 # Per-method SQL: extra per-position column, extra per-entry column, target probability of an entry.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),
@@ -36,6 +38,10 @@ METHOD_SQL = {
     },
 }
 
+# A v4 sample cache built with --logprob-bits 0 has no target_logprobs: NULL log-probabilities, and at its
+# tau = 1 each id weighs its count.
+NO_LOGPROBS_SQL = {"logprob": "NULL::FLOAT", "prob": "count / sum(count) OVER (PARTITION BY position)"}
+
 QUERY = """
 WITH first_window AS (
     SELECT * FROM read_parquet($shard) ORDER BY sequence_id LIMIT 1
@@ -52,7 +58,7 @@ WITH first_window AS (
     SELECT unnest(range(len(target_ids))) AS entry,
            unnest(target_ids) AS id,
            {entry_column}
-           unnest(target_logprobs) AS logprob
+           {logprob} AS logprob
     FROM first_window
 ), targets AS (
     SELECT spans.*, entries.*, {prob} AS prob
@@ -79,17 +85,21 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     manifest = read_manifest(cache_dir)
     method = manifest["method"]
     extra = "any_value(tail_logprob) AS tail_logprob," if method == "topk" else "list(count ORDER BY entry) AS counts,"
-    sql = QUERY.format(**METHOD_SQL[method], extra_select=extra)
     params = {"shard": str(Path(cache_dir) / manifest["shards"][0]["file"])}
-    if method == "sample":
+    connection = duckdb.connect()
+    columns = [row[0] for row in connection.execute("DESCRIBE SELECT * FROM read_parquet($shard)", params).fetchall()]
+    has_logprobs = "target_logprobs" in columns
+    parts = {**METHOD_SQL[method], "logprob": "unnest(target_logprobs)", **({} if has_logprobs else NO_LOGPROBS_SQL)}
+    sql = QUERY.format(**parts, extra_select=extra)
+    if method == "sample" and has_logprobs:
         params["tau"] = manifest["params"]["proposal_temperature"]
-    result = duckdb.connect().execute(sql, params)
+    result = connection.execute(sql, params)
     names = [column[0] for column in result.description]
     rows = []
     for values in result.fetchall():
         row = dict(zip(names, values))
         row["ids"] = np.asarray(row["ids"], dtype=np.int64)
-        row["logprobs"] = np.asarray(row["logprobs"], dtype=np.float32)
+        row["logprobs"] = np.asarray(row["logprobs"], dtype=np.float32) if has_logprobs else None
         row["probs"] = np.asarray(row["probs"], dtype=np.float64)
         if method == "sample":
             row["counts"] = np.asarray(row["counts"], dtype=np.int64)

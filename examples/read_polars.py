@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-FORMAT_VERSIONS = (2, 3)  # v3 is v2 with topk ids ascending and, in chat caches, behavior_logprob
+# v3: v2 with topk ids ascending and, in chat caches, behavior_logprob; v4: v3, but a sample cache
+# built with --logprob-bits 0 has no target_logprobs (its ids and counts only)
+FORMAT_VERSIONS = (2, 3, 4)
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
@@ -30,13 +32,17 @@ def read_manifest(cache_dir: str | Path) -> dict:
     return manifest
 
 
-def target_prob(method: str, proposal_temperature: float) -> pl.Expr:
+def target_prob(method: str, proposal_temperature: float, has_logprobs: bool = True) -> pl.Expr:
     """The target probability of each stored entry, as a Polars expression (Float64).
 
     topk: exp(logprob), the tail mass stays outside. sample: draws came from q ∝ t^(1/tau), so each
     id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)), self-normalised per position; at
-    tau = 1 this is exactly count / N, the unbiased RS-KD estimate.
+    tau = 1 this is exactly count / N, the unbiased RS-KD estimate. A sample cache without
+    log-probabilities (v4, ``--logprob-bits 0``) always has tau = 1: count / N.
     """
+    if not has_logprobs:
+        count = pl.col("count").cast(pl.Float64)
+        return count / count.sum().over("position")
     logprob = pl.col("logprob").cast(pl.Float64)
     if method == "topk":
         return logprob.exp()
@@ -57,13 +63,15 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
         pl.col("gold_logprob").explode(),
         *[pl.col(name).explode() for name in per_position],
     ).with_row_index("position")
-    per_id = {"target_ids": "id", "target_logprobs": "logprob"}
+    # v4 sample caches built with --logprob-bits 0 have no target_logprobs: None per position
+    has_logprobs = "target_logprobs" in window.columns
+    per_id = {"target_ids": "id", "target_logprobs": "logprob"} if has_logprobs else {"target_ids": "id"}
     if method == "sample":
         per_id["target_counts"] = "count"
     entries = (
         window.select([pl.col(column).explode().alias(name) for column, name in per_id.items()])
         .with_columns(positions.select(pl.col("position").repeat_by("length").explode()).to_series())
-        .with_columns(target_prob(method, tau).alias("prob"))
+        .with_columns(target_prob(method, tau, has_logprobs).alias("prob"))
         .group_by("position", maintain_order=True)
         .agg(pl.col([*per_id.values(), "prob"]))
     )
@@ -74,7 +82,7 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
             "gold_id": row["gold_id"],
             "gold_logprob": row["gold_logprob"],
             "ids": np.asarray(row["id"], dtype=np.int64),
-            "logprobs": np.asarray(row["logprob"], dtype=np.float32),
+            "logprobs": np.asarray(row["logprob"], dtype=np.float32) if has_logprobs else None,
             "probs": np.asarray(row["prob"], dtype=np.float64),
         }
         if method == "topk":

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 from pyspark.sql import SparkSession
 
-FORMAT_VERSIONS = (2, 3)  # v3 is v2 with topk ids ascending and, in chat caches, behavior_logprob
+# v3: v2 with topk ids ascending and, in chat caches, behavior_logprob; v4: v3, but a sample cache
+# built with --logprob-bits 0 has no target_logprobs (its ids and counts only)
+FORMAT_VERSIONS = (2, 3, 4)
 
 # Per-method SQL: the extra column of a position (and its name), and the target probability of its entries.
 # sample: draws came from q ∝ t^(1/tau), so each id weighs count * t/q ∝ count * exp(logprob * (1 - 1/tau)),
@@ -38,6 +40,12 @@ METHOD_SQL = {
     },
 }
 
+LOGPROBS_SQL = "transform(slice(target_logprobs, start + 1, length), x -> CAST(x AS DOUBLE))"
+
+# A v4 sample cache built with --logprob-bits 0 has no target_logprobs: NULL log-probabilities, and at its
+# tau = 1 each id weighs its count.
+NO_LOGPROBS_SQL = {"logprobs": "CAST(NULL AS ARRAY<DOUBLE>)", "weights": "transform(counts, c -> CAST(c AS DOUBLE))"}
+
 QUERY = """
 WITH positions AS (
     SELECT *, posexplode(target_lengths) AS (position, length) FROM first_window
@@ -46,7 +54,7 @@ WITH positions AS (
 ), targets AS (
     SELECT position, input_ids[position + 1] AS gold_id, CAST(gold_logprob[position] AS DOUBLE) AS gold_logprob,
            slice(target_ids, start + 1, length) AS ids,
-           transform(slice(target_logprobs, start + 1, length), x -> CAST(x AS DOUBLE)) AS logprobs,
+           {logprobs} AS logprobs,
            {extra}
     FROM spans
 ), weighted AS (
@@ -72,16 +80,17 @@ def first_window_targets(cache_dir: str | Path) -> list[dict]:
     method, tau = manifest["method"], manifest["params"].get("proposal_temperature", 1.0)
     spark = (SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
-    parts = METHOD_SQL[method]
+    shard = spark.read.parquet(str(Path(cache_dir) / manifest["shards"][0]["file"]))
+    shard.orderBy("sequence_id").limit(1).createOrReplaceTempView("first_window")
+    has_logprobs = "target_logprobs" in shard.columns
+    parts = {**METHOD_SQL[method], "logprobs": LOGPROBS_SQL, **({} if has_logprobs else NO_LOGPROBS_SQL)}
     sql = QUERY.format(extra=parts["extra"], extra_name=parts["extra_name"], probs=parts["probs"],
-                       weights=parts["weights"].format(tau=float(tau)))
-    shard = Path(cache_dir) / manifest["shards"][0]["file"]
-    spark.read.parquet(str(shard)).orderBy("sequence_id").limit(1).createOrReplaceTempView("first_window")
+                       logprobs=parts["logprobs"], weights=parts["weights"].format(tau=float(tau)))
     result = [row.asDict() for row in spark.sql(sql).collect()]
     rows = []
     for row in result:
         row["ids"] = np.asarray(row["ids"], dtype=np.int64)
-        row["logprobs"] = np.asarray(row["logprobs"], dtype=np.float32)
+        row["logprobs"] = np.asarray(row["logprobs"], dtype=np.float32) if has_logprobs else None
         row["probs"] = np.asarray(row["probs"], dtype=np.float64)
         if method == "sample":
             row["counts"] = np.asarray(row["counts"], dtype=np.int64)

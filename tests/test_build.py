@@ -88,6 +88,30 @@ def test_sample_logprobs_keep_logprob_bits(teacher_dir, corpus_file, sample_cach
     assert np.mean(round_mantissa(full.target_logprobs, 7) == rounded.target_logprobs) > 0.8  # ~15/16: 1/8 are ties
 
 
+def test_a_sample_cache_without_logprobs_holds_the_same_draws(sample_cache, ids_only_cache):
+    """--logprob-bits 0 (format v4) leaves out target_logprobs and nothing else: the same draws, counts, gold and
+    tokens as the default build, a sound cache, and fewer bytes."""
+    import pyarrow.parquet as pq
+
+    from logitcache.cache.format import FORMAT_VERSION, shard_metadata
+    from logitcache.cache.summary import summarize
+    from logitcache.cache.validate import validate_cache
+
+    manifest = read_manifest(ids_only_cache)
+    assert manifest["format_version"] == FORMAT_VERSION == 4 and manifest["params"]["logprob_bits"] == 0
+    assert validate_cache(ids_only_cache) == []
+    shard = ids_only_cache / manifest["shards"][0]["file"]
+    assert "target_logprobs" not in pq.read_schema(shard).names
+    assert "target_logprobs" not in shard_metadata(shard)["logprob_mantissa_bits"]
+    full, ids_only = all_targets(sample_cache), all_targets(ids_only_cache)
+    assert ids_only.target_logprobs is None and full.target_logprobs is not None
+    for name in ("sequence_ids", "input_ids", "target_lengths", "target_ids", "target_counts", "gold_logprob"):
+        assert np.array_equal(getattr(ids_only, name), getattr(full, name)), name
+    smaller, larger = summarize(ids_only_cache), summarize(sample_cache)
+    assert smaller["bytes_per_entry"] < larger["bytes_per_entry"]
+    assert smaller["teacher_perplexity"] == larger["teacher_perplexity"]
+
+
 def test_sampling_does_not_depend_on_batch_size(teacher_dir, corpus_file, sample_cache, tmp_path):
     build_cache(teacher_dir, corpus_file, tmp_path / "b1", method="sample", samples=20, batch_size=1, shard_size=16)
     a, b = all_targets(sample_cache), all_targets(tmp_path / "b1")

@@ -1,8 +1,9 @@
 """The reader examples (pyarrow, datasets, polars, duckdb, spark) agree with logitcache.cache.format.read_shard.
 
 Each example recovers the first window's targets from a cache with one tool only; on synthetic
-caches of both methods (one with a tempered proposal) and on real builds they must match the
-writer's own reader exactly (the decoded log-probabilities) and imply the same target distribution.
+caches of both methods (one with a tempered proposal, one without log-probabilities: format v4's
+``--logprob-bits 0``) and on real builds they must match the writer's own reader exactly (the
+decoded log-probabilities, or None where the cache has none) and imply the same target distribution.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import processes
+import pyarrow.parquet as pq
 import pytest
 from spark_session import local_spark, require_java
 
@@ -118,10 +120,12 @@ CACHES = {
     "topk": ("topk", {"k": 5}),
     "sample": ("sample", {"samples": 16, "proposal_temperature": 1.0}),
     "sample-tempered": ("sample", {"samples": 16, "proposal_temperature": 2.0}),
+    # format v4: write_shard drops target_logprobs (ids and counts only)
+    "sample-ids-only": ("sample", {"samples": 16, "proposal_temperature": 1.0, "logprob_bits": 0}),
 }
 
 
-@pytest.fixture(scope="module", params=[*CACHES, "topk_cache", "sample_cache"])
+@pytest.fixture(scope="module", params=[*CACHES, "topk_cache", "sample_cache", "ids_only_cache"])
 def example_cache(request, tmp_path_factory) -> Path:
     """A synthetic cache, or a real build from a tiny teacher (the conftest fixtures)."""
     if request.param not in CACHES:
@@ -147,7 +151,7 @@ def _expected_first_window(cache_dir: Path) -> list[dict]:
     tau = manifest["params"].get("proposal_temperature", 1.0)
     rows = []
     for t, (start, end) in enumerate(zip(ends - lengths, ends)):
-        logprobs = targets.target_logprobs[start:end]
+        logprobs = None if targets.target_logprobs is None else targets.target_logprobs[start:end]
         row = {"gold_id": int(targets.input_ids[0, t + 1]), "gold_logprob": targets.gold_logprob[0, t],
                "ids": targets.target_ids[start:end], "logprobs": logprobs}
         if targets.method == "topk":
@@ -155,9 +159,12 @@ def _expected_first_window(cache_dir: Path) -> list[dict]:
             row["probs"] = np.exp(logprobs.astype(np.float64))
         else:
             counts = targets.target_counts[start:end].astype(np.float64)
-            weights = counts * np.exp(logprobs.astype(np.float64) * (1 - 1 / tau))
             row["counts"] = targets.target_counts[start:end]
-            row["probs"] = counts / manifest["params"]["samples"] if tau == 1 else weights / weights.sum()
+            if tau == 1:  # also a cache without log-probabilities (always tau = 1)
+                row["probs"] = counts / manifest["params"]["samples"]
+            else:
+                weights = counts * np.exp(logprobs.astype(np.float64) * (1 - 1 / tau))
+                row["probs"] = weights / weights.sum()
         rows.append(row)
     return rows
 
@@ -186,7 +193,10 @@ def test_example_recovers_the_writers_targets(example, example_cache, capsys, re
         assert row["gold_id"] == want["gold_id"]
         assert _same_float32(row["gold_logprob"], want["gold_logprob"])
         np.testing.assert_array_equal(row["ids"], want["ids"])
-        assert _same_float32(row["logprobs"], want["logprobs"])
+        if want["logprobs"] is None:
+            assert row["logprobs"] is None
+        else:
+            assert _same_float32(row["logprobs"], want["logprobs"])
         np.testing.assert_allclose(row["probs"], want["probs"], rtol=1e-12, atol=0)
         if "tail_logprob" in want:
             assert _same_float32(row["tail_logprob"], want["tail_logprob"])
@@ -221,5 +231,20 @@ def test_synthetic_manifest_follows_the_published_schema(tmp_path):
 def test_example_refuses_an_unknown_format_version(example, tmp_path):
     manifest = write_synthetic_cache(tmp_path, *CACHES["topk"], windows=1)
     write_manifest(tmp_path, {**manifest, "format_version": FORMAT_VERSION + 1})
-    with pytest.raises(ValueError, match=r"format version \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"format version \(2, 3, 4\)"):
         _load_example(example).first_window_targets(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["sample-ids-only", "ids_only_cache"])
+def test_ids_only_caches_have_no_target_logprobs(kind, tmp_path, request):
+    """The caches that exercise the examples' no-log-probabilities path really lack the column."""
+    if kind in CACHES:
+        write_synthetic_cache(tmp_path, *CACHES[kind])
+        cache_dir = tmp_path
+    else:
+        cache_dir = request.getfixturevalue(kind)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["format_version"] == 4 and manifest["params"]["logprob_bits"] == 0
+    assert manifest["params"].get("proposal_temperature", 1.0) == 1.0
+    for shard in manifest["shards"]:
+        assert "target_logprobs" not in pq.read_schema(cache_dir / shard["file"]).names

@@ -7,6 +7,7 @@ top-k renormalised, sample counts as logitcache's own RS-KD weights (``losses.sp
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import numpy as np
@@ -25,10 +26,10 @@ from logitcache.losses.sparse import Rows, masked_log_softmax, rs_kd_log_weights
 FLOAT32_LOGPROB_ERROR = 2e-6  # float64 arithmetic rounded once to float32, on log-probs of magnitude < 16
 
 
-@pytest.fixture(scope="module", params=["topk_cache", "sample_cache", "sample-tempered", "documents"])
+@pytest.fixture(scope="module", params=["topk_cache", "sample_cache", "ids_only_cache", "sample-tempered", "documents"])
 def cache(request, tmp_path_factory):
-    """The conftest's real builds, a synthetic sample cache drawn from a tempered proposal (tau = 2), and a
-    real build with a row per document (rows of different lengths)."""
+    """The conftest's real builds (a sample cache with and without log-probabilities), a synthetic sample cache
+    drawn from a tempered proposal (tau = 2), and a real build with a row per document (rows of different lengths)."""
     if request.param == "documents":
         folder = tmp_path_factory.mktemp("documents") / "cache"
         build_cache(request.getfixturevalue("teacher_dir"), request.getfixturevalue("corpus_file"), folder,
@@ -71,18 +72,23 @@ def test_hf_export_keeps_every_stored_value(cache, exported):
         assert len(row["target_ids"]) == len(spans) == len(input_ids) - 1
         for t, (start, end) in enumerate(spans):
             np.testing.assert_array_equal(row["target_ids"][t], targets.target_ids[start:end])
-            np.testing.assert_array_equal(row["target_logprobs"][t], targets.target_logprobs[start:end].astype(np.float32))
+            if targets.target_logprobs is not None:
+                np.testing.assert_array_equal(row["target_logprobs"][t], targets.target_logprobs[start:end].astype(np.float32))
             if targets.method == "sample":
                 np.testing.assert_array_equal(row["target_counts"][t], targets.target_counts[start:end])
         np.testing.assert_array_equal(row["gold_logprob"], targets.gold_logprob[b, : len(spans)].astype(np.float32))
         if targets.method == "topk":
             np.testing.assert_array_equal(row["tail_logprob"], targets.tail_logprob[b, : len(spans)].astype(np.float32))
         assert ("tail_logprob" in row) == (targets.method == "topk") != ("target_counts" in row)
+        assert ("target_logprobs" in row) == (targets.target_logprobs is not None)
 
 
 def reference_logprobs(targets: WindowTargets, start: int, end: int, tau: float) -> np.ndarray:
     """What the position's axolotl log-probs must be: top-k log-softmax, or RS-KD's normalised log weights."""
-    logprobs = torch.from_numpy(targets.target_logprobs[start:end].astype(np.float64))[None]
+    if targets.target_logprobs is None:  # a sample cache without them: tau = 1, the weights are count / N
+        logprobs = torch.full((1, end - start), math.nan, dtype=torch.float64)
+    else:
+        logprobs = torch.from_numpy(targets.target_logprobs[start:end].astype(np.float64))[None]
     if targets.method == "topk":
         return torch.log_softmax(logprobs, dim=-1)[0].numpy()
     counts = torch.from_numpy(targets.target_counts[start:end].astype(np.float64))[None]

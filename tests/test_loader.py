@@ -152,6 +152,22 @@ def check_window(batch: dict[str, torch.Tensor], row: int, source: WindowTargets
     assert batch["position_mask"][row].all()
 
 
+def test_a_cache_without_logprobs_collates_to_the_same_weights_and_nan_logprobs(sample_cache: Path, ids_only_cache: Path,
+                                                                                collate_path: str) -> None:
+    """A v4 sample cache built with --logprob-bits 0: the batch of the same windows as the default build's, but
+    target_logprobs NaN at the stored ids (0 at padding) and tail_logprob NaN (the mass the draws missed is unknown)."""
+    def batch(cache: Path) -> dict[str, torch.Tensor]:
+        return next(iter(stream(CacheDataset(cache, seed=3, global_batch_size=5), workers=0, limit=1)))
+
+    full, ids_only = batch(sample_cache), batch(ids_only_cache)
+    assert set(full) == set(ids_only)
+    for name in set(full) - {"target_logprobs", "tail_logprob"}:
+        assert torch.equal(full[name], ids_only[name]), name
+    mask = ids_only["target_mask"]
+    assert mask.any() and ids_only["target_logprobs"][mask].isnan().all() and not ids_only["target_logprobs"][~mask].any()
+    assert ids_only["tail_logprob"].isnan().all() and not full["tail_logprob"].isnan().any()
+
+
 def test_collate_of_iterated_windows_equals_the_dataloader_batch(synthetic_cache: Path) -> None:
     dataset = CacheDataset(synthetic_cache, seed=0, global_batch_size=3)
     windows = list(itertools.islice(iter(dataset), 3))

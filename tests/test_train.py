@@ -110,6 +110,29 @@ def test_kd_from_a_cache(world, tmp_path, method, loss, eval_on):
     assert (tmp_path / "student" / "tokenizer.json").is_file()  # found through the manifest's teacher path
 
 
+def test_rs_kd_trains_the_same_on_a_cache_without_logprobs(world, tmp_path):
+    """A sample cache built with --logprob-bits 0 (format v4) holds the same draws: RS-KD (proposal temperature 1)
+    learns from the counts alone, so the run is the same to the bit; every other loss is refused with one line."""
+    ids_only = world.root / "cache-sample-ids-only"
+    if not ids_only.exists():
+        run_build(BuildSettings(teacher=world.teacher, corpus=world.root / "corpus.jsonl", out=ids_only, method="sample",
+                                samples=16, logprob_bits=0, seq_len=SEQ_LEN, batch_size=32, shard_size=64, device="cpu",
+                                packing="stream"))
+    full, bare = [], []
+    run_train(_small(tmp_path / "full", cache=world.caches["sample"], loss="rs-kd"), on_step=full.append)
+    run_train(_small(tmp_path / "bare", cache=ids_only, loss="rs-kd"), on_step=bare.append)
+    assert len(full) == len(bare) > 8
+    for a, b in zip(full, bare):
+        assert a.keys() == b.keys() and a["kind"] == b["kind"]
+        for key in ("loss", "lm_loss", "kd_loss", "ece"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+        assert 0.0 <= b.get("top1_agreement", 0.0) <= 1.0  # the most drawn id stands for the teacher's top one
+    for loss in ("kl", "topk-ghost", "bild"):
+        with pytest.raises(LogitcacheError, match=f"--loss {loss} needs the teacher's log-probabilities"):
+            run_train(_small(tmp_path / loss, cache=ids_only, loss=loss))
+        assert not (tmp_path / loss / "metrics.jsonl").exists()
+
+
 def test_grad_accumulation_equals_one_large_batch(world, tmp_path):
     common = dict(cache=world.caches["sample"], loss="rs-kd", steps=2, eval_every=0)
     run_train(_small(tmp_path / "one", batch_size=4, grad_accum=1, **common))
