@@ -17,13 +17,12 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from harness import CLOCKS, fastest, v2_layout, peak_rss, run_fresh
+from harness import CLOCKS, fastest, peak_rss, run_fresh
 
 from logitcache.cache.format import FORMAT_VERSION, WindowTargets, write_shard
 from logitcache.cache.layout import shard_name
@@ -102,6 +101,7 @@ def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path, Path]:
 
 
 TOPK_LAYOUTS = ("v1", "v2", "current")
+VERSIONS = {"v1": 1, "v2": 2, "current": FORMAT_VERSION}  # the format version each layout is written in
 
 
 def make_topk_caches(root: Path, shards: int, rows: int) -> dict[str, Path]:
@@ -113,11 +113,9 @@ def make_topk_caches(root: Path, shards: int, rows: int) -> dict[str, Path]:
     for i in range(shards):
         targets = synthetic_topk_shard(rng, i * rows, rows)
         for layout, folder in folders.items():
-            version = 1 if layout == "v1" else FORMAT_VERSION
-            with v2_layout() if layout == "v2" else nullcontext():
-                write_shard(folder / shard_name(i), targets, {"bench": True, "params": PARAMS["topk"], "format_version": version})
+            write_shard(folder / shard_name(i), targets, {"bench": True, "params": PARAMS["topk"], "format_version": VERSIONS[layout]})
     for layout, folder in folders.items():
-        write_manifest_for(folder, [rows] * shards, version=1 if layout == "v1" else FORMAT_VERSION, method="topk")
+        write_manifest_for(folder, [rows] * shards, version=VERSIONS[layout], method="topk")
     return folders
 
 

@@ -53,7 +53,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-from harness import best_time, ensure_teacher, v2_layout, small_corpus, teacher_arguments
+from harness import best_time, ensure_teacher, small_corpus, teacher_arguments
 from wide_vocab import Fanout, calibrate, wide_targets
 
 from logitcache.build.run import run_build
@@ -603,13 +602,12 @@ def formats_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
 def layout_sizes(t: WindowTargets, meta: dict, layout: str, **override) -> dict[str, int]:
     """Compressed bytes per column (and ``total``) of ``t`` written as ``layout``: ``v1``, ``v2`` (ids by
     log-probability) or ``current`` (this writer); ``override``: ``pq.write_table`` options changed."""
-    version = 1 if layout == "v1" else shards_mod.FORMAT_VERSION
-    with v2_layout() if layout == "v2" else nullcontext():
-        table = to_table(t, {**meta, "format_version": version})
-        kwargs = parquet_options(table)
-        for key, value in override.items():  # column encodings are added to the writer's, the rest replaced
-            kwargs[key] = {**(kwargs[key] or {}), **value} if key == "column_encoding" else value
-        data = write_bytes(table, kwargs)
+    version = {"v1": 1, "v2": 2}.get(layout, shards_mod.FORMAT_VERSION)
+    table = to_table(t, {**meta, "format_version": version})
+    kwargs = parquet_options(table)
+    for key, value in override.items():  # column encodings are added to the writer's, the rest replaced
+        kwargs[key] = {**(kwargs[key] or {}), **value} if key == "column_encoding" else value
+    data = write_bytes(table, kwargs)
     parquet = pq.ParquetFile(io.BytesIO(data)).metadata
     columns: dict[str, int] = {}
     for g in range(parquet.num_row_groups):

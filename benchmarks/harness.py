@@ -20,8 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,16 +150,3 @@ def teacher_arguments(parser, corpus_bytes: int = 400_000) -> None:
 
 # ---- writers --------------------------------------------------------------------------------
 
-
-@contextmanager
-def v2_layout() -> Iterator[None]:
-    """``to_table`` as format v2 wrote shards: every position's ids by descending log-probability (v3 writes topk
-    ids ascending, see ``logitcache.cache.format.ids_ascending``); to measure both in one run."""
-    from logitcache.cache import format as shards
-
-    since = shards.IDS_ASCENDING_SINCE
-    shards.IDS_ASCENDING_SINCE = since + 1
-    try:
-        yield
-    finally:
-        shards.IDS_ASCENDING_SINCE = since
