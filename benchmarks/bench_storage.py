@@ -671,6 +671,37 @@ SAMPLE_LEVERS = ["v4 ids and counts only (--logprob-bits 0)", "the same, row gro
                  "sample ids ascending (not taken)", f"sample --logprob-bits {SAMPLE_LOGPROB_BITS - 1}"]
 
 
+def entropy_bits(values: np.ndarray) -> float:
+    """Order-0 (empirical) entropy in bits per value of ``values [S]`` or of the rows of ``values [S, c]``."""
+    _, counts = np.unique(values, return_counts=True, axis=0)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def entropy_floor_row(name: str, t: WindowTargets, meta: dict) -> str:
+    """What an ideal order-0 coder per row group needs for a sample cache's per-id columns (bits per entry),
+    against what the writer stores: a floor for any column-by-column encoding that does not model context."""
+    group = shards_mod.ROW_GROUP_ROWS
+    bits = {"ids": [], "counts": [], "logprobs": [], "logprobs given the count": []}
+    for first in range(0, len(t), group):
+        g = t.select(np.arange(first, min(first + group, len(t))))
+        counts = g.target_counts.astype(np.uint32)
+        bits["ids"].append(entropy_bits(g.target_ids))
+        bits["counts"].append(entropy_bits(counts))
+        bits["logprobs"].append(entropy_bits(g.target_logprobs))
+        bits["logprobs given the count"].append(entropy_bits(np.stack([g.target_logprobs.view(np.uint32), counts], 1))
+                                                - bits["counts"][-1])
+    mean = {k: float(np.mean(v)) for k, v in bits.items()}
+    sizes = layout_sizes(t, meta, "current")
+    entries = len(t.target_ids)
+    per_position = sum(sizes[c] for c in ("sequence_id", "input_ids", "target_lengths", "gold_logprob",
+                                          "(footer and metadata)")) / entries
+    floor = (mean["ids"] + mean["counts"] + mean["logprobs"]) / 8 + per_position
+    given = (mean["ids"] + mean["counts"] + mean["logprobs given the count"]) / 8 + per_position
+    return (f"| {name} | " + " | ".join(f"{v:.2f}" for v in mean.values()) + f" | {per_position:.3f} | {floor:.3f} | "
+            f"{given:.3f} | {sizes['total'] / entries:.3f} |")
+
+
 def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
     """B/entry of v1, v2 and this writer on the fan-out stand-in at real widths (``--wide``)."""
     caches, what = wide_caches(args, teacher_dir, corpus, work)
@@ -710,6 +741,11 @@ def wide_report(args, teacher_dir: Path, corpus: Path, work: Path) -> None:
     totals[1] += "---:|" * len(SAMPLE_LEVERS)
     print("\n## Bytes per stored entry, all columns\n\n" + "\n".join(totals), flush=True)
     print("\n## By column\n\n" + "\n".join(by_column))
+    floors = ["| cache | ids (bits/entry) | counts | log-probs | log-probs given the count | per-position columns "
+              "as stored (B/entry) | floor: order-0 sum + per-position (B/entry) | the same, log-probs given the count "
+              "| v4 stores |", "|---|" + "---:|" * 8]
+    floors += [entropy_floor_row(name, t, meta) for name, (t, meta) in caches.items() if t.target_counts is not None]
+    print("\n## Sample caches with log-probabilities: order-0 entropy per row group\n\n" + "\n".join(floors))
 
 
 # ---- main ----------------------------------------------------------------------------------
