@@ -73,31 +73,39 @@ def synthetic_topk_shard(rng: np.random.Generator, first_id: int, rows: int) -> 
 PARAMS = {"sample": {"samples": SAMPLES, "proposal_temperature": 1.0}, "topk": {"k": TOP_K}}
 
 
-def write_manifest_for(root: Path, shard_rows: list[int], version: int = FORMAT_VERSION, method: str = "sample") -> None:
+def write_manifest_for(root: Path, shard_rows: list[int], version: int = FORMAT_VERSION, method: str = "sample",
+                       params: dict | None = None) -> None:
     write_manifest(root, {
         "format": "logitcache", "format_version": version, "logitcache_version": "bench",
-        "fingerprint": fingerprint({"bench": shard_rows}), "method": method, "params": PARAMS[method],
+        "fingerprint": fingerprint({"bench": shard_rows}), "method": method, "params": params or PARAMS[method],
         "seq_len": SEQ_LEN, "seed": 0, "shard_size": shard_rows[0], "vocab_size": VOCAB,
         "tokenizer": {"fingerprint": "bench", "vocab_size": VOCAB, "eos_token_id": 0},
         "shards": [{"file": shard_name(i), "rows": rows} for i, rows in enumerate(shard_rows)],
     })  # fmt: skip
 
 
-def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path, Path]:
-    """A ``shards``-shard cache, a 1-shard cache that links to its first shard, and the first in format v1."""
+IDS_ONLY = {**PARAMS["sample"], "logprob_bits": 0}  # format v4's sample cache without log-probabilities
+
+
+def make_caches(root: Path, shards: int, rows: int) -> tuple[Path, Path, Path, Path]:
+    """A ``shards``-shard cache, a 1-shard cache that links to its first shard, the first in format v1, and the
+    first without log-probabilities (``--logprob-bits 0``)."""
     full, single, v1 = root / f"{shards}-shards", root / "1-shard", root / f"{shards}-shards-v1"
-    for folder in (full, single, v1):
+    ids_only = root / f"{shards}-shards-ids-only"
+    for folder in (full, single, v1, ids_only):
         folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(shards):
         targets = synthetic_shard(rng, i * rows, rows)
         write_shard(full / shard_name(i), targets, {"bench": True, "params": PARAMS["sample"]})
         write_shard(v1 / shard_name(i), targets, {"bench": True, "params": PARAMS["sample"], "format_version": 1})
+        write_shard(ids_only / shard_name(i), targets, {"bench": True, "params": IDS_ONLY})
     write_manifest_for(full, [rows] * shards)
     write_manifest_for(v1, [rows] * shards, version=1)
+    write_manifest_for(ids_only, [rows] * shards, params=IDS_ONLY)
     (single / shard_name(0)).symlink_to(full / shard_name(0))
     write_manifest_for(single, [rows])
-    return full, single, v1
+    return full, single, v1, ids_only
 
 
 TOPK_LAYOUTS = ("v1", "v2", "current")
@@ -177,23 +185,25 @@ def rss_case(case: str, cache: Path) -> None:
 def report(shards: int, rows: int) -> None:
     """Print the throughput and peak-RSS tables for a fresh synthetic cache."""
     with tempfile.TemporaryDirectory() as tmp:
-        full, single, v1 = make_caches(Path(tmp), shards, rows)
+        full, single, v1, ids_only = make_caches(Path(tmp), shards, rows)
         megabytes = sum(p.stat().st_size for p in full.glob("*.parquet")) / 2**20
         v1_megabytes = sum(p.stat().st_size for p in v1.glob("*.parquet")) / 2**20
+        bare_megabytes = sum(p.stat().st_size for p in ids_only.glob("*.parquet")) / 2**20
         print(f"cache: {shards} shards x {rows} windows x {SEQ_LEN} tokens, {megabytes:.0f} MiB on disk "
-              f"(format v1: {v1_megabytes:.0f} MiB)\n")
+              f"(format v1: {v1_megabytes:.0f} MiB; without log-probabilities: {bare_megabytes:.0f} MiB)\n")
         topk = make_topk_caches(Path(tmp), shards, rows)
         sizes = ", ".join(f"{layout} {sum(p.stat().st_size for p in topk[layout].glob('*.parquet')) / 2**20:.0f} MiB"
                           for layout in TOPK_LAYOUTS)
         print(f"topk k={TOP_K} caches of the same windows: {sizes}\n")
         reads = {"plain": read_table_tokens, "loader": stream_tokens, "numpy": stream_tokens_numpy,
-                 "loader v1": lambda _: stream_tokens(v1),
+                 "loader v1": lambda _: stream_tokens(v1), "loader ids only": lambda _: stream_tokens(ids_only),
                  **{f"topk {layout}": lambda _, c=topk[layout]: stream_tokens(c) for layout in TOPK_LAYOUTS}}
         labels = {
             "plain": "`pq.read_table` of the sample cache's files",
             "loader": "sample: `CacheDataset` + `collate` (dense `[B, T-1, K]` tensors)",
             "numpy": "sample: the same, numpy collate (`LOGITCACHE_NATIVE=0`)",
             "loader v1": "sample: `CacheDataset` + `collate`, the same targets in format v1",
+            "loader ids only": "sample: the same, without log-probabilities (v4, `--logprob-bits 0`)",
             "topk v1": f"topk k={TOP_K}: `CacheDataset` + `collate`, format v1",
             "topk v2": f"topk k={TOP_K}: the same, v2 (ids by log-probability)",
             "topk current": f"topk k={TOP_K}: the same, this writer (ids ascending)",
