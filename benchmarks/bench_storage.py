@@ -28,7 +28,7 @@ is not); per column; and the error of each version's stored log-probabilities ag
 teacher's float32 values, in nats and in probability. It does so for the teacher and for a copy of it
 whose output head is scaled by ``--sharpen`` (logits times that factor: a more peaked teacher).
 
-``--wide`` measures v1, v2 and this writer (topk ids ascending: the format v3 candidate) at real
+``--wide`` measures v1, v2 and this writer (format v3 = v4: topk ids ascending) at real
 vocabulary widths instead (``--wide-widths``), on ``wide_vocab.py``'s fan-out stand-in: each of the
 teacher's ids fans out to ``width / vocab`` wide ids with a context-dependent split, sharpened to
 ``--distinct`` ids per position at N=50; bytes per stored entry in total, per column, and under the

@@ -169,8 +169,8 @@ def build(
     logprob_bits: Annotated[int, typer.Option(
         min=0, max=10, help="sample: mantissa bits kept in stored log-probabilities (10 = float16's, as "
                             "top-k and gold keep; 7 keeps relative error below 2^-8 and saves ~0.4 B per entry). "
-                            "0: none stored, ids and counts only (the RS-KD paper's cache, ~30 % smaller; serves "
-                            "--loss rs-kd at proposal temperature 1 only).")] = BUILD["logprob_bits"],
+                            "0: none stored, ids and counts only (the RS-KD paper's cache, ~30 % smaller at 32k-262k "
+                            "ids; only --loss rs-kd and ce read it; proposal temperature 1).")] = BUILD["logprob_bits"],
     seq_len: SeqLen = BUILD["seq_len"],
     bos: Bos = BUILD["bos"],
     packing: Packing = BUILD["packing"],
@@ -319,11 +319,11 @@ def export(
 
 @app.command()
 def convert(
-    src: Annotated[Path, typer.Argument(help="A cache in shard format v1 (written by logitcache before format v2).")],
+    src: Annotated[Path, typer.Argument(help="A cache in an older shard format (v1, v2 or v3) than this logitcache writes.")],
     dst: Annotated[Path, typer.Argument(help="A new or empty folder for the converted cache; the folder of an "
                                              "interrupted conversion of SRC continues.")],
 ) -> None:
-    """Rewrite a v1 cache as shard format v2 (float32 log-probabilities; rows as they were), shard by shard, resumable."""
+    """Rewrite an older cache in the current shard format (v4; the same targets), shard by shard, resumable."""
     from logitcache.cache.convert import convert_cache
     from logitcache.cache.manifest import read_manifest
 

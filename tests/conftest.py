@@ -74,8 +74,8 @@ def as_v1(cache: Path, out: Path) -> Path:
 
 
 def as_version(cache: Path, out: Path, version: int) -> Path:
-    """A copy of ``cache`` in the older shard format ``version`` (1 or 2), as logitcache wrote it then (v2: no
-    behavior_logprob column)."""
+    """A copy of ``cache`` (one that keeps its log-probabilities) in the older shard format ``version`` (1, 2 or 3),
+    as logitcache wrote it then (v1 and v2: no behavior_logprob column)."""
     from dataclasses import replace
 
     from logitcache.cache.format import BEHAVIOR_COLUMN, shard_metadata, write_shard
@@ -88,9 +88,11 @@ def as_version(cache: Path, out: Path, version: int) -> Path:
         meta = shard_metadata(cache / entry["file"])
         if version == 1:  # keys v1 shards did not have
             meta = {key: value for key, value in meta.items() if key not in ("logprob_mantissa_bits", "layout", "tokens")}
-        else:
+        elif version < 3:
             meta["logprob_mantissa_bits"].pop(BEHAVIOR_COLUMN, None)
-        targets = replace(read_shard(cache / entry["file"]), behavior_logprob=None)
+        targets = read_shard(cache / entry["file"])
+        if version < 3:
+            targets = replace(targets, behavior_logprob=None)
         write_shard(out / entry["file"], targets, {**meta, "format_version": version})
         entry.update(bytes=(out / entry["file"]).stat().st_size, sha256=sha256_file(out / entry["file"]))
     manifest["totals"]["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])

@@ -247,3 +247,23 @@ def test_ascending_order_sorts_each_position_and_keeps_positions_in_place(block)
         ids = rng.permutation(10**6)[: int(lengths.sum())].astype(np.int32)
         position = np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
         assert np.array_equal(ascending_order(ids, lengths, block=block), np.lexsort((ids, position)))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 3}, "caches go without them from v4 on"),
+    ({"params": {"samples": 20, "proposal_temperature": 0.5, "logprob_bits": 0}}, "tempered proposal"),
+])
+def test_a_manifest_without_logprobs_that_cannot_be_is_refused(change, message, ids_only_cache, tmp_path):
+    """No target_logprobs is a format v4 sample cache drawn at proposal temperature 1, or nothing: a manifest saying
+    otherwise (hand-edited, or from another tool) is refused on reading, by every command that opens it."""
+    import shutil
+
+    from logitcache.cache.manifest import write_manifest
+
+    copy = tmp_path / "cache"
+    shutil.copytree(ids_only_cache, copy)
+    write_manifest(copy, {**read_manifest(copy), **change})
+    with pytest.raises(LogitcacheError, match=message):
+        read_manifest(copy)
+    shown = run_cli("validate", str(copy))
+    assert shown.returncode == 1 and message in shown.stderr.replace("\n", " ") and "Traceback" not in shown.stderr

@@ -43,6 +43,18 @@ def test_converted_cache_holds_the_v1_targets_exactly(method, v1_caches, tmp_pat
     assert first["layout"] == layout and first["tokens"] == manifest["shards"][0]["tokens"]
 
 
+def test_a_v3_cache_converts_to_v4_with_the_same_targets(sample_cache, tmp_path):
+    from conftest import as_version
+
+    src = as_version(sample_cache, tmp_path / "v3", 3)
+    manifest = convert_cache(src, tmp_path / "v4")
+    assert read_manifest(src)["format_version"] == 3 and manifest["format_version"] == FORMAT_VERSION == 4
+    assert validate_cache(tmp_path / "v4") == []
+    old, new = all_targets(src), all_targets(tmp_path / "v4")
+    for name in WindowTargets.__dataclass_fields__:
+        assert np.array_equal(getattr(old, name), getattr(new, name)), name
+
+
 def test_an_interrupted_conversion_resumes_to_the_same_bytes(v1_caches, tmp_path):
     src = v1_caches["sample"]
     whole = convert_cache(src, tmp_path / "whole")
@@ -103,4 +115,4 @@ def test_convert_command(v1_caches, tmp_path):
     assert again.returncode == 1 and "already format v4" in again.stderr and "Traceback" not in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
     shown = run_cli("convert", "--help")
-    assert shown.returncode == 0 and "interrupted" in shown.stdout and "shard format v1" in shown.stdout
+    assert shown.returncode == 0 and "interrupted" in shown.stdout and "older shard format" in shown.stdout

@@ -126,11 +126,28 @@ def test_rs_kd_trains_the_same_on_a_cache_without_logprobs(world, tmp_path):
         assert a.keys() == b.keys() and a["kind"] == b["kind"]
         for key in ("loss", "lm_loss", "kd_loss", "ece"):
             assert a.get(key) == b.get(key), (a["step"], key)
-        assert 0.0 <= b.get("top1_agreement", 0.0) <= 1.0  # the most drawn id stands for the teacher's top one
+        if a["kind"] == "eval":  # the most drawn id stands for the teacher's top one
+            assert 0.0 <= b["top1_agreement"] <= 1.0
     for loss in ("kl", "topk-ghost", "bild"):
         with pytest.raises(LogitcacheError, match=f"--loss {loss} needs the teacher's log-probabilities"):
             run_train(_small(tmp_path / loss, cache=ids_only, loss=loss))
         assert not (tmp_path / loss / "metrics.jsonl").exists()
+    with pytest.raises(LogitcacheError, match="--eval-cache .* was built with --logprob-bits 0"):
+        run_train(_small(tmp_path / "eval", cache=world.caches["sample"], loss="kl", eval_cache=ids_only))
+    final = run_train(_small(tmp_path / "ce", cache=ids_only, loss="ce", steps=2, eval_every=2))  # ce reads no targets
+    assert math.isfinite(final["eval_lm_loss"]) and 0.0 <= final["eval_top1_agreement"] <= 1.0
+
+
+def test_teacher_top_ids_of_a_cache_without_logprobs_is_the_most_drawn_id():
+    from logitcache.train.evaluate import teacher_top_ids
+
+    batch = {"target_ids": torch.tensor([[[7, 3, 9, 0], [4, 5, 0, 0]]]),
+             "target_weights": torch.tensor([[[0.25, 0.5, 0.25, 0.0], [0.125, 0.875, 0.0, 0.0]]]),
+             "target_mask": torch.tensor([[[True, True, True, False], [True, True, False, False]]])}
+    nan = torch.where(batch["target_mask"], math.nan, 0.0)
+    assert teacher_top_ids({**batch, "target_logprobs": nan}).tolist() == [[3, 5]]
+    known = torch.tensor([[[-0.5, -2.0, -1.0, 0.0], [-0.1, -3.0, 0.0, 0.0]]])  # the teacher's own ranking wins
+    assert teacher_top_ids({**batch, "target_logprobs": known}).tolist() == [[7, 4]]
 
 
 def test_grad_accumulation_equals_one_large_batch(world, tmp_path):

@@ -1,4 +1,4 @@
-"""Shard format v3 (v1 and v2 still read): one Parquet row per window, fixed Arrow schema per method, zstd.
+"""Shard format v4 (v1, v2 and v3 still read): one Parquet row per window, fixed Arrow schema per method, zstd.
 
 A row of ``n`` tokens has ``n - 1`` positions; position ``t`` holds the teacher's distribution
 over token ``t + 1``. Per-id columns are flat and position-major: the ids of position 0 come
@@ -123,6 +123,21 @@ def stores_logprobs(method: str, params: dict) -> bool:
     """Whether a ``method`` cache built with ``params`` stores ``target_logprobs``: always, but a sample cache
     built with ``logprob_bits`` 0 (format v4 on), which stores the drawn ids and their counts only."""
     return method == "topk" or params.get("logprob_bits", LOGPROB_BITS) > 0
+
+
+def logprobs_problem(method: str, params: dict, version: int) -> str | None:
+    """Why a ``method`` cache of format ``version`` with ``params`` cannot be (as one line), or None: a cache
+    without log-probabilities must be a sample cache of v4 on, drawn from the teacher itself (proposal
+    temperature 1: its target is ``count / N``; a tempered proposal's weights need the log-probabilities)."""
+    if stores_logprobs(method, params):
+        return None
+    if version < LOGPROBS_OPTIONAL_SINCE:
+        return (f"params.logprob_bits 0 (no target_logprobs) in a format v{version} cache: caches go without them "
+                f"from v{LOGPROBS_OPTIONAL_SINCE} on")
+    if params.get("proposal_temperature", 1.0) != 1.0:
+        return (f"params.logprob_bits 0 with proposal_temperature {params['proposal_temperature']}: the draws of a "
+                "tempered proposal are weighted by the log-probabilities such a cache does not have")
+    return None
 
 
 def has_behavior(version: int, corpus_format: str) -> bool:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from logitcache.cache.format import FORMAT_VERSION, READABLE_VERSIONS
+from logitcache.cache.format import FORMAT_VERSION, READABLE_VERSIONS, logprobs_problem
 from logitcache.cache.layout import MANIFEST_NAME
 from logitcache.errors import LogitcacheError
 from logitcache.files import write_json_atomic
@@ -42,6 +42,9 @@ def read_manifest(cache_dir: Path) -> dict:
             f"{path}: format version {manifest.get('format_version')} but this logitcache reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))} (writes {FORMAT_VERSION}); rebuild the cache or install a matching logitcache"
         )
+    problem = logprobs_problem(manifest.get("method"), manifest.get("params") or {}, manifest["format_version"])
+    if problem:
+        raise LogitcacheError(f"{path}: {problem}")
     return manifest
 
 

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from logitcache.cache.format import WindowTargets
+from logitcache.cache.format import WindowTargets, stores_logprobs
+from logitcache.errors import LogitcacheError
 from logitcache.native.library import address, library
 
 
@@ -92,6 +93,9 @@ def collate(samples: Sequence[WindowTargets], manifest: Mapping) -> dict[str, to
     lengths = batch.target_lengths
     width = int(lengths.max(initial=0))
     known = batch.target_logprobs is not None
+    if known != stores_logprobs(batch.method, manifest["params"]):
+        raise LogitcacheError(f"windows {'with' if known else 'without'} target_logprobs, but the manifest's "
+                              f"params {manifest['params']} say otherwise")
     logprobs = batch.target_logprobs.astype(np.float32) if known else np.full(len(batch.target_ids), np.nan, np.float32)
     covered = None
     if batch.method == "sample":

@@ -82,7 +82,9 @@ class Rows(NamedTuple):
     ids ``[R, K] int64`` (padding id 0), mask ``[R, K] bool`` (real ids),
     logprobs ``[R, K] float32`` (teacher log-probs, 0 at padding), weights ``[R, K] float32``
     (sample: count / N; topk: exp(logprob); 0 at padding), tail_logprob ``[R] float32``
-    (log teacher mass outside the ids, may be -inf), labels ``[R] int64`` (gold next tokens).
+    (log teacher mass outside the ids, may be -inf), labels ``[R] int64`` (gold next tokens). A sample cache
+    without log-probabilities (format v4, ``--logprob-bits 0``) gives NaN logprobs and tail: only ``rs-kd`` at
+    proposal temperature 1, which reads the weights alone, is let near it (``train.settings.options_from_cache``).
     Caches of generated responses (format v3) add ``behavior`` ``[R] float32``, the log-probability the
     label was drawn with (NaN: not drawn by a recorded sampler), and :func:`with_future_rewards` the
     ``future_reward`` ``[R] float32`` of MiniLLM's long-term term; None where the batch has none.
@@ -703,7 +705,7 @@ def minillm_loss(
     if "behavior_logprob" not in batch:
         if batch["position_mask"].any():
             raise LogitcacheError("minillm needs the sampling log-probabilities of generated responses: a cache built "
-                                  "from `logitcache generate`'s output (format v3, --format chat or prompt-response)")
+                                  "from `logitcache generate`'s output (format v3 on, --format chat or prompt-response)")
         nothing = torch.full(batch["position_mask"].shape, math.nan, device=batch["position_mask"].device)
         batch = {**batch, "behavior_logprob": nothing}  # nothing counts
     _check_baseline(baseline)

@@ -170,9 +170,9 @@ class TrainSettings:
 def options_from_cache(loss: str, manifest: Mapping | None, where: str) -> dict[str, float]:
     """The options ``loss`` takes from the cache it reads: for ``rs-kd`` the proposal temperature the
     cache was sampled at, none for the others. A cache not built by sampling is refused for ``rs-kd``, one
-    without log-probabilities (``--logprob-bits 0``) for every loss but ``rs-kd``;
+    without log-probabilities (``--logprob-bits 0``) for every loss but ``rs-kd`` (and ``ce``, which reads no targets);
     ``where`` names it (``--cache DIR``). ``minillm`` needs a cache of responses :func:`minillm_ready` accepts."""
-    if manifest is not None and loss != "rs-kd" and not stores_logprobs(manifest["method"], manifest["params"]):
+    if manifest is not None and loss not in ("rs-kd", "ce") and not stores_logprobs(manifest["method"], manifest["params"]):
         raise LogitcacheError(
             f"--loss {loss} needs the teacher's log-probabilities, and {where} was built with --logprob-bits 0 "
             "(ids and counts only): use --loss rs-kd, or rebuild it with --logprob-bits 7"
@@ -190,7 +190,7 @@ def options_from_cache(loss: str, manifest: Mapping | None, where: str) -> dict[
 
 
 def minillm_ready(manifest: Mapping, where: str) -> None:
-    """Refuse a cache ``minillm`` cannot learn from: it needs a format v3 cache of a chat or prompt-response corpus
+    """Refuse a cache ``minillm`` cannot learn from: it needs a format v3 (or later) cache of a chat or prompt-response corpus
     holding generated responses (``corpus.sampled`` > 0) drawn at temperature 1 with top-p 1 (``corpus.generated_by``),
     so that each token's recorded sampling log-probability is the generating student's own log-probability, as
     its importance ratios and rewards take it."""
@@ -198,7 +198,7 @@ def minillm_ready(manifest: Mapping, where: str) -> None:
     drawn_by = corpus.get("generated_by") or {}
     problem = None
     if not has_behavior(manifest["format_version"], cache_layout(manifest)["format"]):
-        problem = "is not a format v3 cache of a chat or prompt-response corpus"
+        problem = "is not a format v3 (or later) cache of a chat or prompt-response corpus"
     elif not corpus.get("sampled"):
         problem = "holds no generated response (none of its records has response_ids and response_logprobs)"
     elif (drawn_by.get("temperature"), drawn_by.get("top_p")) != (1.0, 1.0):
