@@ -388,6 +388,7 @@ def ascending_order(values: np.ndarray, lengths: np.ndarray, block: int = 1 << 1
 def ascending_ids(targets: WindowTargets) -> WindowTargets:
     """The same targets with each position's ids ascending (their log-probabilities and counts with them)."""
     order = ascending_order(targets.target_ids, targets.target_lengths)
+
     def take(values: np.ndarray | None) -> np.ndarray | None:
         return None if values is None else values[order]
 
